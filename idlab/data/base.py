@@ -1,0 +1,170 @@
+"""The Task interface every training run goes through.
+
+A Task owns its data and knows three things: how to cut a batch, the loss of a
+model on a batch, and how to evaluate a model on its held-out split. The one
+training loop (`idlab.train.train`) needs nothing else, so full fine-tuning,
+LoRA and subspace training of MLPs, CNNs and transformers share it.
+
+Inputs are a Tensor (passed as ``model(x)``) or a dict of Tensors (passed as
+``model(**x)``, the Hugging Face convention). A model's output may be a Tensor
+of logits or an object with ``.logits`` (Hugging Face ``ModelOutput``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Inputs = Union[Tensor, dict[str, Tensor]]
+Batch = tuple[Inputs, Tensor]  # (inputs, targets)
+
+
+def index_inputs(x: Inputs, idx: Tensor) -> Inputs:
+    """Rows ``idx`` of a Tensor or of every Tensor in a dict."""
+    if isinstance(x, dict):
+        return {k: v[idx] for k, v in x.items()}
+    return x[idx]
+
+
+def inputs_to(x: Inputs, device: torch.device | str) -> Inputs:
+    """Move a Tensor or dict of Tensors to ``device``."""
+    if isinstance(x, dict):
+        return {k: v.to(device) for k, v in x.items()}
+    return x.to(device)
+
+
+def num_rows(x: Inputs) -> int:
+    """Number of examples (leading dimension) in a Tensor or dict of Tensors."""
+    if isinstance(x, dict):
+        return int(next(iter(x.values())).shape[0])
+    return int(x.shape[0])
+
+
+def call_model(model: nn.Module, x: Inputs) -> Tensor:
+    """Run ``model`` on inputs and return its logits (Tensor or ``.logits``)."""
+    out: Any = model(**x) if isinstance(x, dict) else model(x)
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        raise TypeError(
+            f"model returned {type(out).__name__}, which is neither a Tensor nor has .logits; "
+            "wrap the model so that its forward returns logits"
+        )
+    return logits
+
+
+class Task(ABC):
+    """A training task: data splits, a loss and an evaluation.
+
+    Attributes:
+        name: short identifier recorded in results, e.g. ``"mnist"``, ``"glue/mrpc"``.
+        metric: the key of ``evaluate()``'s dict that d90 / r90 are measured on.
+        higher_is_better: whether a larger ``metric`` is better.
+    """
+
+    name: str = "task"
+    metric: str = "accuracy"
+    higher_is_better: bool = True
+
+    @property
+    @abstractmethod
+    def num_train(self) -> int:
+        """Number of training examples."""
+
+    @abstractmethod
+    def train_batch(self, idx: Tensor) -> Batch:
+        """The training examples at indices ``idx`` (a LongTensor on the CPU)."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Scalar training loss of ``model`` on ``batch`` (already on the model's device)."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, batch_size: int = 256) -> dict[str, float]:
+        """Metrics on the held-out split; must contain ``self.metric``. Runs under no_grad."""
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able description recorded with every result."""
+        return {"name": self.name, "metric": self.metric, "num_train": self.num_train}
+
+
+def binary_f1(pred: Tensor, target: Tensor) -> float:
+    """F1 of the positive class (label 1), the GLUE MRPC convention."""
+    tp = int(((pred == 1) & (target == 1)).sum())
+    fp = int(((pred == 1) & (target == 0)).sum())
+    fn = int(((pred == 0) & (target == 1)).sum())
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+class ClassificationTask(Task):
+    """Supervised classification held fully in memory.
+
+    Args:
+        x_train, y_train: training inputs (Tensor (N, ...) or dict of (N, ...)) and labels (N,).
+        x_val, y_val: held-out inputs and labels (the split d90 is measured on).
+        name: identifier for results.
+        num_classes: number of labels (default: max label + 1).
+        f1: also report binary F1 (MRPC).
+    """
+
+    metric = "accuracy"
+
+    def __init__(
+        self,
+        x_train: Inputs,
+        y_train: Tensor,
+        x_val: Inputs,
+        y_val: Tensor,
+        name: str = "classification",
+        num_classes: int | None = None,
+        f1: bool = False,
+    ) -> None:
+        if num_rows(x_train) != len(y_train) or num_rows(x_val) != len(y_val):
+            raise ValueError(
+                f"task {name!r}: inputs and labels differ in length (train {num_rows(x_train)} vs "
+                f"{len(y_train)}, val {num_rows(x_val)} vs {len(y_val)})"
+            )
+        if len(y_train) == 0 or len(y_val) == 0:
+            raise ValueError(f"task {name!r}: empty split (train {len(y_train)}, val {len(y_val)})")
+        self.x_train, self.y_train = x_train, y_train.long()
+        self.x_val, self.y_val = x_val, y_val.long()
+        self.name = name
+        self.num_classes = num_classes or int(max(self.y_train.max(), self.y_val.max())) + 1
+        self.f1 = f1
+
+    @property
+    def num_train(self) -> int:
+        return len(self.y_train)
+
+    def train_batch(self, idx: Tensor) -> Batch:
+        return index_inputs(self.x_train, idx), self.y_train[idx]
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(call_model(model, x).float(), y)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batch_size: int = 256) -> dict[str, float]:
+        device = next(model.parameters()).device
+        preds, total_loss = [], 0.0
+        n = len(self.y_val)
+        for s in range(0, n, batch_size):
+            idx = torch.arange(s, min(s + batch_size, n))
+            x = inputs_to(index_inputs(self.x_val, idx), device)
+            y = self.y_val[idx].to(device)
+            logits = call_model(model, x).float()
+            total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            preds.append(logits.argmax(-1).cpu())
+        pred = torch.cat(preds)
+        out = {"accuracy": float((pred == self.y_val).float().mean()), "loss": total_loss / n}
+        if self.f1:
+            out["f1"] = binary_f1(pred, self.y_val)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "num_val": len(self.y_val), "num_classes": self.num_classes}

@@ -1,0 +1,79 @@
+"""LowRankDelta: a weight update kept in factored form, Delta W = scale * B @ A.
+
+Shared by the LoRA layer (`idlab.lora.lora_deltas`), the analysis package
+(`idlab.analysis`, which never forms the dense matrix unless asked) and
+`idlab.analysis.to_lora` (which turns any dense update into one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LowRankDelta:
+    """A rank-r update Delta W = scale * B @ A of one linear weight.
+
+    Shapes: B (d_out, r), A (r, d_in), Delta W (d_out, d_in) -- the layout of
+    ``nn.Linear.weight`` and of PEFT's ``lora_B.weight`` / ``lora_A.weight``.
+
+    Attributes:
+        B: left factor, shape (d_out, r).
+        A: right factor, shape (r, d_in).
+        scale: the LoRA scaling folded into Delta W (alpha / r, or alpha / sqrt(r)
+            with rsLoRA).
+        base_weight: the frozen W_0 of the adapted module, shape (d_out, d_in), if known.
+        name: the module's qualified name, e.g. ``model.layers.3.self_attn.q_proj``.
+    """
+
+    B: Tensor
+    A: Tensor
+    scale: float = 1.0
+    base_weight: Tensor | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.B.ndim != 2 or self.A.ndim != 2:
+            raise ValueError(
+                f"LowRankDelta {self.name!r}: B and A must be 2-D, got B {tuple(self.B.shape)} "
+                f"and A {tuple(self.A.shape)}"
+            )
+        if self.B.shape[1] != self.A.shape[0]:
+            raise ValueError(
+                f"LowRankDelta {self.name!r}: inner dimensions differ, B is {tuple(self.B.shape)} "
+                f"(d_out, r) but A is {tuple(self.A.shape)} (r, d_in); pass B (d_out, r), A (r, d_in)"
+            )
+        if self.base_weight is not None and tuple(self.base_weight.shape) != self.shape:
+            raise ValueError(
+                f"LowRankDelta {self.name!r}: base_weight has shape {tuple(self.base_weight.shape)} "
+                f"but B @ A has shape {self.shape}"
+            )
+
+    @property
+    def r(self) -> int:
+        """The adapter rank (inner dimension of B @ A)."""
+        return int(self.A.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(d_out, d_in) of the dense update."""
+        return (int(self.B.shape[0]), int(self.A.shape[1]))
+
+    def dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The dense update scale * B @ A, shape (d_out, d_in), in ``dtype`` (default B's)."""
+        dtype = dtype or self.B.dtype
+        return (self.B.to(dtype) @ self.A.to(dtype)) * self.scale
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LowRankDelta:
+        """A copy with every tensor moved to ``dtype`` / ``device``."""
+        bw = self.base_weight.to(device=device, dtype=dtype) if self.base_weight is not None else None
+        return LowRankDelta(
+            self.B.to(device=device, dtype=dtype),
+            self.A.to(device=device, dtype=dtype),
+            self.scale,
+            bw,
+            self.name,
+        )

@@ -1,0 +1,270 @@
+"""The one training loop: full fine-tuning, LoRA and subspace training alike.
+
+Whatever the method, the model handed to `train` exposes exactly the tensors to
+train as parameters with ``requires_grad=True`` (all of them for full
+fine-tuning, the adapters for LoRA, theta_d and lambda for a `SubspaceModel`).
+The loop optimises those, evaluates on the task's held-out split, tracks the
+best and final metric, and stops a run whose loss turns NaN/inf (``diverged``).
+
+Same config and seed on the CPU give bit-identical metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from idlab.data.base import Task, inputs_to
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by every method (one per run)."""
+
+    lr: float = field(default=1e-3, metadata=_help("peak learning rate"))
+    optimizer: Literal["adam", "adamw", "sgd"] = field(
+        default="adamw", metadata=_help("optimizer: adam, adamw or sgd (momentum 0.9)")
+    )
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=_help("Adam betas"))
+    weight_decay: float = field(default=0.0, metadata=_help("decoupled (adamw) or L2 weight decay"))
+    schedule: Literal["constant", "linear", "cosine"] = field(
+        default="constant", metadata=_help("learning-rate decay after warmup")
+    )
+    warmup_steps: int = field(default=0, metadata=_help("linear warmup steps"))
+    steps: int | None = field(default=None, metadata=_help("optimizer steps (overrides epochs)"))
+    epochs: float = field(default=1.0, metadata=_help("passes over the training set if steps is None"))
+    batch_size: int = field(default=32, metadata=_help("examples per step"))
+    eval_every: int | None = field(
+        default=None, metadata=_help("evaluate every N steps (None: only at the end)")
+    )
+    eval_batch_size: int = field(default=256, metadata=_help("examples per evaluation batch"))
+    eval_at_start: bool = field(default=False, metadata=_help("also evaluate before step 1"))
+    grad_clip: float | None = field(default=None, metadata=_help("clip the gradient norm to this"))
+    seed: int = field(default=0, metadata=_help("seed for data order, dropout and initialisation"))
+    device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:1, ..."))
+    progress: bool = field(default=True, metadata=_help("show a tqdm progress bar"))
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr}")
+        if self.batch_size <= 0:
+            raise ValueError(f"TrainConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.steps is not None and self.steps <= 0:
+            raise ValueError(f"TrainConfig.steps must be >= 1 or None, got {self.steps}")
+        if self.steps is None and self.epochs <= 0:
+            raise ValueError(f"TrainConfig.epochs must be > 0, got {self.epochs}")
+        if self.optimizer not in ("adam", "adamw", "sgd"):
+            raise ValueError(
+                f"TrainConfig.optimizer={self.optimizer!r} is unknown; use adam, adamw or sgd"
+            )
+        if self.schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(
+                f"TrainConfig.schedule={self.schedule!r} is unknown; use constant, linear or cosine"
+            )
+
+    def total_steps(self, num_train: int) -> int:
+        """Optimizer steps this config runs on a training set of ``num_train`` examples."""
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil(self.epochs * num_train / self.batch_size))
+
+
+@dataclass
+class TrainResult:
+    """What one training run produced (JSON-able through ``to_dict``).
+
+    Attributes:
+        metrics: evaluation at the end of training (``metric`` key included).
+        best: best value of the task's metric over all evaluations, and its step.
+        curve: one dict per log point: step, train_loss, and eval metrics when evaluated.
+        steps: optimizer steps completed.
+        diverged: the loss became NaN/inf and training stopped.
+        error: why it stopped early, if it did.
+        wall_time_s: seconds spent in the loop, evaluations included.
+        peak_memory_bytes: peak CUDA memory allocated, or the process's peak RSS on the CPU.
+        trainable_parameters: entries of all parameters that the optimizer updated.
+        device: where it ran.
+    """
+
+    metrics: dict[str, float]
+    best: dict[str, float]
+    curve: list[dict[str, float]]
+    steps: int
+    diverged: bool
+    error: str | None
+    wall_time_s: float
+    peak_memory_bytes: int
+    trainable_parameters: int
+    device: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> cuda if available else cpu; anything else as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``model`` with requires_grad, each once."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+def _lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        if cfg.schedule == "linear":
+            return max(0.0, 1.0 - frac)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+
+    return f
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> Any:
+    """Endless stream of index batches: a fresh permutation every epoch."""
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        for s in range(0, n, batch_size):
+            yield perm[s : s + batch_size]
+
+
+def train(
+    model: nn.Module,
+    task: Task,
+    cfg: TrainConfig | None = None,
+    *,
+    extra_loss: Callable[[], Tensor] | None = None,
+    desc: str | None = None,
+) -> TrainResult:
+    """Train the ``requires_grad`` parameters of ``model`` on ``task``.
+
+    Args:
+        model: any module; its trainable parameters are the ones with requires_grad
+            (a `SubspaceModel` exposes theta_d / lambda, a PEFT model its adapters).
+        task: data, loss and evaluation (`idlab.data.Task`).
+        cfg: optimisation settings; defaults to ``TrainConfig()``.
+        extra_loss: optional regulariser added to every step's loss
+            (e.g. Li et al.'s L2 on theta_D for subspace training).
+        desc: progress-bar label.
+
+    Returns:
+        A `TrainResult`. A run whose loss becomes NaN/inf stops, with
+        ``diverged=True``, and keeps its last finite evaluation.
+    """
+    cfg = cfg or TrainConfig()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError(
+            "train: the model has no parameter with requires_grad=True; "
+            "wrap it (SubspaceModel, apply_lora) or unfreeze what should be trained"
+        )
+    n_trainable = sum(p.numel() for p in params)
+    opt = _optimizer(params, cfg)
+    total = cfg.total_steps(task.num_train)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batches = _batches(task.num_train, cfg.batch_size, gen)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    curve: list[dict[str, float]] = []
+    best: dict[str, float] = {}
+    metrics: dict[str, float] = {}
+    sign = 1.0 if task.higher_is_better else -1.0
+
+    def evaluate(step: int, train_loss: float) -> None:
+        nonlocal metrics, best
+        model.eval()
+        metrics = task.evaluate(model, cfg.eval_batch_size)
+        model.train()
+        if task.metric not in metrics:
+            raise KeyError(f"{type(task).__name__}.evaluate returned no {task.metric!r}: {metrics}")
+        curve.append({"step": float(step), "train_loss": train_loss, **metrics})
+        v = metrics[task.metric]
+        if not best or sign * v > sign * best[task.metric]:
+            best = {task.metric: v, "step": float(step)}
+
+    t0 = time.perf_counter()
+    diverged, error, step, running, count = False, None, 0, 0.0, 0
+    if cfg.eval_at_start:
+        evaluate(0, float("nan"))
+    model.train()
+    bar = tqdm(total=total, desc=desc or task.name, disable=not cfg.progress, leave=False, dynamic_ncols=True)
+    try:
+        for step in range(1, total + 1):
+            x, y = task.train_batch(next(batches))
+            batch = (inputs_to(x, device), y.to(device))
+            loss = task.loss(model, batch)
+            if extra_loss is not None:
+                loss = loss + extra_loss()
+            if not torch.isfinite(loss):
+                diverged, error = True, f"loss became {float(loss.detach())} at step {step}"
+                step -= 1
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            running += float(loss.detach())
+            count += 1
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != total:
+                evaluate(step, running / count)
+                running, count = 0.0, 0
+                bar.set_postfix({task.metric: f"{metrics[task.metric]:.4g}"})
+            bar.update(1)
+    finally:
+        bar.close()
+    if not diverged or not curve:
+        evaluate(step, running / count if count else float("nan"))
+    return TrainResult(
+        metrics=metrics,
+        best=best,
+        curve=curve,
+        steps=step,
+        diverged=diverged,
+        error=error,
+        wall_time_s=time.perf_counter() - t0,
+        peak_memory_bytes=_peak_memory(device),
+        trainable_parameters=n_trainable,
+        device=str(device),
+    )

@@ -1,0 +1,63 @@
+"""The one training loop: determinism, divergence, evaluation bookkeeping."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from idlab.data.base import ClassificationTask
+from idlab.models import MLP
+from idlab.train import TrainConfig, train
+
+
+def blobs(seed: int = 0, n: int = 256) -> ClassificationTask:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (2 * n,), generator=g)
+    centers = torch.tensor([[2.0, 0.0], [-2.0, 1.0], [0.0, -2.0]])
+    x = centers[y] + 0.5 * torch.randn(2 * n, 2, generator=g)
+    return ClassificationTask(x[:n], y[:n], x[n:], y[n:], name="blobs")
+
+
+def test_learns_and_is_bit_identical() -> None:
+    cfg = TrainConfig(lr=1e-2, steps=60, batch_size=32, eval_every=20, progress=False)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        runs.append(train(MLP((2, 16, 3)), blobs(), cfg))
+    a, b = runs
+    assert a.metrics["accuracy"] > 0.9
+    assert a.metrics == b.metrics and a.curve == b.curve
+    assert [c["step"] for c in a.curve] == [20.0, 40.0, 60.0]
+    assert a.best["accuracy"] == max(c["accuracy"] for c in a.curve)
+    assert a.trainable_parameters == 2 * 16 + 16 + 16 * 3 + 3
+
+
+def test_divergence_stops_the_run() -> None:
+    torch.manual_seed(0)
+    model = MLP((2, 8, 3))
+    res = train(model, blobs(), TrainConfig(steps=50, progress=False),
+                extra_loss=lambda: torch.tensor(math.inf))
+    assert res.diverged and res.steps == 0 and "inf" in (res.error or "")
+
+
+def test_only_requires_grad_parameters_move() -> None:
+    torch.manual_seed(0)
+    model = MLP((2, 8, 3))
+    first = model.net[0]
+    first.weight.requires_grad_(False)
+    w0 = first.weight.clone()
+    train(model, blobs(), TrainConfig(steps=5, progress=False))
+    assert torch.equal(first.weight, w0)
+
+
+def test_bad_config_is_named() -> None:
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=-1)
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="lion")  # type: ignore[arg-type]
+    model = MLP((2, 3))
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="requires_grad"):
+        train(model, blobs(), TrainConfig(steps=1, progress=False))
