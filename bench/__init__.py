@@ -1,0 +1,1 @@
+"""Benchmarks for idlab (run as ``python -m bench.<name>``); results land in bench/results/."""

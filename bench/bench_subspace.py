@@ -1,0 +1,157 @@
+"""Benchmark: a subspace training step (Fastfood, d = 1000) vs a plain training step.
+
+    python -m bench.bench_subspace [--quick]
+
+Same model, same batch, same optimizer (Adam) and the same step `idlab.train.train`
+runs (``task.loss`` -> zero_grad -> backward -> step), timed interleaved in one
+process (plain, subspace, plain, subspace, ...) so machine noise hits both alike:
+
+- MNIST FC 784-200-200-10 (D = 199,210), batch 128 of random images;
+- a randomly initialised BERT (MiniLM-L6 shape: hidden 384, 6 layers, 12 heads,
+  FFN 1536, vocab 30,522; D = 22.7M) with a 2-class head, batch 8 x 64 tokens.
+
+Target: subspace / plain <= 1.5 on the BERT. Writes ``bench/results/subspace.md``
+atomically and returns the markdown from ``main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "subspace.md"
+DIM = 1000
+
+
+def _machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} logical CPUs visible (shared with other jobs), "
+            f"torch {torch.__version__} with {torch.get_num_threads()} threads, {platform.python_version()}")
+
+
+def _step_fn(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-3)
+
+    def step() -> None:
+        loss = loss_fn(model)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _bench_pair(name: str, make: Callable[[], nn.Module], loss_fn: Callable[[nn.Module], torch.Tensor],
+                repeats: int, warmup: int) -> dict[str, object]:
+    from idlab.subspace import SubspaceModel
+
+    torch.manual_seed(0)
+    plain = make()
+    D = sum(p.numel() for p in plain.parameters())
+    torch.manual_seed(0)
+    sub = SubspaceModel(make(), dim=DIM, projection="fastfood")
+    steps = {"plain": _step_fn(plain, loss_fn), "subspace": _step_fn(sub, loss_fn)}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(warmup):
+        for f in steps.values():
+            f()
+    for _ in range(repeats):
+        for k, f in steps.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    ratios = [s / p for p, s in zip(times["plain"], times["subspace"])]
+    return {"name": name, "D": D, "times": times, "ratio_median": statistics.median(times["subspace"])
+            / statistics.median(times["plain"]), "ratio_pairs": ratios}
+
+
+def _mnist_fc() -> tuple[Callable[[], nn.Module], Callable[[nn.Module], torch.Tensor]]:
+    from idlab.models import mnist_fc
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(128, 1, 28, 28, generator=g), torch.randint(0, 10, (128,), generator=g)
+    return mnist_fc, lambda m: F.cross_entropy(m(x), y)
+
+
+def _bert() -> tuple[Callable[[], nn.Module], Callable[[nn.Module], torch.Tensor]]:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                     intermediate_size=1536, num_labels=2, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 30522, (8, 64), generator=g)
+    mask = torch.ones(8, 64, dtype=torch.long)
+    y = torch.randint(0, 2, (8,), generator=g)
+
+    def make() -> nn.Module:
+        return BertForSequenceClassification(cfg).train()
+
+    return make, lambda m: F.cross_entropy(m(input_ids=ids, attention_mask=mask).logits, y)
+
+
+def _fmt(ts: list[float]) -> str:
+    ms = [t * 1000 for t in ts]
+    return f"{min(ms):.1f} / {statistics.median(ms):.1f} / {max(ms):.1f}"
+
+
+def main(quick: bool = False) -> str:
+    """Run the benchmark; write and return the markdown table."""
+    reps_fc, reps_bert = (10, 3) if quick else (50, 10)
+    rows = [
+        _bench_pair("MNIST FC 784-200-200-10, batch 128", *_mnist_fc(), repeats=reps_fc, warmup=3),
+        _bench_pair("BERT (MiniLM-L6 shape, random init), batch 8 x 64", *_bert(), repeats=reps_bert, warmup=1),
+    ]
+    lines = [
+        "# Subspace training step vs plain training step",
+        "",
+        f"`python -m bench.bench_subspace{' --quick' if quick else ''}`; Fastfood projection, d = {DIM}, "
+        "Adam, one step = loss -> zero_grad -> backward -> step; plain and subspace steps interleaved.",
+        "",
+        f"Machine: {_machine()}.",
+        "",
+        "| model | D | steps | plain ms (min / median / max) | subspace ms (min / median / max) "
+        "| ratio (median / median) | ratio per pair (min / median / max) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t = r["times"]
+        pr = r["ratio_pairs"]
+        assert isinstance(t, dict) and isinstance(pr, list)
+        lines.append(
+            f"| {r['name']} | {r['D']:,} | {len(t['plain'])} | {_fmt(t['plain'])} | {_fmt(t['subspace'])} "
+            f"| {r['ratio_median']:.2f} | {min(pr):.2f} / {statistics.median(pr):.2f} / {max(pr):.2f} |"
+        )
+    lines += ["", "Target: ratio <= 1.5 on the ~20M-parameter transformer.", ""]
+    md = "\n".join(lines)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=RESULTS.parent, prefix=".subspace.", suffix=".md")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(md)
+    os.replace(tmp, RESULTS)
+    return md
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    print(main(ap.parse_args().quick))

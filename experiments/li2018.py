@@ -1,0 +1,195 @@
+"""Reproduce Li et al. 2018, Table 1, MNIST rows: d90 of the FC 784-200-200-10 (D = 199,210)
+and LeNet (D = 44,426) networks, Fastfood and dense projections, 3 seeds, seed bootstrap.
+
+    python -m experiments.li2018 [--quick] [--models fc,lenet] [--projections fastfood,dense]
+                                 [--seeds 0,1,2] [--epochs N] [--out results/li2018]
+
+Per (model, projection): the direct-training runs (one per seed) give the local
+baseline (their mean validation accuracy); `idlab.d90.find_d90` searches d with
+that baseline; the same evaluations are re-analysed with the global baseline 1.0.
+Every training run writes one JSON atomically under ``<out>/runs/`` and is skipped
+when its JSON exists (resumable). Summaries go to ``<out>/<model>_<projection>.json``
+and the figure to ``<out>/li2018.png``.
+
+Training (the authors' scripts): Adam lr 1e-3, betas (0.9, 0.99), batch 128, L2 on
+theta_D (``--l2``, default 1e-5), performance = accuracy on the 10k MNIST validation
+split. The paper trains far longer; ``--epochs`` sets the cut (default 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from idlab.d90 import D90Result, analyze_d90, find_d90
+from idlab.data.base import ClassificationTask
+from idlab.data.vision import mnist_task
+from idlab.models import lenet, mnist_fc, num_parameters
+from idlab.subspace import SubspaceModel
+from idlab.train import TrainConfig, train
+
+MODELS: dict[str, Callable[[], nn.Module]] = {"fc": mnist_fc, "lenet": lenet}
+PAPER = {"fc": {"d90": 750, "bootstrap": "786 ± 66", "D": 199_210},
+         "lenet": {"d90": 290, "bootstrap": "290 ± 0", "D": 44_426}}
+D_START = {"fc": 256, "lenet": 128}
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically (temp file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def run_once(out: Path, tag: str, build: Callable[[], tuple[nn.Module, int]], task: ClassificationTask,
+             cfg: TrainConfig, l2: float, meta: dict[str, Any]) -> float:
+    """One training run, cached as ``<out>/runs/<tag>.json``; returns validation accuracy."""
+    path = out / "runs" / f"{tag}.json"
+    if path.exists():
+        return float(json.loads(path.read_text())["score"])
+    model, d = build()
+    extra = model.penalty(l2) if isinstance(model, SubspaceModel) and l2 > 0 else None
+    if extra is None and l2 > 0:
+        def extra() -> torch.Tensor:
+            return l2 * sum((p.pow(2).sum() for p in model.parameters()), torch.zeros(()))
+    t0 = time.perf_counter()
+    res = train(model, task, cfg, extra_loss=extra, desc=tag)
+    score = float("nan") if res.diverged else res.metrics["accuracy"]
+    write_json(path, {"tag": tag, "score": score, "d": d, **meta, "wall_time_s": time.perf_counter() - t0,
+                      "train": res.to_dict(), "config": {**cfg.__dict__, "l2": l2}})
+    print(f"[li2018] {tag}: val acc {score:.4f} ({time.perf_counter() - t0:.1f}s)", flush=True)
+    return score
+
+
+def measure(model_name: str, kind: str, args: argparse.Namespace, task: ClassificationTask) -> dict[str, Any]:
+    out = Path(args.out)
+    t_start = time.perf_counter()
+    fn = MODELS[model_name]
+
+    def cfg(seed: int) -> TrainConfig:
+        return TrainConfig(optimizer="adam", lr=1e-3, betas=(0.9, 0.99), batch_size=128, epochs=args.epochs,
+                           seed=seed, device="cpu", progress=False, eval_batch_size=1000)
+
+    def direct(seed: int) -> float:
+        def build() -> tuple[nn.Module, int]:
+            torch.manual_seed(seed)
+            m = fn()
+            return m, num_parameters(m)
+        return run_once(out, f"{model_name}_direct_s{seed}", build, task, cfg(seed), args.l2,
+                        {"model": model_name, "method": "direct", "seed": seed})
+
+    def evaluate(d: int, seed: int) -> float:
+        def build() -> tuple[nn.Module, int]:
+            torch.manual_seed(seed)
+            return SubspaceModel(fn(), dim=d, projection=kind, seed=seed), d
+        return run_once(out, f"{model_name}_{kind}_d{d}_s{seed}", build, task, cfg(seed), args.l2,
+                        {"model": model_name, "method": f"subspace/{kind}", "seed": seed})
+
+    baseline = [direct(s) for s in args.seeds]
+    res = find_d90(evaluate, baseline, 0.9, seeds=args.seeds, d_min=args.d_min, d_max=PAPER[model_name]["D"],
+                   d_start=args.d_start.get(model_name, D_START[model_name]), rtol=args.rtol,
+                   on_nan="fail", n_bootstrap=1000,
+                   log=lambda s: print(f"[li2018] {model_name}/{kind} {s}", flush=True))
+    glob = analyze_d90(res.evaluations, 1.0, 0.9, n_bootstrap=1000)
+    summary = {
+        "model": model_name, "projection": kind, "D": PAPER[model_name]["D"], "paper": PAPER[model_name],
+        "local": res.to_dict(), "global": {k: v for k, v in glob.to_dict().items() if k != "evaluations"},
+        "epochs": args.epochs, "l2": args.l2, "seeds": list(args.seeds),
+        "n_training_runs": len(res.evaluations) + len(baseline),
+        "wall_time_s_this_invocation": time.perf_counter() - t_start,
+    }
+    write_json(out / f"{model_name}_{kind}.json", summary)
+    return summary
+
+
+def plot(out: Path) -> Path | None:
+    """Accuracy against d (log x): seed means and spread, baseline, 90% line, d90."""
+    files = sorted(p for p in out.glob("*_*.json") if not p.name.startswith("."))
+    summaries = [json.loads(p.read_text()) for p in files]
+    if not summaries:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    fig, axes = plt.subplots(1, len(summaries), figsize=(5 * len(summaries), 4), squeeze=False)
+    for ax, s in zip(axes[0], summaries):
+        loc = s["local"]
+        df = pd.DataFrame(loc["evaluations"])
+        g = df.groupby("d")["score"].agg(["mean", "min", "max"]).reset_index()
+        ax.scatter(df["d"], df["score"], s=8, alpha=0.5, color="C0", label="runs (seeds)")
+        ax.plot(g["d"], g["mean"], "-o", ms=3, color="C0", label="seed mean")
+        ax.fill_between(g["d"], g["min"], g["max"], alpha=0.2, color="C0")
+        ax.axhline(loc["baseline"], color="k", lw=1, label=f"local baseline {loc['baseline']:.4f}")
+        ax.axhline(loc["target"], color="C3", ls="--", lw=1, label="90% of local baseline")
+        ax.axhline(0.9, color="C2", ls=":", lw=1, label="90% of global 1.0")
+        if loc["d90"] is not None:
+            ax.axvline(loc["d90_interp"], color="C3", lw=1, label=f"d90 = {loc['d90']} (interp {loc['d90_interp']:.0f})")
+        ax.axvline(s["paper"]["d90"], color="gray", ls="-.", lw=1, label=f"paper d90 = {s['paper']['d90']}")
+        ax.set_xscale("log")
+        ax.set_xlabel("subspace dimension d")
+        ax.set_ylabel("validation accuracy")
+        ax.set_title(f"MNIST {s['model']} / {s['projection']} ({s['epochs']} epoch(s))")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = out / "li2018.png"
+    fd, tmp = tempfile.mkstemp(dir=out, suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke test: 2k train images, 0.2 epoch, 2 seeds")
+    ap.add_argument("--models", default="fc,lenet")
+    ap.add_argument("--projections", default="fastfood,dense")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--l2", type=float, default=1e-5, help="L2 on theta_D (Li et al.: 1e-4 or 1e-5)")
+    ap.add_argument("--rtol", type=float, default=0.1, help="bisection tolerance (hi - lo) / hi")
+    ap.add_argument("--d-min", type=int, default=10)
+    ap.add_argument("--d-start", default="", help="e.g. fc=256,lenet=128")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--out", default="results/li2018")
+    args = ap.parse_args(argv)
+    args.seeds = tuple(int(s) for s in args.seeds.split(","))
+    args.d_start = {k: int(v) for k, v in (kv.split("=") for kv in args.d_start.split(",") if kv)}
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if args.plot_only:
+        print(plot(out))
+        return
+    if args.quick:
+        args.epochs, args.seeds = min(args.epochs, 0.2), args.seeds[:2]
+        args.out = str(out / "quick")
+        out = Path(args.out)
+    task = mnist_task("val", max_train=2000 if args.quick else None)
+    t0 = time.perf_counter()
+    for m in args.models.split(","):
+        for kind in args.projections.split(","):
+            s = measure(m, kind, args, task)
+            loc, glob = s["local"], s["global"]
+            print(f"[li2018] {m}/{kind}: d90 local {loc['d90']} (interp {loc['d90_interp']}, ci {loc['ci']}), "
+                  f"global {glob['d90']}; paper {PAPER[m]['d90']}; runs {s['n_training_runs']}", flush=True)
+    print(f"[li2018] total wall {time.perf_counter() - t0:.0f}s; figure {plot(out)}")
+
+
+if __name__ == "__main__":
+    main()

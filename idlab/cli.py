@@ -1,0 +1,132 @@
+"""``idlab`` command line: sweep, report, analyze, bench.
+
+    idlab sweep CONFIG [key=value ...]   run a study (CONFIG: a YAML file, a name in
+                                         experiments/configs/, or auto)
+    idlab report [RESULTS_DIR]           tables, figures and REPORT.md from the results
+    idlab analyze RUN_DIR ...            Parquet analysis tables of runs' Delta W
+    idlab bench                          the benchmarks (bench/run_all.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+SWEEP_EPILOG = """\
+CONFIG is a study YAML (experiments/configs/*.yaml), its bare name (smoke, cpu_study,
+gpu_study, lora_rank_grid) or `auto` (gpu_study.yaml when CUDA is available, else
+cpu_study.yaml). Overrides are key=value with dotted keys and YAML values, e.g.
+
+  idlab sweep smoke seeds=[0,1,2] lora.r=[4,8] train.steps=50
+  idlab sweep gpu_study executor=multigpu gpus=[0,1,2,3]
+  idlab sweep gpu_study executor=slurm slurm.partition=gpu slurm.time_min=120
+
+Finished runs are skipped: rerun the same command after an interruption.
+`idlab sweep --help-config` lists every key with its type, default and meaning."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="idlab", description="idlab: intrinsic dimension and LoRA rank on one axis.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="command", metavar="{sweep,report,analyze,bench}")
+    s = sub.add_parser("sweep", help="run a study grid (resumable)", epilog=SWEEP_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("config", nargs="?", default="auto", help="study YAML, its name, or auto (default)")
+    s.add_argument("overrides", nargs="*", help="key=value overrides (YAML values), e.g. lora.r=[4,8]")
+    s.add_argument("--dry-run", action="store_true", help="print the plan (cells, runs, done) and stop")
+    s.add_argument("--help-config", action="store_true", help="list every configuration key and exit")
+    r = sub.add_parser("report", help="tables, figures and REPORT.md from a results folder")
+    r.add_argument("results_dir", nargs="?", default="results", help="results folder (default results/)")
+    r.add_argument("--out", default=None, help="where summary.parquet, figures/ and REPORT.md go (default RESULTS_DIR)")
+    r.add_argument("--no-analysis", action="store_true", help="skip the Delta W analysis (spectra, phi, ...)")
+    r.add_argument("--formats", default="png,pdf", help="figure formats, comma-separated (default png,pdf)")
+    a = sub.add_parser("analyze", help="Parquet analysis tables (spectra, ranks, similarity, ...) of runs")
+    a.add_argument("run_dirs", nargs="+", help="run folders (with delta.safetensors) or a results folder")
+    a.add_argument("--out", default=None, help="output folder (default <first RUN_DIR's results root>/analysis)")
+    sub.add_parser("bench", help="run the benchmarks (bench/run_all.py)")
+    return p
+
+
+def _expand_run_dirs(paths: Sequence[str]) -> list[Path]:
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "delta.safetensors").exists():
+            out.append(p)
+        elif p.is_dir():
+            out += sorted(q.parent for q in p.rglob("delta.safetensors")
+                          if not any(s.startswith((".tmp-", ".trash-")) for s in q.parts))
+        else:
+            raise SystemExit(f"idlab analyze: {p} is neither a run folder nor a results folder")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``idlab`` console script."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides placed after an option (e.g. --dry-run lora.r=[4])
+        if args.command != "sweep" or not all("=" in e and not e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    if args.command == "sweep":
+        from idlab.config import ConfigError, describe_fields
+
+        if args.help_config:
+            print("\n".join(describe_fields()))
+            return 0
+        from idlab.sweep import main_sweep
+
+        try:
+            summary = main_sweep(args.config, args.overrides, dry_run=args.dry_run)
+        except ConfigError as e:
+            print(f"idlab sweep: invalid configuration: {e}", file=sys.stderr)
+            return 2
+        return 0 if args.dry_run or not (summary.failed or summary.missing) else 1
+    if args.command == "report":
+        from idlab.report import make_report
+
+        md = make_report(args.results_dir, out_dir=args.out, analysis=not args.no_analysis,
+                         formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()))
+        print(f"wrote {md}")
+        return 0
+    if args.command == "analyze":
+        try:
+            export = importlib.import_module("idlab.analysis.export")
+        except ImportError as e:
+            print(f"idlab analyze: the analysis export is not available ({e})", file=sys.stderr)
+            return 1
+        dirs = _expand_run_dirs(args.run_dirs)
+        if not dirs:
+            print("idlab analyze: no delta.safetensors found", file=sys.stderr)
+            return 1
+        out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "analysis"
+        tables = export.analyze_runs(dirs, out)
+        for name, df in tables.items():
+            print(f"{name}: {len(df)} rows -> {out}")
+        return 0
+    if args.command == "bench":
+        try:
+            bench = importlib.import_module("bench.run_all")
+        except ImportError as e:
+            print(f"idlab bench: bench/run_all.py not importable ({e}); run from the repository root",
+                  file=sys.stderr)
+            return 1
+        fn = getattr(bench, "main", None) or getattr(bench, "run_all", None)
+        if fn is None:
+            print("idlab bench: bench.run_all has no main() or run_all()", file=sys.stderr)
+            return 1
+        ret = fn()
+        return ret if isinstance(ret, int) else 0
+    return 2  # pragma: no cover
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

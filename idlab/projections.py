@@ -1,0 +1,507 @@
+"""Random projections P (D x d) for subspace training: theta_D = theta_0 + P theta_d.
+
+Li et al. (ICLR 2018), SCIENCE.md section 1. Every implicit column of P has unit length over
+all D coordinates. Three kinds, made by `make_projection`:
+
+- "dense": N(0,1) entries, each column divided by its norm. Above `DENSE_CACHE_LIMIT` entries
+  the matrix is never held: fixed row blocks of P are regenerated from (seed, block) in the
+  forward and again in the backward; only the d column norms are kept.
+- "sparse": very sparse random projection (Li, Hastie & Church 2006), density 1/sqrt(D),
+  entries +-1, columns normalised; held as compact int32 row indices with the sign folded in.
+- "fastfood": Li et al.'s single block y = H G Pi H B pad_L(theta_d), first D entries, divided
+  by ||G||_2 sqrt(D). Pi mod b and G share one int32 per padded coordinate (4 bytes); only
+  B's first d signs are kept. Two (L,) scratch buffers are reused across calls (one module
+  is not safe to call from several threads at once).
+
+All random draws come from CPU `torch.Generator`s seeded from `seed`, then move to `device`,
+so a projection is the same on every device for the same (kind, D, d, seed).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from idlab.hadamard import radix_plan, wht, wht_pingpong
+
+KINDS = ("dense", "sparse", "fastfood")
+
+# Dense: cache the matrix when D * d is at most this many entries (64 MiB in float32).
+DENSE_CACHE_LIMIT = 1 << 24
+# Dense: rows per regenerated block are chosen so a block holds about this many entries.
+DENSE_BLOCK_ENTRIES = 1 << 20
+# Fastfood: pack Pi and G into one int32 when b = next_pow2(d) <= 2^13 (G keeps >= 10 bits).
+FASTFOOD_PACK_MAX_BITS = 13
+
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant for mixing (seed, block) into one seed
+
+
+def _generator(seed: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator seeded deterministically from (seed, stream)."""
+    return torch.Generator().manual_seed(
+        (seed * _MIX + stream * 0x632BE59BD9B4E019 + 1) % (1 << 63)
+    )
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
+class Projection(nn.Module):
+    """A frozen random linear map R^d -> R^D with unit-length columns.
+
+    Attributes:
+        kind: "dense", "sparse" or "fastfood".
+        D: output length (number of model parameters).
+        d: input length (subspace dimension).
+        seed: the seed every random draw derives from.
+    """
+
+    kind: str
+
+    def __init__(self, D: int, d: int, seed: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.D, self.d, self.seed, self.dtype = int(D), int(d), int(seed), dtype
+
+    def forward(self, theta_d: Tensor) -> Tensor:
+        """P theta_d: theta_d (d,) -> (D,), differentiable in theta_d."""
+        raise NotImplementedError
+
+    def state_bytes(self) -> int:
+        """Bytes of persistent state held by this projection (buffers and cached tensors)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    @torch.no_grad()
+    def explicit(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The D x d matrix, built by applying the projection to the d basis vectors.
+
+        Test utility for small D * d only: allocates D * d entries.
+        """
+        dev = self._device()
+        eye = torch.eye(self.d, dtype=dtype or self.dtype, device=dev)  # (d, d)
+        return torch.stack([self(eye[j]) for j in range(self.d)], dim=1)  # (D, d)
+
+    def _device(self) -> torch.device:
+        for b in self.buffers():
+            return b.device
+        return torch.device("cpu")
+
+    def _check_input(self, theta_d: Tensor) -> None:
+        if theta_d.shape != (self.d,):
+            raise ValueError(
+                f"{self.kind} projection expects theta_d of shape ({self.d},), got {tuple(theta_d.shape)}"
+            )
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, D={self.D}, d={self.d}, seed={self.seed}"
+
+
+# ----------------------------------------------------------------------------- dense
+
+
+class DenseProjection(Projection):
+    """P = Z diag(1/||Z_j||), Z (D, d) with N(0,1) entries.
+
+    Z is defined block by block: rows [k*rb, (k+1)*rb) are `torch.randn(rb, d)` from a generator
+    seeded by (seed, k), with rb = max(1, DENSE_BLOCK_ENTRIES // d). The same blocks make the
+    cached matrix (D * d <= cache_limit) and the regenerated one, so both modes give the same P.
+    Regenerated: forward y = Z (theta / n) and backward g -> (Z^T g) / n, one pass over the
+    blocks each, memory O(rb * d); the column norms n (d,) are computed once at construction.
+    """
+
+    kind = "dense"
+    matrix: Tensor  # (D, d) normalised P, only when cached
+    inv_norm: Tensor  # (d,) 1 / column norms, only when regenerated
+
+    def __init__(
+        self,
+        D: int,
+        d: int,
+        seed: int,
+        device: torch.device | str | None,
+        dtype: torch.dtype,
+        cache_limit: int = DENSE_CACHE_LIMIT,
+    ) -> None:
+        super().__init__(D, d, seed, dtype)
+        self.block_rows = max(1, DENSE_BLOCK_ENTRIES // d)
+        self.cached = D * d <= cache_limit
+        if self.cached:
+            z = torch.cat([self.block(k) for k in range(self.num_blocks)])  # (D, d)
+            p = z / z.double().norm(dim=0).to(z.dtype)
+            self.register_buffer("matrix", p.to(device=device, dtype=dtype), persistent=False)
+        else:
+            sq = torch.zeros(d, dtype=torch.float64)
+            for k in range(self.num_blocks):
+                sq += self.block(k).double().square().sum(0)
+            self.register_buffer(
+                "inv_norm", sq.rsqrt().to(device=device, dtype=dtype), persistent=False
+            )
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.D // self.block_rows)
+
+    def block(self, k: int) -> Tensor:
+        """Rows [k*rb, min((k+1)*rb, D)) of the unnormalised Gaussian Z, float32 on CPU."""
+        rows = min(self.block_rows, self.D - k * self.block_rows)
+        return torch.randn(rows, self.d, generator=_generator(self.seed, k + 1))  # (rows, d)
+
+    def forward(self, theta_d: Tensor) -> Tensor:
+        self._check_input(theta_d)
+        if self.cached:
+            return self.matrix.to(theta_d.dtype) @ theta_d  # (D, d) @ (d,) -> (D,)
+        out: Tensor = _DenseRegen.apply(theta_d, self)
+        return out
+
+
+class _DenseRegen(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, theta: Tensor, proj: DenseProjection
+    ) -> Tensor:
+        ctx.proj = proj  # type: ignore[attr-defined]
+        v = theta * proj.inv_norm.to(theta.dtype)  # (d,)
+        out = torch.empty(proj.D, dtype=theta.dtype, device=theta.device)  # (D,)
+        rb = proj.block_rows
+        for k in range(proj.num_blocks):
+            z = proj.block(k).to(device=theta.device, dtype=theta.dtype)  # (rows, d)
+            torch.mv(z, v, out=out[k * rb : k * rb + z.shape[0]])
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, g: Tensor) -> tuple[Tensor, None]:
+        proj: DenseProjection = ctx.proj  # type: ignore[attr-defined]
+        acc = torch.zeros(proj.d, dtype=g.dtype, device=g.device)  # (d,)
+        rb = proj.block_rows
+        for k in range(proj.num_blocks):
+            z = proj.block(k).to(device=g.device, dtype=g.dtype)  # (rows, d)
+            acc.addmv_(z.T, g[k * rb : k * rb + z.shape[0]])
+        return acc * proj.inv_norm.to(g.dtype), None
+
+
+# ----------------------------------------------------------------------------- sparse
+
+
+class SparseProjection(Projection):
+    """Very sparse random projection (Li, Hastie & Church 2006), columns normalised.
+
+    Each entry is nonzero with probability 1/s, s = sqrt(D), with sign +-1 equally likely.
+    Column j has k_j ~ Binomial(D, 1/s) distinct rows drawn uniformly; a column drawn empty
+    gets one row (k_j >= 1), so every column has unit length. Nonzeros of column j are
+    +-1/sqrt(k_j) (the LHC scale sqrt(s) cancels in the normalisation).
+
+    Stored (CSC): `signed_rows` int32 (nnz,) = (row + 1) * sign, column-major, and
+    `col_ptr` int64 (d + 1,). Forward y = index_add over rows of v * theta[col]; backward is
+    the gather/sum adjoint, both from autograd.
+    """
+
+    kind = "sparse"
+    signed_rows: Tensor  # (nnz,) int32
+    col_ptr: Tensor  # (d + 1,) int64
+
+    def __init__(
+        self, D: int, d: int, seed: int, device: torch.device | str | None, dtype: torch.dtype
+    ) -> None:
+        super().__init__(D, d, seed, dtype)
+        gen = _generator(seed)
+        p = 1.0 / math.sqrt(D)
+        counts = torch.binomial(
+            torch.full((d,), float(D), dtype=torch.float64),
+            torch.full((d,), p, dtype=torch.float64),
+            generator=gen,
+        )
+        counts = counts.long().clamp_(1, D)  # (d,)
+        cols = torch.repeat_interleave(torch.arange(d), counts)  # (nnz,)
+        rows = torch.randint(D, (int(counts.sum()),), generator=gen)
+        # distinct rows per column: drop duplicates, redraw the shortfall until none is left
+        while True:
+            key = torch.unique(cols * D + rows)  # sorted by (col, row)
+            cols, rows = key // D, key % D
+            have = torch.bincount(cols, minlength=d)
+            short = counts - have
+            if not bool((short > 0).any()):
+                break
+            extra_cols = torch.repeat_interleave(torch.arange(d), short)
+            cols = torch.cat([cols, extra_cols])
+            rows = torch.cat([rows, torch.randint(D, (extra_cols.numel(),), generator=gen)])
+        signs = torch.randint(0, 2, (rows.numel(),), generator=gen) * 2 - 1
+        col_ptr = torch.zeros(d + 1, dtype=torch.int64)
+        col_ptr[1:] = torch.cumsum(counts, 0)
+        self.register_buffer(
+            "signed_rows", ((rows + 1) * signs).to(torch.int32).to(device), persistent=False
+        )
+        self.register_buffer("col_ptr", col_ptr.to(device), persistent=False)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.signed_rows.numel())
+
+    def coo(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(rows int64 (nnz,), cols int64 (nnz,), values (nnz,)) of P, values +-1/sqrt(k_j)."""
+        counts = self.col_ptr.diff()  # (d,)
+        cols = torch.repeat_interleave(torch.arange(self.d, device=counts.device), counts)
+        sr = self.signed_rows.long()
+        rows = sr.abs() - 1
+        vals = sr.sign().to(self.dtype) * counts.to(self.dtype).rsqrt()[cols]
+        return rows, cols, vals
+
+    def sparse_matrix(self) -> Tensor:
+        """P as a torch sparse COO tensor (D, d)."""
+        rows, cols, vals = self.coo()
+        return torch.sparse_coo_tensor(
+            torch.stack([rows, cols]), vals, (self.D, self.d), check_invariants=True
+        ).coalesce()
+
+    def forward(self, theta_d: Tensor) -> Tensor:
+        self._check_input(theta_d)
+        rows, cols, vals = self.coo()
+        contrib = vals.to(theta_d.dtype) * theta_d[cols]  # (nnz,)
+        return torch.zeros(self.D, dtype=theta_d.dtype, device=theta_d.device).index_add(
+            0, rows, contrib
+        )
+
+
+# ----------------------------------------------------------------------------- fastfood
+
+
+class FastfoodProjection(Projection):
+    """Li et al.'s Fastfood: y = (H G Pi H B pad_L(theta))[:D] / (||G||_2 sqrt(D)).
+
+    L = next power of two >= D, one block for the whole model, d <= D. B (L,) random +-1,
+    Pi a random permutation of L (applied as a gather: (Pi v)_i = v[Pi_i]), G (L,) N(0,1),
+    drawn in that order from one CPU generator. H is the unnormalised Walsh-Hadamard matrix.
+
+    Structure used: with b = next_pow2(d) and a = L / b, H_L = H_a ⊗ H_b and pad_L(theta) is
+    zero outside its first b entries, so H B pad_L(theta) = ones(a) ⊗ u, u = H_b(B_b pad_b theta)
+    (b,), and Pi of it is u[Pi mod b]. Forward: u (O(b log b)), z = G * u[idx] with
+    idx = Pi mod b (L,), then one full H_L. Backward (adjoint): one full H_L on pad_L(g), times G,
+    summed into b bins by idx, then H_b and B. Only B's first d entries matter and are kept.
+
+    State (cache_state=True), when b <= 2^FASTFOOD_PACK_MAX_BITS: one int32 word per padded
+    coordinate whose low log2(b) bits hold idx and whose bits, read as a float32, *are* G: the
+    N(0,1) draw with its lowest log2(b) mantissa bits replaced by idx (relative change
+    < 2^-(23 - log2 b) <= 2^-10; the normalisation uses this G's norm). 4 bytes per padded
+    coordinate. Wider b: idx int32 + G float32 (8 bytes). cache_state=False keeps nothing of
+    length L and regenerates B, Pi, G from the seed in every forward and backward (a randperm
+    of L each time: slow, zero state).
+
+    Workspace (keep_workspace=True): two float32 (L,) scratch buffers reused across calls
+    (8 bytes per padded coordinate, not counted in `state_bytes`, freed by
+    `release_workspace`); fresh 64 MiB buffers cost a page-fault pass each on CPU.
+    """
+
+    kind = "fastfood"
+    b_sign: Tensor  # (d,) first d entries of B
+    word: Tensor  # (L,) int32 packed idx | G bits (packed, cached)
+    idx: Tensor  # (L,) int32 Pi mod b (unpacked, cached)
+    g: Tensor  # (L,) float32 G (unpacked, cached)
+
+    def __init__(
+        self,
+        D: int,
+        d: int,
+        seed: int,
+        device: torch.device | str | None,
+        dtype: torch.dtype,
+        cache_state: bool = True,
+        keep_workspace: bool = True,
+    ) -> None:
+        super().__init__(D, d, seed, dtype)
+        if d > D:
+            raise ValueError(
+                f"fastfood projection needs d <= D, got d={d} > D={D}: one Fastfood block maps at most "
+                f"D coordinates; use d <= {D} or a 'dense'/'sparse' projection"
+            )
+        self.L = next_pow2(D)
+        self.b = next_pow2(d)
+        self.cache_state = cache_state
+        self.keep_workspace = keep_workspace
+        self.packed = self.b.bit_length() - 1 <= FASTFOOD_PACK_MAX_BITS
+        self._ws: list[Tensor] = []
+        b_sign, idx, g, word = self._draw()
+        g64 = g.double()
+        self.scale = 1.0 / (math.sqrt(float((g64 * g64).sum())) * math.sqrt(D))
+        self.register_buffer(
+            "b_sign", b_sign.to(device=device, dtype=dtype), persistent=False
+        )  # (d,)
+        if cache_state:
+            if word is not None:
+                self.register_buffer("word", word.to(device), persistent=False)  # (L,) int32
+            else:
+                self.register_buffer("idx", idx.to(device), persistent=False)  # (L,) int32
+                self.register_buffer("g", g.to(device), persistent=False)  # (L,) float32
+
+    def factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The raw draws on CPU: B (L,) +-1 float32, Pi (L,) int64, G (L,) float32 (as drawn)."""
+        gen = _generator(self.seed)
+        b_full = (torch.randint(0, 2, (self.L,), generator=gen) * 2 - 1).float()
+        perm = torch.randperm(self.L, generator=gen)
+        g = torch.randn(self.L, generator=gen)
+        return b_full, perm, g
+
+    def _draw(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """B[:d] (d,), idx = Pi mod b int32 (L,), G as used float32 (L,), packed word or None."""
+        b_full, perm, g = self.factors()
+        idx = (perm % self.b).to(torch.int32)
+        del perm
+        word = None
+        if self.packed:
+            word = torch.bitwise_or(torch.bitwise_and(g.view(torch.int32), ~(self.b - 1)), idx)
+            g = word.view(torch.float32)
+        return b_full[: self.d], idx, g, word
+
+    def diag_g(self) -> Tensor:
+        """G (L,) float32 exactly as used (see the class docstring)."""
+        return self._draw()[2]
+
+    def release_workspace(self) -> None:
+        """Drop the cached scratch buffers (they come back on the next call if kept)."""
+        self._ws = []
+
+    def workspace_bytes(self) -> int:
+        """Bytes of scratch currently held between calls (not persistent state)."""
+        return sum(t.numel() * t.element_size() for t in self._ws)
+
+    def _workspace(self, dtype: torch.dtype, device: torch.device) -> list[Tensor]:
+        """Two (1, L) scratch buffers, reused across calls when keep_workspace."""
+        ws = self._ws
+        if len(ws) == 2 and ws[0].dtype == dtype and ws[0].device == device:
+            return ws
+        ws = [torch.empty(1, self.L, dtype=dtype, device=device) for _ in range(2)]
+        if self.keep_workspace:
+            self._ws = ws
+        return ws
+
+    def _tables(self, device: torch.device, into: Tensor | None) -> tuple[Tensor, Tensor]:
+        """idx = Pi mod b (L,) int32 and G (L,) float32 on device.
+
+        When packed and cached, idx is unpacked into ``into`` (an (L,) int32 view of scratch)
+        if given, and G is the stored word viewed as float32 (no copy). Uncached: one fresh
+        draw from the seed.
+        """
+        if not self.cache_state:
+            _, idx, g, _ = self._draw()
+            return idx.to(device), g.to(device)
+        if not self.packed:
+            return self.idx, self.g
+        if into is None:
+            idx = torch.bitwise_and(self.word, self.b - 1)
+        else:
+            idx = torch.bitwise_and(self.word, self.b - 1, out=into)
+        return idx, self.word.view(torch.float32)
+
+    def forward(self, theta_d: Tensor) -> Tensor:
+        self._check_input(theta_d)
+        out: Tensor = _FastfoodFn.apply(theta_d, self)
+        return out
+
+
+def _int_view(buf: Tensor) -> Tensor | None:
+    """buf (1, L) as an (L,) int32 view when it is float32, else None."""
+    return buf[0].view(torch.int32) if buf.dtype == torch.float32 else None
+
+
+def _fastfood_forward(theta: Tensor, proj: FastfoodProjection) -> Tensor:
+    """(H G Pi H B pad_L theta)[:D] * scale; theta (d,) -> (D,), no autograd.
+
+    Passes over L: idx unpack, gather, times G, one per radix factor of H_L; one fresh (L,)
+    buffer (the output), the rest in the workspace.
+    """
+    dev = theta.device
+    xb = torch.zeros(proj.b, dtype=theta.dtype, device=dev)  # (b,)
+    xb[: proj.d] = theta * proj.b_sign.to(theta.dtype) * proj.scale
+    u = wht(xb)  # (b,) = H_b B pad_b theta, one period of H_L B pad_L theta
+    out = torch.empty(1, proj.L, dtype=theta.dtype, device=dev)  # (1, L), returned
+    work = proj._workspace(theta.dtype, dev)[0]  # (1, L)
+    # odd number of passes: start from the workspace so the result lands in `out`
+    first, other = (out, work) if len(radix_plan(proj.L)) % 2 == 0 else (work, out)
+    idx, g = proj._tables(dev, _int_view(other))
+    torch.index_select(u, 0, idx, out=first[0])  # Pi H B pad theta
+    first.mul_(g)  # G Pi H B pad theta
+    del idx, g
+    y = wht_pingpong(first, other)  # (1, L) = H G Pi H B pad theta
+    return y[0, : proj.D]
+
+
+def _fastfood_adjoint(grad: Tensor, proj: FastfoodProjection) -> Tensor:
+    """P^T grad = (B H_b sum_blocks Pi^T G H pad_L grad)[:d] * scale; grad (D,) -> (d,)."""
+    dev = grad.device
+    w1, w2 = proj._workspace(grad.dtype, dev)  # (1, L) each
+    if proj.D == proj.L:
+        h = wht_pingpong(w1, w2, src=grad.view(1, proj.L))  # H grad
+    else:
+        w1[0, : proj.D] = grad
+        w1[0, proj.D :] = 0
+        h = wht_pingpong(w1, w2)  # (1, L) = H pad_L grad
+    free = w2 if h is w1 else w1
+    idx, g = proj._tables(dev, _int_view(free))
+    h.mul_(g)  # G H pad grad
+    gu = torch.zeros(proj.b, dtype=grad.dtype, device=dev).index_add_(
+        0, idx, h[0]
+    )  # (b,) Pi^T, summed
+    gb = wht(gu)  # (b,)
+    return gb[: proj.d] * proj.b_sign.to(grad.dtype) * proj.scale
+
+
+class _FastfoodFn(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, theta: Tensor, proj: FastfoodProjection
+    ) -> Tensor:
+        ctx.proj = proj  # type: ignore[attr-defined]
+        return _fastfood_forward(theta, proj)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        return _fastfood_adjoint(grad.contiguous(), ctx.proj), None  # type: ignore[attr-defined]
+
+
+# ----------------------------------------------------------------------------- factory
+
+
+def make_projection(
+    kind: str,
+    D: int,
+    d: int,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    cache_state: bool = True,
+    keep_workspace: bool = True,
+) -> Projection:
+    """Build a frozen random projection P (D x d) with unit-length columns.
+
+    Args:
+        kind: "dense", "sparse" or "fastfood".
+        D: number of model parameters (rows of P), > 0.
+        d: subspace dimension (columns of P), > 0; fastfood needs d <= D.
+        seed: every random draw derives from it (generated on CPU, identical on every device).
+        device, dtype: where and in which float dtype the forward computes.
+        cache_state: fastfood only: keep idx/G (4 bytes per padded coordinate) or regenerate
+            them from the seed in every call (0 bytes, much slower).
+        keep_workspace: fastfood only: reuse two (L,) scratch buffers across calls.
+
+    Returns:
+        A `Projection`; ``proj(theta_d)`` maps (d,) -> (D,).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown projection kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    if int(D) <= 0:
+        raise ValueError(f"projection needs D > 0 (number of parameters), got D={D}")
+    if int(d) <= 0:
+        raise ValueError(f"projection needs d > 0 (subspace dimension), got d={d}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"projection dtype must be a float dtype, got {dtype}")
+    if kind == "dense":
+        return DenseProjection(D, d, seed, device, dtype)
+    if kind == "sparse":
+        return SparseProjection(D, d, seed, device, dtype)
+    return FastfoodProjection(
+        D, d, seed, device, dtype, cache_state=cache_state, keep_workspace=keep_workspace
+    )

@@ -1,0 +1,420 @@
+"""Random-subspace training (Li et al. 2018) and its structure-aware variant SAID
+(Aghajanyan et al. 2021) for any ``nn.Module``.
+
+`SubspaceModel` wraps a model *without changing its code or its attributes*. Its
+own parameters theta_0 (the initial or pretrained weights) stay where they are,
+frozen, and every forward runs the model through `torch.func.functional_call`
+with the reparameterised tensors
+
+    DID:   theta_i = theta_0,i + (P theta_d)[s_i]                      (1)
+    SAID:  theta_i = theta_0,i + lambda_i * (P theta_{d-m})[s_i]       (2)
+
+where P is a frozen random D x d' projection (`idlab.projections.make_projection`,
+every column unit length over all D projected entries together), s_i the slice of
+the flat length-D offset that belongs to tensor i (reshaped to its shape), m the
+number of projected tensors, lambda (m,) one scalar per tensor initialised to 1,
+and d' = d (DID) or d - m (SAID) so that the trainable count is exactly ``dim``.
+theta_d starts at zero, so training starts exactly at theta_0.
+
+Which tensors are projected: every floating-point parameter, or those selected by
+``include`` / ``exclude`` -- shell-style `fnmatch` globs matched against a
+parameter's qualified name (``"bert.encoder.layer.0.attention.self.query.weight"``)
+*or* against any of its owning modules' names, so ``"classifier"`` selects
+``classifier.weight`` and ``classifier.bias``, and ``"*.bias"`` every bias.
+Excluded tensors are frozen, or trained directly with ``train_excluded=True``
+(e.g. a freshly initialised classification head: ``score`` for Llama,
+``classifier`` for BERT). Tied tensors (Hugging Face tied embeddings) are
+projected once.
+
+Memory: the wrapper holds the projection's state, theta_d and lambda; theta_0 is
+the wrapped model's own storage (no copy). The length-D offset and the m
+reparameterised tensors are transient (rebuilt every forward).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = ["SubspaceModel"]
+
+_STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One projected tensor: its name, aliases (tied names), shape and slice of the offset."""
+
+    name: str
+    aliases: tuple[str, ...]
+    shape: tuple[int, ...]
+    start: int
+    numel: int
+
+
+def _as_patterns(patterns: str | Iterable[str] | None, arg: str) -> tuple[str, ...] | None:
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        return (patterns,)
+    out = tuple(patterns)
+    if not all(isinstance(p, str) for p in out):
+        raise TypeError(f"SubspaceModel: {arg} must be a glob string or a list of them, got {patterns!r}")
+    return out
+
+
+def _candidates(name: str) -> list[str]:
+    """``a.b.weight`` -> [``a.b.weight``, ``a.b``, ``a``]: the name and its module prefixes."""
+    parts = name.split(".")
+    return [".".join(parts[:k]) for k in range(len(parts), 0, -1)]
+
+
+def _matches(names: Sequence[str], pattern: str) -> bool:
+    return any(fnmatch.fnmatchcase(c, pattern) for n in names for c in _candidates(n))
+
+
+class SubspaceModel(nn.Module):
+    """Train ``model`` in a random ``dim``-dimensional subspace of its parameters.
+
+    Args:
+        model: any module (MLP, CNN, Hugging Face transformer). It is *not* copied:
+            its projected (and frozen excluded) parameters get ``requires_grad=False``
+            and serve as theta_0; its forward and buffers (BatchNorm statistics) are
+            used as they are.
+        dim: the trainable count d (>= 1). With ``said=True``, d - m coordinates are
+            projected and m lambdas are trained (d must exceed m).
+        projection: ``"fastfood"`` (default; needs d' <= D), ``"dense"`` or ``"sparse"``.
+        said: structure-aware reparameterisation (2), one lambda per projected tensor.
+        seed: seed of the projection P (P is a pure function of kind, D, d', seed).
+        include: glob(s) choosing the projected tensors (default: every float parameter).
+        exclude: glob(s) removed from the projected set.
+        train_excluded: train the excluded float parameters directly (else they are frozen).
+        device, dtype: where / in which precision the projection and theta_d live
+            (default: the device of the model's first projected tensor, float32).
+
+    Raises:
+        ValueError: dim <= 0, dim <= m with SAID, no float parameters, an include that
+            matches nothing, everything excluded, an unknown projection kind, or d' > D
+            for Fastfood (the last two from `make_projection`).
+
+    Example::
+
+        sm = SubspaceModel(mnist_fc(), dim=750)       # 750 trainable numbers
+        train(sm, task, TrainConfig(optimizer="adam", lr=1e-3), extra_loss=lambda: sm.l2_penalty(1e-5))
+        plain = sm.merged()                           # an ordinary model with theta_0 + P theta_d
+    """
+
+    theta_d: nn.Parameter
+    lambdas: nn.Parameter | None
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dim: int,
+        projection: str = "fastfood",
+        said: bool = False,
+        seed: int = 0,
+        include: str | Iterable[str] | None = None,
+        exclude: str | Iterable[str] | None = None,
+        train_excluded: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"SubspaceModel: model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+            raise ValueError(f"SubspaceModel: dim must be a positive integer, got dim={dim!r}")
+        if not isinstance(projection, str):
+            raise TypeError(f"SubspaceModel: projection must be a kind name, got {projection!r}")
+        self.model = model
+        self.dim = dim
+        self.kind = projection
+        self.said = bool(said)
+        self.seed = int(seed)
+        self.include = _as_patterns(include, "include")
+        self.exclude = _as_patterns(exclude, "exclude")
+        self.train_excluded = bool(train_excluded)
+
+        # Group aliases of tied tensors: id(tensor) -> names, first name first.
+        groups: dict[int, tuple[nn.Parameter, list[str]]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(p), (p, []))[1].append(name)
+        floats = [(names, p) for p, names in groups.values() if p.is_floating_point()]
+        if not floats:
+            raise ValueError(
+                f"SubspaceModel: {type(model).__name__} has no floating-point parameters to project "
+                f"({len(groups)} parameter tensors in all); wrap a model with float weights"
+            )
+        all_names = [n for names, _ in floats for n in names]
+        if self.include is not None:
+            selected = [(n, p) for n, p in floats if any(_matches(n, pat) for pat in self.include)]
+            if not selected:
+                raise ValueError(
+                    f"SubspaceModel: include={list(self.include)} matches no float parameter; "
+                    f"names look like {all_names[:8]} ({len(all_names)} in all)"
+                )
+            for pat in self.include:
+                if not any(_matches(n, pat) for n, _ in floats):
+                    warnings.warn(f"SubspaceModel: include pattern {pat!r} matches nothing", stacklevel=2)
+        else:
+            selected = list(floats)
+        if self.exclude is not None:
+            for pat in self.exclude:
+                if not any(_matches(n, pat) for n, _ in floats):
+                    warnings.warn(f"SubspaceModel: exclude pattern {pat!r} matches nothing", stacklevel=2)
+            selected = [(n, p) for n, p in selected if not any(_matches(n, pat) for pat in self.exclude)]
+        if not selected:
+            raise ValueError(
+                f"SubspaceModel: include={self.include} / exclude={self.exclude} leave no tensor to "
+                f"project; names look like {all_names[:8]}"
+            )
+
+        projected_ids = {id(p) for _, p in selected}
+        slots: list[_Slot] = []
+        theta0: list[Tensor] = []
+        start = 0
+        for names, p in selected:
+            slots.append(_Slot(names[0], tuple(names), tuple(p.shape), start, p.numel()))
+            theta0.append(p)
+            start += p.numel()
+        self._slots: tuple[_Slot, ...] = tuple(slots)
+        self._sizes: list[int] = [s.numel for s in slots]
+        self.D = start
+        self.m = len(slots)
+        d_proj = dim - self.m if self.said else dim
+        if self.said and d_proj <= 0:
+            raise ValueError(
+                f"SubspaceModel: said=True needs dim > m, the number of projected tensors; got dim={dim}, "
+                f"m={self.m}; use dim >= {self.m + 1}, said=False, or project fewer tensors"
+            )
+        self.d_proj = d_proj
+        self._device = torch.device(device) if device is not None else theta0[0].device
+        self._dtype = dtype
+        self.theta_d = nn.Parameter(torch.zeros(d_proj, device=self._device, dtype=dtype))
+        if self.said:
+            self.lambdas = nn.Parameter(torch.ones(self.m, device=self._device, dtype=dtype))
+        else:
+            self.register_parameter("lambdas", None)
+        self.projection = self._make_projection(self.seed)
+
+        # Only now, with every check passed, change the wrapped model's flags.
+        for t in theta0:
+            t.requires_grad_(False)
+        self._trained_excluded: list[str] = []
+        for names, p in floats:
+            if id(p) not in projected_ids:
+                p.requires_grad_(self.train_excluded)
+                if self.train_excluded:
+                    self._trained_excluded.append(names[0])
+
+        self._use_cache = False
+        self._cache: tuple[tuple[int, int], list[Tensor]] | None = None
+        self.register_state_dict_post_hook(_drop_frozen_from_state)
+        self.register_load_state_dict_post_hook(_forgive_frozen_missing)
+
+    # ------------------------------------------------------------------ building
+    def _make_projection(self, seed: int) -> nn.Module:
+        from idlab.projections import make_projection
+
+        return make_projection(self.kind, self.D, self.d_proj, seed=seed, device=self._device, dtype=self._dtype)
+
+    def _theta0(self) -> list[Tensor]:
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        return [params[s.name] for s in self._slots]
+
+    def _versions(self) -> tuple[int, int]:
+        lam = self.lambdas._version if self.lambdas is not None else 0
+        return (self.theta_d._version, lam)
+
+    def offset(self) -> Tensor:
+        """The flat offset P theta_d' of length D (before the SAID lambdas)."""
+        return self.projection(self.theta_d)
+
+    def _reparameterised(self) -> list[Tensor]:
+        """theta_i for every projected tensor, eq. (1)/(2): one add (addcmul) per tensor."""
+        pieces = self.offset().split(self._sizes)  # views; backward is a single cat
+        lams = self.lambdas.unbind() if self.lambdas is not None else None
+        out: list[Tensor] = []
+        for i, (slot, t0, piece) in enumerate(zip(self._slots, self._theta0(), pieces)):
+            piece = piece.view(slot.shape)
+            if piece.dtype != t0.dtype:
+                piece = piece.to(t0.dtype)
+            if lams is None:
+                out.append(t0 + piece)
+            else:
+                out.append(torch.addcmul(t0, piece, lams[i].to(t0.dtype)))
+        return out
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's forward with theta_0 + offset in place of its projected tensors."""
+        tensors = self._reparameterised()
+        if self._use_cache and torch.is_grad_enabled():
+            self._cache = (self._versions(), tensors)
+        params = {s.name: t for s, t in zip(self._slots, tensors)}
+        return functional_call(self.model, params, args, kwargs, tie_weights=True, strict=False)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def num_trainable(self) -> int:
+        """Trainable entries: ``dim`` plus the directly trained excluded tensors."""
+        named = dict(self.model.named_parameters())
+        return self.dim + sum(named[n].numel() for n in self._trained_excluded)
+
+    @property
+    def projected_names(self) -> list[str]:
+        """Qualified names of the projected tensors (one per tied group), in offset order."""
+        return [s.name for s in self._slots]
+
+    def l2_penalty(self, weight: float) -> Tensor:
+        """Li et al.'s L2 on theta_D: ``weight * sum_i ||theta_i||^2``, a scalar.
+
+        Sums over the projected tensors (eq. 1/2) and the directly trained excluded
+        ones. Use as ``train(..., extra_loss=lambda: sm.l2_penalty(1e-5))``: after the
+        first call the tensors of the latest training forward are reused (they are
+        already in its autograd graph), so the penalty costs no second projection.
+        """
+        self._use_cache = True
+        cache, self._cache = self._cache, None
+        if cache is not None and cache[0] == self._versions():
+            tensors = cache[1]
+        else:
+            tensors = self._reparameterised()
+        named = dict(self.model.named_parameters())
+        total = sum((t.float().pow(2).sum() for t in tensors), torch.zeros((), device=tensors[0].device))
+        for n in self._trained_excluded:
+            total = total + named[n].float().pow(2).sum()
+        return weight * total
+
+    def penalty(self, l2: float) -> Callable[[], Tensor]:
+        """``extra_loss`` for `idlab.train.train`: a closure computing ``l2_penalty(l2)``."""
+        return lambda: self.l2_penalty(l2)
+
+    @torch.no_grad()
+    def delta(self, by_module: bool = False) -> dict[str, Tensor]:
+        """Delta W = theta_i - theta_0,i for every projected tensor (full shape, detached).
+
+        Keys are parameter names (``net.0.weight``). With ``by_module=True`` only
+        2-D ``.weight`` tensors are returned, keyed by their module's name (``net.0``),
+        the convention of `idlab.analysis.io.save_deltas`.
+        """
+        out: dict[str, Tensor] = {}
+        for slot, t0, t in zip(self._slots, self._theta0(), self._reparameterised()):
+            dw = (t - t0).detach()
+            if not by_module:
+                out[slot.name] = dw
+            elif slot.name.endswith(".weight") and dw.ndim == 2:
+                out[slot.name[: -len(".weight")]] = dw
+        return out
+
+    @torch.no_grad()
+    def merged(self) -> nn.Module:
+        """A deep copy of the wrapped model holding theta_0 + offset (all params trainable)."""
+        plain = copy.deepcopy(self.model)
+        params = dict(plain.named_parameters(remove_duplicate=False))
+        for slot, t in zip(self._slots, self._reparameterised()):
+            params[slot.name].copy_(t)
+        for p in plain.parameters():
+            if p.is_floating_point():
+                p.requires_grad_(True)
+        return plain
+
+    # ------------------------------------------------------------------ state
+    def config(self) -> dict[str, Any]:
+        """JSON-able description: dim, kind, said, seed, D, d', m, patterns, projected names."""
+        return {
+            "version": _STATE_VERSION,
+            "dim": self.dim,
+            "projection": self.kind,
+            "said": self.said,
+            "seed": self.seed,
+            "D": self.D,
+            "d_proj": self.d_proj,
+            "m": self.m,
+            "include": list(self.include) if self.include is not None else None,
+            "exclude": list(self.exclude) if self.exclude is not None else None,
+            "train_excluded": self.train_excluded,
+            "projected": self.projected_names,
+            "trained_excluded": list(self._trained_excluded),
+        }
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return self.config()
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore the seed (rebuilding P if it differs); refuse a different structure."""
+        if not isinstance(state, dict) or "seed" not in state:
+            raise ValueError(f"SubspaceModel: unrecognised extra state {state!r}")
+        mine = self.config()
+        for key in ("dim", "projection", "said", "D", "d_proj", "projected", "trained_excluded"):
+            if state.get(key) != mine[key]:
+                raise ValueError(
+                    f"SubspaceModel.load_state_dict: saved {key}={_short(state.get(key))} but this wrapper "
+                    f"has {key}={_short(mine[key])}; wrap the same base model with the same dim, "
+                    "projection, said, include/exclude and train_excluded"
+                )
+        if int(state["seed"]) != self.seed:
+            self.seed = int(state["seed"])
+            self.projection = self._make_projection(self.seed).to(self.theta_d.device)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, projection={self.kind!r}, said={self.said}, seed={self.seed}, "
+            f"D={self.D}, m={self.m}, trainable={self.num_trainable}"
+        )
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) < 120 else s[:117] + "..."
+
+
+def _frozen_prefixes(module: SubspaceModel) -> tuple[set[str], str]:
+    keep = {f"model.{n}" for n, p in module.model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return keep, "projection."
+
+
+def _drop_frozen_from_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """state_dict keeps theta_d, lambdas, extra state, buffers and directly trained tensors.
+
+    theta_0 (frozen model parameters) and the projection (regenerated from the seed)
+    are dropped: a fresh wrap of the same base model restores the exact model.
+    """
+    assert isinstance(module, SubspaceModel)
+    keep, proj = _frozen_prefixes(module)
+    frozen = {f"model.{n}" for n, _ in module.model.named_parameters(remove_duplicate=False)} - keep
+    for key in list(state_dict):
+        if not key.startswith(prefix):
+            continue
+        local = key[len(prefix) :]
+        if local.startswith(proj) or local in frozen:
+            del state_dict[key]
+
+
+def _forgive_frozen_missing(module: nn.Module, incompatible: Any) -> None:
+    """Missing theta_0 / projection keys are expected (see `_drop_frozen_from_state`).
+
+    The hook sees the whole load's keys (with any outer prefix), so keys are
+    matched on their suffix after a ``.`` boundary.
+    """
+    assert isinstance(module, SubspaceModel)
+    keep, proj = _frozen_prefixes(module)
+    frozen = {f"model.{n}" for n, _ in module.model.named_parameters(remove_duplicate=False)} - keep
+
+    def expected(key: str) -> bool:
+        parts = key.split(".")
+        for k in range(len(parts)):
+            local = ".".join(parts[k:])
+            if local in frozen or local.startswith(proj):
+                return True
+        return False
+
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not expected(k)]

@@ -1,0 +1,96 @@
+"""Study configuration: YAML + overrides -> frozen dataclasses; grid expansion; clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from idlab.config import (
+    TARGET_SETS,
+    ConfigError,
+    describe_fields,
+    load_study,
+    parse_override,
+    study_from_dict,
+)
+from idlab.sweep import expand
+
+CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_starts_with_its_command(path: Path) -> None:
+    study = load_study(path)
+    assert path.read_text().splitlines()[0].startswith("# idlab sweep ")
+    assert expand(study)
+
+
+def test_smoke_grid_expansion_counts_and_overrides() -> None:
+    study = load_study(CONFIGS / "smoke.yaml")
+    runs = expand(study)
+    per = {m: sum(c["method"] == m for _, c in runs) for m in ("full", "lora", "subspace")}
+    s = len(study.seeds)
+    assert per == {"full": len(study.full.lr) * s, "lora": len(study.lora.r) * len(study.lora.lr) * s,
+                   "subspace": len(study.subspace.d) * s}  # type: ignore[arg-type]
+    over = load_study(CONFIGS / "smoke.yaml", ["lora.r=[2,4,8]", "train.steps=5", "seeds=[0,1,2]",
+                                                "methods=[lora]", "lora.target_modules=[qv, qkvo]"])
+    assert over.lora.r == (2, 4, 8) and over.train.steps == 5 and over.seeds == (0, 1, 2)
+    assert over.lora.target_modules == (TARGET_SETS["qv"], TARGET_SETS["qkvo"])
+    runs = expand(over)
+    assert len(runs) == 3 * 2 * 3 and {c["target_set"] for _, c in runs} == {"qv", "qkvo"}
+    assert all(c["lora_alpha"] == 2 * c["r"] for _, c in runs)  # alpha: 2r
+    assert len({rid for rid, _ in runs}) == len(runs)
+    # frozen
+    with pytest.raises(AttributeError):
+        over.seeds = (1,)  # type: ignore[misc]
+
+
+def test_scalars_aliases_and_auto() -> None:
+    s = study_from_dict({"model": "smollm2-135m", "task": "glue/mrpc", "lora": {"r": 4, "alpha": 16},
+                         "subspace": {"d": "auto", "auto_min": 10, "auto_max": 1000, "auto_per_decade": 2},
+                         "methods": ["lora", "subspace"]})
+    assert s.model.name == "smollm2-135m" and s.task.name == "glue/mrpc" and s.lora.r == (4,)
+    assert s.lora.alpha_for(4) == 16.0
+    assert s.subspace.auto_grid() == (10, 30, 100, 300, 1000)
+    assert sorted({c["d"] for _, c in expand(s) if c["method"] == "subspace"}) == [10, 30, 100, 300, 1000]
+    assert parse_override("train.lr=1e-3") == ("train.lr", "1e-3")  # YAML string; coerced to float by the schema
+    assert study_from_dict({"full": {"lr": "1e-3"}}).full.lr == (1e-3,)
+
+
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [
+        ("lora.rr=3", ["smoke.yaml", "lora.rr", "unknown key", "r, target_modules, alpha"]),
+        ("subspace.projection=[gauss]", ["smoke.yaml", "subspace.projection", "dense, sparse, fastfood"]),
+        ("methods=[full, adapters]", ["methods", "full", "lora", "subspace"]),
+        ("executor=kubernetes", ["executor", "local", "multigpu", "slurm"]),
+        ("lora.r=[0]", ["lora.r", ">= 1"]),
+        ("train.steps=many", ["train.steps", "integer"]),
+        ("task.name=imagenet", ["task.name", "digits", "glue/<name>"]),
+        ("lora.alpha=twice", ["lora.alpha", "2r"]),
+        ("lora.target_modules=[qkv0, qv]", ["lora.target_modules[0]", "allowed aliases", "qkvo"]),
+        ("subspace.said=[maybe]", ["subspace.said[0]", "true, false"]),
+        ("nonsense", ["key=value"]),
+    ],
+)
+def test_invalid_values_name_file_key_and_allowed(override: str, needles: list[str]) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_study(CONFIGS / "smoke.yaml", [override])
+    for n in needles:
+        assert n in str(e.value), (n, str(e.value))
+
+
+def test_invalid_yaml_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("# idlab sweep bad.yaml\nname: x\nlora:\n  rank: 4\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*lora.rank.*allowed keys under 'lora'"):
+        load_study(bad)
+    with pytest.raises(ConfigError, match="no such study file"):
+        load_study(tmp_path / "absent.yaml")
+
+
+def test_every_field_has_help() -> None:
+    lines = describe_fields()
+    assert len(lines) > 40
+    assert all(not line.rstrip().endswith(":") for line in lines)  # a help text after every key

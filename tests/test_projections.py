@@ -1,0 +1,227 @@
+"""Random projections: each kind equals its defining matrix, adjoint, gradcheck, unit columns,
+determinism, state size and argument errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from idlab.hadamard import wht
+from idlab.projections import (
+    KINDS,
+    DenseProjection,
+    FastfoodProjection,
+    Projection,
+    SparseProjection,
+    make_projection,
+)
+
+F64 = torch.float64
+
+
+def _sylvester(L: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=F64)
+    while h.shape[0] < L:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def _fastfood_reference(p: FastfoodProjection) -> torch.Tensor:
+    """Li et al.'s formula with dense matrices: (H G Pi H B pad_L)[:D] / (||G|| sqrt(D)), (D, d)."""
+    b_full, perm, _ = p.factors()
+    g = p.diag_g().double()
+    L, D, d = p.L, p.D, p.d
+    h = _sylvester(L)
+    pad = torch.eye(L, d, dtype=F64)  # (L, d)
+    pi = torch.eye(L, dtype=F64)[perm]  # (Pi v)_i = v[perm_i]
+    full = h @ torch.diag(g) @ pi @ h @ torch.diag(b_full.double()) @ pad  # (L, d)
+    return full[:D] / (g.norm() * math.sqrt(D))
+
+
+def _all_projections(D: int = 300, d: int = 7, seed: int = 0) -> list[Projection]:
+    return [
+        make_projection("dense", D, d, seed, dtype=F64),
+        DenseProjection(D, d, seed, None, F64, cache_limit=0),  # regenerated blocks
+        make_projection("sparse", D, d, seed, dtype=F64),
+        make_projection("fastfood", D, d, seed, dtype=F64),
+        make_projection("fastfood", D, d, seed, dtype=F64, cache_state=False),
+        make_projection("fastfood", D, d, seed, dtype=F64, keep_workspace=False),
+    ]
+
+
+def _ids() -> list[str]:
+    return ["dense", "dense-regen", "sparse", "fastfood", "fastfood-nocache", "fastfood-nows"]
+
+
+@pytest.mark.parametrize("D,d", [(300, 7), (512, 7), (1000, 1000), (1, 1)])
+def test_fastfood_equals_li_formula(D: int, d: int) -> None:
+    for cache in (True, False):
+        p = make_projection("fastfood", D, d, seed=3, dtype=F64, cache_state=cache)
+        assert isinstance(p, FastfoodProjection)
+        ref = _fastfood_reference(p)
+        torch.testing.assert_close(p.explicit(), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_fastfood_unpacked_wide_b_equals_formula() -> None:
+    # d = 9000 -> b = 2^14 > 2^13: idx and G stored separately (no packing)
+    p = make_projection("fastfood", 9000, 9000, seed=1, dtype=F64)
+    assert isinstance(p, FastfoodProjection) and not p.packed
+    x = torch.randn(9000, dtype=F64)
+    b_full, perm, g = p.factors()
+    assert torch.equal(p.diag_g(), g)
+    z = torch.zeros(p.L, dtype=F64)
+    z[:9000] = x * b_full[:9000].double()
+    ref = wht(g.double() * wht(z)[perm])[:9000] / (g.double().norm() * math.sqrt(9000))
+    torch.testing.assert_close(p(x), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_dense_equals_normalised_gaussian_blocks() -> None:
+    p = make_projection("dense", 300, 7, seed=5, dtype=F64)
+    assert isinstance(p, DenseProjection)
+    z = torch.cat([p.block(k) for k in range(p.num_blocks)]).double()  # (D, d)
+    torch.testing.assert_close(p.explicit(), z / z.norm(dim=0), rtol=1e-6, atol=1e-7)
+    regen = DenseProjection(300, 7, 5, None, F64, cache_limit=0)
+    assert not regen.cached
+    torch.testing.assert_close(regen.explicit(), z / z.norm(dim=0), rtol=1e-12, atol=1e-12)
+
+
+def test_dense_regenerated_blocks_many_blocks() -> None:
+    # block_rows < D: several blocks, regenerated mode equals the cached matrix
+    import idlab.projections as pr
+
+    old = pr.DENSE_BLOCK_ENTRIES
+    pr.DENSE_BLOCK_ENTRIES = 64
+    try:
+        cached = DenseProjection(1000, 5, 2, None, torch.float32)
+        regen = DenseProjection(1000, 5, 2, None, torch.float32, cache_limit=0)
+    finally:
+        pr.DENSE_BLOCK_ENTRIES = old
+    assert cached.num_blocks > 10
+    x = torch.randn(5)
+    torch.testing.assert_close(regen(x), cached(x), rtol=1e-5, atol=1e-6)
+    assert regen.state_bytes() == 5 * 4
+
+
+def test_sparse_equals_its_sparse_matrix() -> None:
+    p = make_projection("sparse", 300, 7, seed=2, dtype=F64)
+    assert isinstance(p, SparseProjection)
+    m = p.sparse_matrix().to_dense()  # (D, d)
+    x = torch.randn(7, dtype=F64)
+    torch.testing.assert_close(p(x), m @ x)
+    nz = (m != 0).sum(0)
+    assert bool((nz >= 1).all())
+    # nonzeros of a column all have magnitude 1/sqrt(k_j)
+    for j in range(7):
+        col = m[:, j]
+        torch.testing.assert_close(
+            col[col != 0].abs(), torch.full((int(nz[j]),), nz[j].item() ** -0.5, dtype=F64)
+        )
+
+
+def test_sparse_density_and_distinct_rows() -> None:
+    D, d = 1 << 16, 64
+    p = make_projection("sparse", D, d, seed=0)
+    assert isinstance(p, SparseProjection)
+    density = p.nnz / (D * d)
+    assert abs(density * math.sqrt(D) - 1) < 0.05
+    rows, cols, _ = p.coo()
+    assert torch.unique(cols * D + rows).numel() == p.nnz
+
+
+@pytest.mark.parametrize("idx", range(6), ids=_ids())
+def test_adjoint_identity(idx: int) -> None:
+    p = _all_projections()[idx]
+    x = torch.randn(p.d, dtype=F64, requires_grad=True)
+    y = torch.randn(p.D, dtype=F64)
+    px = p(x)
+    (pty,) = torch.autograd.grad(px, x, grad_outputs=y)
+    torch.testing.assert_close(torch.dot(px.detach(), y), torch.dot(x.detach(), pty))
+    # and P^T y equals the explicit matrix's transpose applied to y
+    torch.testing.assert_close(pty, p.explicit().T @ y)
+
+
+@pytest.mark.parametrize("idx", range(6), ids=_ids())
+def test_gradcheck(idx: int) -> None:
+    p = _all_projections(D=40, d=5)[idx]
+    x = torch.randn(5, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(p, (x,))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unit_columns_at_2_16(kind: str) -> None:
+    # D just below 2^16 so Fastfood truncates L = 2^16 to D (at D = L its columns are exactly unit)
+    D, d = (1 << 16) - 1000, 24
+    p = make_projection(kind, D, d, seed=0)
+    norms = p.explicit(F64).norm(dim=0)  # (d,)
+    assert abs(norms.mean().item() - 1) < 0.01
+    assert (norms - 1).abs().max().item() < 0.05
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_determinism(kind: str) -> None:
+    x = torch.randn(7)
+    a = make_projection(kind, 300, 7, seed=11)(x)
+    b = make_projection(kind, 300, 7, seed=11)(x)
+    c = make_projection(kind, 300, 7, seed=12)(x)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    assert a.shape == (300,)
+
+
+def test_fastfood_state_bytes() -> None:
+    D, d = 1 << 16, 100
+    p = make_projection("fastfood", D, d)
+    assert p.state_bytes() == 4 * D + 4 * d  # packed word (L,) int32 + B[:d] float32
+    q = make_projection("fastfood", D, d, cache_state=False)
+    assert q.state_bytes() == 4 * d
+    x = torch.randn(d)
+    torch.testing.assert_close(p(x), q(x))
+
+
+def test_fastfood_workspace_reused_and_released() -> None:
+    p = make_projection("fastfood", 4096, 10)
+    assert isinstance(p, FastfoodProjection)
+    x = torch.randn(10, requires_grad=True)
+    y1 = p(x)
+    y2 = p(x)  # second call must not clobber the first output
+    torch.testing.assert_close(y1, y2)
+    y1.sum().backward()
+    assert p.workspace_bytes() == 2 * 4096 * 4
+    p.release_workspace()
+    assert p.workspace_bytes() == 0
+
+
+def test_fastfood_d_greater_than_D_raises() -> None:
+    with pytest.raises(ValueError, match=r"d=20 > D=10"):
+        make_projection("fastfood", 10, 20)
+
+
+def test_argument_errors() -> None:
+    with pytest.raises(ValueError, match="known kinds: dense, sparse, fastfood"):
+        make_projection("gaussian", 10, 2)
+    with pytest.raises(ValueError, match="D > 0"):
+        make_projection("dense", 0, 2)
+    with pytest.raises(ValueError, match="d > 0"):
+        make_projection("sparse", 10, -1)
+    p = make_projection("dense", 10, 2)
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        p(torch.randn(3))
+
+
+def test_float32_outputs_and_attributes() -> None:
+    for kind in KINDS:
+        p = make_projection(kind, 100, 4, seed=9)
+        assert (p.kind, p.D, p.d, p.seed) == (kind, 100, 4, 9)
+        assert p(torch.randn(4)).dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_matches_cpu(kind: str) -> None:
+    x = torch.randn(50, dtype=F64)
+    cpu = make_projection(kind, 5000, 50, seed=4, dtype=F64)
+    gpu = make_projection(kind, 5000, 50, seed=4, dtype=F64, device="cuda")
+    torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x))

@@ -1,0 +1,111 @@
+"""idlab report on a small results folder: tables equal the JSON, figures exist, deterministic, partial-safe."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from idlab.config import study_from_dict
+from idlab.report import load_results, make_report, threshold_crossing
+from idlab.sweep import run_sweep
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIGURES = ["perf_vs_params", "perf_vs_d", "lora_rank_target_heatmap", "spectra", "energy", "phi_rank", "phi_seed",
+           "curves"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small real results folder: blobs + MLP, full / LoRA r 1, 3 / DID d 8, 64, seeds 0 and 1."""
+    mp = pytest.MonkeyPatch()
+    mp.syspath_prepend(str(FIXTURES))
+    root = tmp_path_factory.mktemp("results")
+    raw = {
+        "name": "tiny", "description": "blobs + MLP fixture", "model": {"name": "mlp", "hidden": [16]},
+        "task": "idlab_fixture_tasks:blobs", "methods": ["full", "lora", "subspace"],
+        "full": {"lr": [0.01]}, "lora": {"r": [1, 3], "target_modules": [["net.0", "net.2"]], "lr": [0.02]},
+        "subspace": {"d": [8, 64], "projection": ["dense"], "head": "project", "lr": [0.05]},
+        "train": {"steps": 20, "batch_size": 32, "eval_every": 10, "optimizer": "adam"},
+        "seeds": [0, 1], "results_dir": str(root), "device": "cpu",
+    }
+    summary = run_sweep(study_from_dict(raw))
+    mp.undo()
+    assert len(summary.ok) == 10
+    return root
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix in (".png", ".pdf", ".md", ".parquet")}
+
+
+def test_report_figures_tables_and_determinism(results: Path, tmp_path: Path) -> None:
+    out1, out2 = tmp_path / "r1", tmp_path / "r2"
+    md = make_report(results, out1)
+    shutil.copytree(out1 / "analysis", out2 / "analysis")  # reuse the cached analysis; re-render everything else
+    make_report(results, out2, formats=("png",))
+    text = md.read_text()
+    for name in FIGURES:
+        for ext in ("png", "pdf"):
+            f = out1 / "figures" / "tiny" / f"{name}.{ext}"
+            assert f.is_file() and f.stat().st_size > 1000, f
+        assert f"figures/tiny/{name}.png" in text
+    d1, d2 = _digest(out1), _digest(out2)
+    pngs = {k for k in d1 if k.endswith(".png")}
+    assert pngs and all(d1[k] == d2[k] for k in pngs), "same results -> identical PNGs"
+    def strip_pdf(t: str) -> str:
+        return re.sub(r" \(\[PDF\]\([^)]*\)\)", "", t)
+
+    assert strip_pdf(text) == strip_pdf((out2 / "REPORT.md").read_text())
+    same = {k for k in d1 if not k.endswith((".pdf", ".md"))}
+    assert all(d1[k] == d2[k] for k in same), {k for k in same if d1[k] != d2.get(k)}
+    # tables equal the JSON
+    summary = pd.read_parquet(out1 / "summary.parquet")
+    assert len(summary) == 10
+    for p in (results / "tiny" / "runs").glob("*/result.json"):
+        res = json.loads(p.read_text())
+        row = summary[summary["run_id"] == res["run_id"]].iloc[0]
+        assert row["score_final"] == res["metrics"]["accuracy"]
+        assert row["trainable_parameters"] == res["trainable_parameters"]
+        assert row["method"] == res["config"]["method"] and row["seed"] == res["config"]["seed"]
+    curves = pd.read_parquet(out1 / "curves.parquet")
+    assert set(curves["step"]) == {10.0, 20.0}
+    cells = pd.read_parquet(out1 / "cells.parquet")
+    full = cells[cells["method"] == "full"].iloc[0]
+    assert full["mean"] == pytest.approx(summary[summary["method"] == "full"]["score_final"].mean())
+    assert "Table 7" in text and "Headline" in text and "Missing" not in text
+    assert (out1 / "analysis" / "tiny" / "spectra.parquet").is_file()
+
+
+def test_partial_results_do_not_crash_and_name_what_is_missing(results: Path, tmp_path: Path) -> None:
+    part = tmp_path / "partial"
+    shutil.copytree(results, part)
+    runs = sorted((part / "tiny" / "runs").iterdir())
+    full = [r for r in runs if json.loads((r / "result.json").read_text())["config"]["method"] == "full"]
+    for r in full:  # no baseline any more
+        shutil.rmtree(r)
+    (part / "tiny" / "runs" / ".tmp-dead-1-00").mkdir()  # a killed run's leftover
+    md = make_report(part, analysis=False)
+    text = md.read_text()
+    assert "missing" in text and "No baseline" in text
+    assert len(load_results(part)) == 8
+    assert (part / "figures" / "tiny" / "perf_vs_params.png").is_file()
+    # nothing at all
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "No results" in make_report(empty).read_text()
+
+
+def test_threshold_crossing_interpolates_and_bootstraps() -> None:
+    df = pd.DataFrame({"d": [10, 10, 100, 100, 1000, 1000], "s": [0.2, 0.3, 0.6, 0.7, 0.95, 0.97]})
+    res = threshold_crossing(df, "d", 0.8, "s")
+    assert res["value"] == 1000
+    assert 100 < res["interp"] < 1000
+    assert res["ci_low"] is not None and res["ci_low"] <= res["interp"] <= res["ci_high"]
+    assert threshold_crossing(df, "d", 0.99, "s")["value"] is None

@@ -1,0 +1,151 @@
+"""Sweeps: run, skip finished, record failures, survive kill -9, Slurm path via submitit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from idlab.config import study_from_dict
+from idlab.runs import RunStore
+from idlab.sweep import expand, run_sweep
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_study(results: Path, **over: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "name": "tiny", "model": {"name": "mlp", "hidden": [16]},
+        "task": "idlab_fixture_tasks:blobs", "methods": ["full", "lora", "subspace"],
+        "full": {"lr": [0.01]}, "lora": {"r": [1, 3], "target_modules": [["net.0", "net.2"]], "lr": [0.02]},
+        "subspace": {"d": [8, 64], "projection": ["dense"], "head": "project", "lr": [0.05]},
+        "train": {"steps": 15, "batch_size": 32, "eval_every": 5, "optimizer": "adam"},
+        "seeds": [0, 1], "results_dir": str(results), "device": "cpu",
+    }
+    raw.update(over)
+    return raw
+
+
+@pytest.fixture(autouse=True)
+def _fixture_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FIXTURES), os.environ.get("PYTHONPATH", "")]))
+
+
+def _check_complete(study_dir: Path, expected: set[str]) -> None:
+    runs = study_dir / "runs"
+    names = sorted(p.name for p in runs.iterdir())
+    assert names == sorted(expected), "every run present exactly once, nothing else"
+    for rid in expected:
+        res = json.loads((runs / rid / "result.json").read_text())
+        assert res["run_id"] == rid and res["status"] in ("ok", "diverged", "failed")
+
+
+def test_sweep_runs_records_and_skips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    study = study_from_dict(tiny_study(tmp_path, seeds=[0]))
+    s1 = run_sweep(study)
+    runs = expand(study)
+    assert s1.total == len(runs) == 5 and len(s1.ok) == 5 and not s1.failed and s1.ran == 5
+    _check_complete(tmp_path / "tiny", {rid for rid, _ in runs})
+    res = json.loads((tmp_path / "tiny" / "runs" / runs[0][0] / "result.json").read_text())
+    for key in ("config", "metrics", "best", "curve", "wall_time_s", "peak_memory_bytes", "device", "versions",
+                "git_commit", "trainable_parameters", "total_parameters", "status", "error", "study"):
+        assert key in res
+    assert res["versions"]["torch"] and res["config"]["method"] == "full"
+    lora = next(rid for rid, c in runs if c["method"] == "lora")
+    assert (tmp_path / "tiny" / "runs" / lora / "adapter").is_dir()
+    sub = next(rid for rid, c in runs if c["method"] == "subspace")
+    assert (tmp_path / "tiny" / "runs" / sub / "subspace.safetensors").is_file()
+    assert all((tmp_path / "tiny" / "runs" / rid / "delta.safetensors").is_file() for rid, _ in runs)
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "tiny" / "runs").glob("*/result.json")}
+    s2 = run_sweep(study)  # everything is done: nothing runs, nothing is rewritten
+    assert s2.ran == 0 and len(s2.ok) == 5
+    assert mtimes == {p: p.stat().st_mtime_ns for p in (tmp_path / "tiny" / "runs").glob("*/result.json")}
+    assert "to run" in capsys.readouterr().out
+
+
+def test_failed_and_diverged_runs_are_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    raw = tiny_study(tmp_path, seeds=[0], methods=["full", "lora"])
+    raw["lora"] = {"r": [2], "target_modules": [["no_such_module"]], "lr": [0.01]}
+    raw["full"] = {"lr": [1.0e30]}  # explodes to inf/nan
+    summary = run_sweep(study_from_dict(raw))
+    assert len(summary.failed) == 1 and "no_such_module" in summary.failed[0][1]
+    assert len(summary.diverged) + len(summary.ok) == 1
+    assert "failed" in summary.text()
+    # failed runs are retried on restart (and fail again, still recorded once)
+    again = run_sweep(study_from_dict(raw))
+    assert again.ran == 1 and len(again.failed) == 1
+
+
+def test_kill_minus_nine_and_resume(tmp_path: Path) -> None:
+    """SIGKILL a sweep mid-way, restart it: every run present exactly once, every JSON parses."""
+    raw = tiny_study(tmp_path, seeds=list(range(6)), methods=["full", "subspace"])
+    raw["train"] = {"steps": 30, "batch_size": 32, "eval_every": 10, "optimizer": "adam"}
+    cfg = tmp_path / "tiny.yaml"
+    import yaml
+
+    cfg.write_text("# idlab sweep tiny.yaml\n" + yaml.safe_dump(raw))
+    expected = {rid for rid, _ in expand(study_from_dict(raw))}
+    assert len(expected) == 18
+    cmd = [sys.executable, "-m", "idlab.cli", "sweep", str(cfg)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = tmp_path / "tiny" / "runs"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            done = list(runs.glob("*/result.json")) if runs.exists() else []
+            if len(done) >= 3:
+                break
+            assert proc.poll() is None, "sweep ended before it could be killed"
+            time.sleep(0.05)
+        else:
+            pytest.fail("no results appeared within 120 s")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    n_done = len(list(runs.glob("*/result.json")))
+    assert 3 <= n_done < len(expected), "killed mid-way"
+    for p in runs.glob("*/result.json"):  # what is there is complete and parses
+        json.loads(p.read_text())
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    _check_complete(tmp_path / "tiny", expected)
+    assert "0 failed, 0 missing" in out.stdout
+
+
+def test_slurm_path_with_submitit_local_executor(tmp_path: Path) -> None:
+    pytest.importorskip("submitit")
+    raw = tiny_study(tmp_path, seeds=[0], methods=["full"], executor="slurm")
+    raw["slurm"] = {"backend": "local", "time_min": 5}
+    study = study_from_dict(raw)
+    summary = run_sweep(study)
+    assert len(summary.ok) == 1 and not summary.missing
+    _check_complete(tmp_path / "tiny", {rid for rid, _ in expand(study)})
+    assert (tmp_path / "tiny" / "slurm").is_dir()  # submitit's logs
+    assert run_sweep(study).ran == 0  # restart skips what the array tasks finished
+
+
+def test_d_auto_refines_near_the_crossing(tmp_path: Path) -> None:
+    """d: auto adds bisection points between the bracketing grid values, derived from results only."""
+    raw = tiny_study(tmp_path, seeds=[0], methods=["subspace"])
+    raw["subspace"] = {"d": "auto", "auto_min": 1, "auto_max": 100, "auto_per_decade": 1, "refine": 1,
+                       "projection": ["dense"], "head": "project", "lr": [0.05], "baseline": 1.0,
+                       "threshold": 0.9}
+    study = study_from_dict(raw)
+    assert sorted(c["d"] for _, c in expand(study)) == [1, 10, 100]
+    store = RunStore(study.study_dir())
+    # fake results: d=1 -> 0.3, d=10 -> 0.5, d=100 -> 0.95 (crossing between 10 and 100)
+    for rid, c in expand(study, store):
+        acc = {1: 0.3, 10: 0.5, 100: 0.95}[c["d"]]
+        store.write(rid, {"run_id": rid, "status": "ok", "config": c, "metric": "accuracy",
+                          "metrics": {"accuracy": acc}, "best": {"accuracy": acc}})
+    ds = sorted(c["d"] for _, c in expand(study, store))
+    assert ds == [1, 10, 32, 100]
