@@ -161,10 +161,14 @@ def main(quick: bool = False, threads: int = 1) -> str:
     2-thread LAPACK calls were erratic, up to 100x slower, through oversubscription;
     ``analyze_runs`` itself defaults to 1 thread for the same reason).
     """
+    old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    header = machine()
-    spec = bench_spectrum(quick)
-    run_rows, _ = bench_run(quick)
+    try:
+        header = machine()
+        spec = bench_spectrum(quick)
+        run_rows, _ = bench_run(quick)
+    finally:
+        torch.set_num_threads(old_threads)
     md = "\n".join(
         [
             "# idlab.analysis benchmark",

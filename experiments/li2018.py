@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from idlab.d90 import D90Result, analyze_d90, find_d90
+from idlab.d90 import analyze_d90, find_d90
 from idlab.data.base import ClassificationTask
 from idlab.data.vision import mnist_task
 from idlab.models import lenet, mnist_fc, num_parameters
@@ -124,6 +124,7 @@ def plot(out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import pandas as pd
+    from matplotlib import ticker
 
     fig, axes = plt.subplots(1, len(summaries), figsize=(5 * len(summaries), 4), squeeze=False)
     for ax, s in zip(axes[0], summaries):
@@ -140,6 +141,8 @@ def plot(out: Path) -> Path | None:
             ax.axvline(loc["d90_interp"], color="C3", lw=1, label=f"d90 = {loc['d90']} (interp {loc['d90_interp']:.0f})")
         ax.axvline(s["paper"]["d90"], color="gray", ls="-.", lw=1, label=f"paper d90 = {s['paper']['d90']}")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel("subspace dimension d")
         ax.set_ylabel("validation accuracy")
         ax.set_title(f"MNIST {s['model']} / {s['projection']} ({s['epochs']} epoch(s))")

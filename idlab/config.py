@@ -99,7 +99,7 @@ class TaskConfig:
     max_train: int | None = field(default=None, metadata=_help("keep at most this many training examples"))
     max_val: int | None = field(default=None, metadata=_help("keep at most this many validation examples"))
     data_dir: str | None = field(
-        default=None, metadata=_help("local folder with the data (GLUE tsv layout, MNIST files); None: by name")
+        default=None, metadata=_help("folder in the GLUE tsv layout (glue/* tasks); None: $IDLAB_GLUE_DIR if set, else Hugging Face datasets")
     )
 
 

@@ -290,11 +290,24 @@ _VARIANT_ORDER = ["full FT", "DID fastfood", "SAID fastfood", "DID dense", "SAID
 
 
 def _colors(variants: Sequence[str]) -> dict[str, Any]:
+    """Fixed colour per variant (the same in every figure): DID/SAID/full first, LoRA sets after."""
     import seaborn as sns
 
-    ordered = sorted(set(variants), key=lambda v: (_VARIANT_ORDER.index(v) if v in _VARIANT_ORDER else 99, v))
-    pal = sns.color_palette("tab10", max(10, len(ordered)))
-    return {v: pal[i] for i, v in enumerate(ordered)}
+    pal = list(sns.color_palette("tab10", 10)) + list(sns.color_palette("Dark2", 8))
+    others = sorted(v for v in set(variants) if v not in _VARIANT_ORDER)
+    out = {}
+    for v in set(variants):
+        i = _VARIANT_ORDER.index(v) if v in _VARIANT_ORDER else len(_VARIANT_ORDER) + others.index(v)
+        out[v] = pal[i % len(pal)]
+    return out
+
+
+def _log_axis(axis: Any) -> None:
+    """Log scale with plain major labels and no crowded minor labels."""
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def fig_perf_vs_d(sel: pd.DataFrame, runs: pd.DataFrame, d90: dict[str, dict[str, Any]], base: dict[str, Any],
@@ -323,6 +336,7 @@ def fig_perf_vs_d(sel: pd.DataFrame, runs: pd.DataFrame, d90: dict[str, dict[str
         ax.axhline(base["value"], color="k", lw=1, label=f"baseline ({base['kind']}) {base['value']:.3f}")
         ax.axhline(base["target"], color="k", ls="--", lw=1, label=f"{base['threshold']:.0%} of baseline")
     ax.set_xscale("log")
+    _log_axis(ax.xaxis)
     ax.set_xlabel("subspace dimension d (log)")
     ax.set_ylabel(f"validation {sub['metric'].iloc[0]} ({score.replace('score_', '')})")
     ax.set_title(_title(meta, "Performance vs subspace dimension (band: seed min-max)", sub))
@@ -363,9 +377,10 @@ def fig_perf_vs_params(sel: pd.DataFrame, runs: pd.DataFrame, d90: dict[str, dic
     for v, res in sorted(r90.items()):
         if res.get("params") is not None:
             ax.plot([res["params"]], [res["mean"]], marker="o", ms=13, mfc="none", mec=colors.get(v, "grey"), mew=1.8)
-            ax.annotate(f"r90={res['value']}", (res["params"], res["mean"]), xytext=(6, -12),
+            ax.annotate(f"r90={int(res['value'])}", (res["params"], res["mean"]), xytext=(6, -12),
                         textcoords="offset points", fontsize=8, color=colors.get(v, "grey"))
     ax.set_xscale("log")
+    _log_axis(ax.xaxis)
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel(f"validation {cells['metric'].iloc[0]} (seed mean, bars min-max)")
     ax.set_title(_title(meta, "Performance vs trainable parameters: full FT, DID/SAID, LoRA", runs))
@@ -391,9 +406,15 @@ def fig_lora_heatmap(sel: pd.DataFrame, runs: pd.DataFrame, out: Path, meta: Map
     return _save(fig, out, "lora_rank_target_heatmap")
 
 
-def _spectrum_label(row: Mapping[str, Any]) -> str:
+def _spectrum_label(row: Mapping[str, Any], targets: bool = False) -> str:
+    """Legend / table label of a run in the analysis tables (LoRA r, subspace d, full FT)."""
     m = row["method"]
     if m == "lora":
+        tm = row.get("target_modules")
+        if targets and isinstance(tm, str) and tm:
+            from idlab.config import target_set_label
+
+            return f"LoRA {target_set_label(tm.split(','))} r={int(row['r'])}"
         return f"LoRA r={int(row['r'])}"
     if m == "subspace":
         return f"subspace d={int(row['d'])}"
@@ -446,7 +467,7 @@ def fig_spectra(spectra: pd.DataFrame, runs: pd.DataFrame, out: Path, meta: Mapp
                 ax.set_yscale("log")
             if col == "energy_cumulative":
                 ax.axhline(0.9, color="k", ls="--", lw=0.8)
-            ax.set_title(f"{_type_label(t, sp)} (mean over layers, seeds)")
+            ax.set_title(f"{_type_label(t, sp)} (mean: layers, seeds, target sets)", fontsize=9)
             ax.set_xlabel("singular value index i (log)")
         axes[0][0].set_ylabel(ylab)
         axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
@@ -481,12 +502,12 @@ def fig_phi(sim: pd.DataFrame, kind: str, runs: pd.DataFrame, out: Path, meta: M
         m = g.groupby(["i", "j"])["phi"].mean().unstack("j").sort_index()
         sns.heatmap(m, ax=ax, vmin=0, vmax=vmax, cmap="magma", cbar=False)
         ax.set_title(f"{_type_label(t, g)}: phi, {g['module'].nunique()} layer(s)")
-        ax.set_xlabel(f"j (r={pair[1]} run)")
-        ax.set_ylabel(f"i (r={pair[0]} run)")
+        ax.set_xlabel(f"j (r={pair[1]} run)" if kind == "rank" else "j (second seed)")
+        ax.set_ylabel(f"i (r={pair[0]} run)" if kind == "rank" else "i (first seed)")
     ax = axes[0][-1]
     base = s.groupby(["i", "j"])["random_baseline"].mean().unstack("j").sort_index()
     sns.heatmap(base, ax=ax, vmin=0, vmax=vmax, cmap="magma", cbar=True, cbar_kws={"label": "phi"})
-    ax.set_title("random subspaces: E phi = max(i,j)/k")
+    ax.set_title("random subspaces: E phi = max(i,j)/k", fontsize=9)
     ax.set_xlabel("j")
     ax.set_ylabel("i")
     for a in axes[0]:
@@ -542,9 +563,17 @@ def _analysis(study_runs: pd.DataFrame, out: Path, enabled: bool) -> tuple[dict[
     prev = read_json(manifest)
     if prev and prev.get("run_ids") == want and all((out / f"{n}.parquet").exists() for n in names):
         return {n: pd.read_parquet(out / f"{n}.parquet") for n in names}, notes
+    import logging
+
+    export_log = logging.getLogger("idlab.analysis.export")
+    level = export_log.level
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tables = analyze_runs(dirs, None)
+        export_log.setLevel(logging.ERROR)  # pass 1 has no W_0 by design; pass 2 supplies it
+        try:
+            tables = analyze_runs(dirs, None)
+        finally:
+            export_log.setLevel(level)
         # W_0 per seed (heads and from-scratch nets are seeded): alignment + intruders by seed group
         align, intr, extra_notes = [], [], []
         for seed, grp in ok[ok["run_dir"].isin([str(d) for d in dirs])].groupby("seed", sort=True):
@@ -811,7 +840,8 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
     ranks = tables.get("ranks", pd.DataFrame())
     if not ranks.empty:
         rk = ranks.copy()
-        rk["label"] = [_spectrum_label(r) for r in rk[["method", "r", "d"]].to_dict("records")]  # type: ignore[arg-type]
+        rk["label"] = [_spectrum_label(r, targets=True)  # type: ignore[arg-type]
+                       for r in rk[["method", "r", "d", "target_modules"]].to_dict("records")]
         agg = (rk.groupby(["label", "module_type"], sort=True)[["energy_rank", "effective_rank", "stable_rank",
                                                                  "fro_norm"]].mean().reset_index())
         lines += ["### Ranks of ΔW (mean over layers and seeds; energy rank at p = 0.9)", "",
@@ -819,7 +849,8 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
     intr = tables.get("intruders", pd.DataFrame())
     if not intr.empty:
         ia = intr.copy()
-        ia["label"] = [_spectrum_label(r) for r in ia[["method", "r", "d"]].to_dict("records")]  # type: ignore[arg-type]
+        ia["label"] = [_spectrum_label(r, targets=True)  # type: ignore[arg-type]
+                       for r in ia[["method", "r", "d", "target_modules"]].to_dict("records")]
         ia = ia.groupby(["label", "module_type"], sort=True)["count"].mean().reset_index(name="intruders (mean)")
         lines += ["### Intruder dimensions (k = 10, eps = 0.5; Shuttleworth et al.)", "", md_table(ia), ""]
     for n in notes:

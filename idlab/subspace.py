@@ -105,6 +105,12 @@ class SubspaceModel(nn.Module):
             matches nothing, everything excluded, an unknown projection kind, or d' > D
             for Fastfood (the last two from `make_projection`).
 
+    State: ``state_dict()`` holds theta_d, lambdas, the extra state (`config`: seed,
+    dim, kind, said, D, projected names, ...), the model's buffers and any directly
+    trained excluded tensors -- not theta_0 and not P (regenerated from the seed).
+    ``load_state_dict`` on a fresh wrap of the same base model restores the exact
+    model (a different saved seed rebuilds P; a different structure raises ValueError).
+
     Example::
 
         sm = SubspaceModel(mnist_fc(), dim=750)       # 750 trainable numbers

@@ -243,7 +243,9 @@ def _short(cfg: dict[str, Any]) -> str:
     return f"{m}{extra.get(m, lambda: '')()} lr={cfg['lr']:g} seed={cfg['seed']}"
 
 
-def _gpu_worker(gpu: int, study_dir: str, study_name: str, retry_failed: bool, queue: Any, done: Any) -> None:
+def _gpu_worker(gpu: int, study_dir: str, study_name: str, retry_failed: bool, queue: Any, done: Any,
+                device: str = "cuda:0") -> None:
+    """One worker process per GPU: pulls (run id, config) from ``queue`` until a None arrives."""
     os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before torch initialises CUDA in this process
     while True:
         item = queue.get()
@@ -251,7 +253,7 @@ def _gpu_worker(gpu: int, study_dir: str, study_name: str, retry_failed: bool, q
             return
         rid, cfg = item
         try:
-            status = run_one(study_dir, study_name, rid, cfg, "cuda:0", retry_failed)
+            status = run_one(study_dir, study_name, rid, cfg, device, retry_failed)
         except Exception as e:  # pragma: no cover - run_one already records failures
             status = f"failed ({e})"
         done.put((rid, status))
@@ -273,8 +275,10 @@ def _run_multigpu(study: StudyConfig, pending: Sequence[Run]) -> None:
         queue.put(item)
     for _ in gpus:
         queue.put(None)
+    # device=cpu keeps the worker plumbing testable on machines without GPUs
+    device = "cpu" if study.device == "cpu" else "cuda:0"
     procs = [ctx.Process(target=_gpu_worker, args=(g, str(study.study_dir()), study.name, study.retry_failed,
-                                                    queue, done), daemon=False) for g in gpus]
+                                                    queue, done, device), daemon=False) for g in gpus]
     for p in procs:
         p.start()
     bar = _progress(len(pending), f"{study.name} ({len(gpus)} GPUs)")

@@ -133,6 +133,17 @@ def test_slurm_path_with_submitit_local_executor(tmp_path: Path) -> None:
     assert run_sweep(study).ran == 0  # restart skips what the array tasks finished
 
 
+def test_multigpu_workers_share_a_queue(tmp_path: Path) -> None:
+    """executor=multigpu: one worker process per listed GPU (device=cpu here), each run written once."""
+    raw = tiny_study(tmp_path, seeds=[0, 1], methods=["full"], executor="multigpu", gpus=[0, 1])
+    study = study_from_dict(raw)
+    summary = run_sweep(study)
+    assert len(summary.ok) == 2 and not summary.missing
+    _check_complete(tmp_path / "tiny", {rid for rid, _ in expand(study)})
+    res = [json.loads(p.read_text()) for p in (tmp_path / "tiny" / "runs").glob("*/result.json")]
+    assert sorted(r["cuda_visible_devices"] for r in res) in (["0", "1"], ["0", "0"], ["1", "1"])
+
+
 def test_d_auto_refines_near_the_crossing(tmp_path: Path) -> None:
     """d: auto adds bisection points between the bracketing grid values, derived from results only."""
     raw = tiny_study(tmp_path, seeds=[0], methods=["subspace"])

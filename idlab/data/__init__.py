@@ -2,6 +2,7 @@
 
 from idlab.data.base import Batch, ClassificationTask, Inputs, Task, call_model
 from idlab.data.text import LMTask, glue_task, load_glue_split, text_corpus_task
+from idlab.data.vision import ToyModel, ToyTask, digits_task, mnist_task
 
 __all__ = [
     "Batch",
@@ -9,8 +10,12 @@ __all__ = [
     "Inputs",
     "LMTask",
     "Task",
+    "ToyModel",
+    "ToyTask",
     "call_model",
+    "digits_task",
     "glue_task",
     "load_glue_split",
+    "mnist_task",
     "text_corpus_task",
 ]

@@ -340,9 +340,14 @@ class LMTask(Task):
 
     @staticmethod
     def _nll_sum(logits: Tensor, ids: Tensor) -> Tensor:
-        """Summed NLL of ids[:, 1:] under logits[:, :-1]; logits (B, T, V), ids (B, T)."""
+        """Summed NLL of ids[:, 1:] under logits[:, :-1]; logits (B, T, V), ids (B, T).
+
+        The targets are shifted instead of the logits (last position ignored), so the
+        (B, T, V) logits are never copied.
+        """
         v = logits.shape[-1]
-        return F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), ids[:, 1:].reshape(-1), reduction="sum")
+        targets = F.pad(ids[:, 1:], (0, 1), value=-100)  # (B, T), -100 = ignored
+        return F.cross_entropy(logits.reshape(-1, v).float(), targets.reshape(-1), ignore_index=-100, reduction="sum")
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         x, ids = batch
