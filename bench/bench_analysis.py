@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -28,7 +26,9 @@ from pathlib import Path
 
 import torch
 
+from bench.common import machine
 from idlab.analysis import analyze_runs, save_deltas, singular_values
+from idlab.atomic import atomic_write_text
 from idlab.lowrank import LowRankDelta
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,21 +45,6 @@ SMOL_SHAPES: dict[str, tuple[int, int]] = {
 }
 N_LAYERS = 30
 
-
-def machine() -> str:
-    """CPU model, cores visible, torch threads and version."""
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu}; {os.cpu_count()} cores visible, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f} at start"
-    )
 
 
 def _times(fn: Callable[[], object], repeats: int, warmup: bool = True) -> list[float]:
@@ -198,11 +183,7 @@ def main(quick: bool = False, threads: int = 1) -> str:
             "",
         ]
     )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=RESULTS.parent, prefix=".analysis.md.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(md)
-    os.replace(tmp, RESULTS)
+    atomic_write_text(RESULTS, md)
     return md
 
 

@@ -2,7 +2,7 @@
 
     python -m bench.bench_lora [--quick]
 
-(a) Overhead of idlab's path (``apply_lora`` + the step `idlab.train.train` runs:
+(a) Overhead of idlab's path (``apply_lora`` + the step `idlab.training.train` runs:
     ``task.loss`` -> zero_grad -> backward -> AdamW step -> scheduler step) against PEFT
     used directly (``get_peft_model`` + ``model(input_ids, labels=...).loss``), same model
     (SmolLM2-135M, LoRA r=8 on q_proj, v_proj), same batch. Timed interleaved in one
@@ -19,15 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.common import machine
+from idlab.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "lora.md"
@@ -50,20 +51,6 @@ def _peak_rss() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}, {platform.system()}")
-
 
 def _setup(quick: bool) -> tuple[Any, Any, Any]:
     """SmolLM2 (causal LM), its tokenizer and a fixed batch (inputs, targets)."""
@@ -81,10 +68,10 @@ def _setup(quick: bool) -> tuple[Any, Any, Any]:
 
 
 def _idlab_step(model: Any, task: Any, batch: Any) -> Any:
-    """One step exactly as idlab.train.train does it (optimizer/scheduler built by the caller)."""
+    """One step exactly as idlab.training.train does it (optimizer/scheduler built by the caller)."""
     import torch
 
-    from idlab.train import TrainConfig, _lr_lambda, _optimizer, trainable_parameters
+    from idlab.training import TrainConfig, _lr_lambda, _optimizer, trainable_parameters
 
     cfg = TrainConfig(lr=1e-4, optimizer="adamw")
     opt = _optimizer(trainable_parameters(model), cfg)
@@ -212,14 +199,6 @@ def _mmm(xs: list[float], scale: float = 1.0, fmt: str = "{:.3f}") -> str:
     return " / ".join(fmt.format(v * scale) for v in (min(xs), statistics.median(xs), max(xs)))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
 
 def main(quick: bool = False) -> str:
     """Run the benchmark, write bench/results/lora.md atomically, return its markdown."""
@@ -235,7 +214,7 @@ def main(quick: bool = False) -> str:
     lines = [
         "# LoRA benchmark (bench/bench_lora.py)",
         "",
-        f"Machine: {_machine()}. Model: {MODEL} (SmolLM2-135M-Instruct, float32, CPU). "
+        f"Machine: {machine()}. Model: {MODEL} (SmolLM2-135M-Instruct, float32, CPU). "
         f"Batch {r0['batch'][0]} x {r0['batch'][1]} tokens of the pydoc corpus, AdamW. "
         f"{'Quick mode. ' if quick else ''}Times are min / median / max over "
         f"{len(r0['times'])} timed steps after one warmup step (load average at start: "
@@ -281,7 +260,7 @@ def main(quick: bool = False) -> str:
         "",
     ]
     md = "\n".join(lines)
-    _write_atomic(RESULTS, md)
+    atomic_write_text(RESULTS, md)
     return md
 
 

@@ -21,11 +21,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from bench.common import machine
+from idlab.atomic import atomic_write_text
 from idlab.projections import FastfoodProjection, make_projection
 
 RESULTS = Path(__file__).resolve().parent / "results" / "projections.md"
@@ -101,13 +101,6 @@ def _fwd_bwd(fn: Callable[[Tensor], Tensor], d: int, g: Tensor) -> Callable[[], 
 
     return step
 
-
-def machine() -> str:
-    return (
-        f"{platform.platform()}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"python {platform.python_version()}"
-    )
 
 
 # ----------------------------------------------------------------------------- sections
@@ -313,13 +306,6 @@ def main(quick: bool = False) -> str:
     return "\n".join(parts)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
@@ -328,6 +314,6 @@ if __name__ == "__main__":
     )
     args = ap.parse_args()
     md = main(args.quick)
-    _write_atomic(RESULTS, md)
+    atomic_write_text(RESULTS, md)
     print(md)
     print(f"wrote {RESULTS}")

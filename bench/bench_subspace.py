@@ -2,7 +2,7 @@
 
     python -m bench.bench_subspace [--quick]
 
-Same model, same batch, same optimizer (Adam) and the same step `idlab.train.train`
+Same model, same batch, same optimizer (Adam) and the same step `idlab.training.train`
 runs (``task.loss`` -> zero_grad -> backward -> step), timed interleaved in one
 process (plain, subspace, plain, subspace, ...) so machine noise hits both alike:
 
@@ -17,10 +17,7 @@ atomically and returns the markdown from ``main``.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,22 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.common import machine
+from idlab.atomic import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "subspace.md"
 DIM = 1000
 
-
-def _machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} logical CPUs visible (shared with other jobs), "
-            f"torch {torch.__version__} with {torch.get_num_threads()} threads, {platform.python_version()}")
 
 
 def _step_fn(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) -> Callable[[], None]:
@@ -127,7 +115,7 @@ def main(quick: bool = False) -> str:
         f"`python -m bench.bench_subspace{' --quick' if quick else ''}`; Fastfood projection, d = {DIM}, "
         "Adam, one step = loss -> zero_grad -> backward -> step; plain and subspace steps interleaved.",
         "",
-        f"Machine: {_machine()}.",
+        f"Machine: {machine()}.",
         "",
         "| model | D | steps | plain ms (min / median / max) | subspace ms (min / median / max) "
         "| ratio (median / median) | ratio per pair (min / median / max) |",
@@ -144,11 +132,7 @@ def main(quick: bool = False) -> str:
     lines += ["", "Target: ratio <= 1.5 on the ~20M-parameter transformer. On a CPU shared with other "
               "jobs the spread is large; the min columns are the least disturbed steps.", ""]
     md = "\n".join(lines)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=RESULTS.parent, prefix=".subspace.", suffix=".md")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(md)
-    os.replace(tmp, RESULTS)
+    atomic_write_text(RESULTS, md)
     return md
 
 

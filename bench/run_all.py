@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import platform
-import tempfile
 import time
 import traceback
 from pathlib import Path
 
-import torch
+from bench.common import machine
+from idlab.atomic import atomic_write_text
 
 BENCHES = ["projections", "subspace", "lora", "analysis"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,14 +30,6 @@ on shared machines are noisy: every figure is a ratio measured in one run
 (ours against a baseline), with min / median / max over repeats.
 """
 
-
-def machine() -> str:
-    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return (
-        f"Machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPU cores, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), CUDA device: {cuda}, "
-        f"Python {platform.python_version()}"
-    )
 
 
 def main() -> None:
@@ -61,10 +51,7 @@ def main() -> None:
         sections.append(f"{md.rstrip()}\n\n_Command: `{cmd}`; took {time.perf_counter() - t0:.0f} s._\n")
         print(f"[bench] {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
     out = Path(args.out)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".bench-", suffix=".md")
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(sections))
-    os.replace(tmp, out)
+    atomic_write_text(out, "\n".join(sections))
     print(f"wrote {out}")
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,12 +28,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from idlab.atomic import atomic_file, atomic_write_text
 from idlab.d90 import analyze_d90, find_d90
 from idlab.data.base import ClassificationTask
 from idlab.data.vision import mnist_task
 from idlab.models import lenet, mnist_fc, num_parameters
 from idlab.subspace import SubspaceModel
-from idlab.train import TrainConfig, train
+from idlab.training import TrainConfig, train
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"fc": mnist_fc, "lenet": lenet}
 PAPER = {"fc": {"d90": 750, "bootstrap": "786 ± 66", "D": 199_210},
@@ -45,11 +44,7 @@ D_START = {"fc": 256, "lenet": 128}
 
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as JSON atomically (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def run_once(out: Path, tag: str, build: Callable[[], tuple[nn.Module, int]], task: ClassificationTask,
@@ -149,10 +144,7 @@ def plot(out: Path) -> Path | None:
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path = out / "li2018.png"
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return path
 

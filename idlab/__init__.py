@@ -12,7 +12,7 @@ the same models and tasks and put on one axis. Public API (imported lazily, so
 - ``LowRankDelta``                             (idlab.lowrank)
 - models and tasks: ``load_model``, ``mnist_fc``, ``lenet``, ``Task``,
   ``ClassificationTask``                       (idlab.models, idlab.data)
-- the training loop: ``train``, ``TrainConfig``, ``TrainResult`` (idlab.train)
+- the training loop: ``train``, ``TrainConfig``, ``TrainResult`` (idlab.training)
 - ``analysis``: spectra, subspace similarity, amplification, intruders (idlab.analysis)
 """
 
@@ -39,9 +39,9 @@ _EXPORTS: dict[str, str] = {
     "lenet": "idlab.models",
     "Task": "idlab.data.base",
     "ClassificationTask": "idlab.data.base",
-    "train": "idlab.train",
-    "TrainConfig": "idlab.train",
-    "TrainResult": "idlab.train",
+    "train": "idlab.training",
+    "TrainConfig": "idlab.training",
+    "TrainResult": "idlab.training",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,9 +61,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from idlab.models import mnist_fc as mnist_fc
     from idlab.projections import make_projection as make_projection
     from idlab.subspace import SubspaceModel as SubspaceModel
-    from idlab.train import TrainConfig as TrainConfig
-    from idlab.train import TrainResult as TrainResult
-    from idlab.train import train as train
+    from idlab.training import TrainConfig as TrainConfig
+    from idlab.training import TrainResult as TrainResult
+    from idlab.training import train as train
 
 
 def __getattr__(name: str) -> Any:

@@ -184,7 +184,7 @@ class SubspaceConfig:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Fixed optimisation settings shared by every run of the study (see `idlab.train.TrainConfig`)."""
+    """Fixed optimisation settings shared by every run of the study (see `idlab.training.TrainConfig`)."""
 
     steps: int | None = field(default=None, metadata=_help("optimizer steps (overrides epochs)"))
     epochs: float = field(default=1.0, metadata=_help("passes over the training set when steps is null"))

@@ -19,7 +19,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from idlab.atomic import atomic_dir
 from idlab.lowrank import LowRankDelta
 
 PEFT_PREFIX = "base_model.model."
@@ -370,28 +370,6 @@ def lora_deltas(model: nn.Module, adapter_name: str | None = None) -> dict[str, 
 # --------------------------------------------------------------------------------------
 
 
-def _atomic_dir(path: str | os.PathLike[str], write: Any) -> Path:
-    """Write a folder through ``write(tmp)`` and rename it to ``path``: whole or absent."""
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    old: Path | None = None
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        if final.exists():
-            if not final.is_dir():
-                raise FileExistsError(f"{str(final)!r} exists and is not a folder; remove it or choose another path")
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            os.replace(final, old / "x")
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
 
 def save_adapter(model: nn.Module, path: str | os.PathLike[str], adapter_name: str | None = None) -> Path:
     """Save a PEFT model's adapter to folder ``path`` in PEFT format, atomically.
@@ -415,7 +393,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], adapter_name: s
                 os.replace(f, tmp / f.name)
         shutil.rmtree(stage)
 
-    return _atomic_dir(path, write)
+    return atomic_dir(path, write)
 
 
 def load_adapter(base_model: nn.Module, path: str | os.PathLike[str], is_trainable: bool = False) -> Any:
@@ -503,7 +481,7 @@ def write_adapter(
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
 
-    return _atomic_dir(path, write)
+    return atomic_dir(path, write)
 
 
 __all__ = [

@@ -12,7 +12,7 @@
   choice is recorded; Delta W = the 2-D linear entries of ``.delta()``, keyed by
   module name; theta_d (and lambda, head) saved as safetensors.
 
-Every method trains through the one loop, `idlab.train.train`. `execute_run`
+Every method trains through the one loop, `idlab.training.train`. `execute_run`
 wraps it all and never raises: a failure becomes ``status: failed`` with the
 traceback, a NaN/inf loss ``status: diverged``.
 """
@@ -177,7 +177,7 @@ def head_module_name(model: nn.Module) -> str | None:
 
 @dataclass
 class Prepared:
-    """A model ready for `idlab.train.train` plus what to extract from it afterwards."""
+    """A model ready for `idlab.training.train` plus what to extract from it afterwards."""
 
     model: nn.Module
     total_parameters: int
@@ -263,7 +263,7 @@ def execute_run(run: Mapping[str, Any], rid: str, study: str, device: str = "aut
         and a function writing the artifacts (delta.safetensors, adapter/ or
         subspace.safetensors) into a folder, or None when there are none.
     """
-    from idlab.train import TrainConfig, train
+    from idlab.training import TrainConfig, train
 
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")

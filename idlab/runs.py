@@ -16,7 +16,6 @@ Leftover ``.tmp-*`` / ``.trash-*`` folders from a killed process are removed by
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -27,6 +26,8 @@ import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from idlab.atomic import atomic_write_text, fsync_dir
 
 RESULT_FILE = "result.json"
 DELTA_FILE = "delta.safetensors"
@@ -45,14 +46,6 @@ def run_id(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(dict(config)).encode()).hexdigest()[:12]
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not supported on every platform/filesystem
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
 
 def _jsonable(obj: Any) -> Any:
     """Replace NaN/inf floats by None so the JSON is strict."""
@@ -64,22 +57,6 @@ def _jsonable(obj: Any) -> Any:
         return [_jsonable(v) for v in obj]
     return obj
 
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically: temp file in the same folder, fsync, os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -178,7 +155,7 @@ class RunStore:
             if artifacts is not None:
                 artifacts(tmp)
             atomic_write_json(tmp / RESULT_FILE, dict(result))
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             final = self.run_dir(rid)
             if final.exists():
                 trash = self.runs_dir / f".trash-{rid}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -188,7 +165,7 @@ class RunStore:
                 os.replace(tmp, final)
             except OSError:  # another writer won the race: keep theirs
                 shutil.rmtree(tmp, ignore_errors=True)
-            _fsync_dir(self.runs_dir)
+            fsync_dir(self.runs_dir)
             return final
         finally:
             if tmp.exists():

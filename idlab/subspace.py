@@ -301,7 +301,7 @@ class SubspaceModel(nn.Module):
         return weight * total
 
     def penalty(self, l2: float) -> Callable[[], Tensor]:
-        """``extra_loss`` for `idlab.train.train`: a closure computing ``l2_penalty(l2)``."""
+        """``extra_loss`` for `idlab.training.train`: a closure computing ``l2_penalty(l2)``."""
         return lambda: self.l2_penalty(l2)
 
     @torch.no_grad()

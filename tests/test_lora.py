@@ -208,7 +208,7 @@ def test_classification_head_modules_to_save(tmp_path: Path, arch: str) -> None:
 
 def test_train_loop_updates_only_adapters() -> None:
     from idlab.data.base import ClassificationTask
-    from idlab.train import TrainConfig, train
+    from idlab.training import TrainConfig, train
 
     model = apply_lora(tiny_llama(num_labels=2, seed=6), r=2)
     g = torch.Generator().manual_seed(0)

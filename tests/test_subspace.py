@@ -220,7 +220,7 @@ def test_l2_penalty_matches_theta_D_and_reuses_forward() -> None:
 def test_trains_with_the_training_loop() -> None:
     from idlab.data.vision import digits_task
     from idlab.models import MLP
-    from idlab.train import TrainConfig, train
+    from idlab.training import TrainConfig, train
 
     task = digits_task(flatten=True)
     sm = SubspaceModel(MLP((64, 32, 10)), dim=100, projection="fastfood")

@@ -130,7 +130,7 @@ def test_lm_task_loss_and_metrics() -> None:
 def test_lm_task_trains_tiny_llama() -> None:
     from idlab.lora import apply_lora
     from idlab.models import tiny_llama
-    from idlab.train import TrainConfig, train
+    from idlab.training import TrainConfig, train
 
     task = text_corpus_task(_CharTokenizer(), source=["abcabcabc " * 40], block_size=16)
     model = apply_lora(tiny_llama(vocab_size=260), r=4, target_modules="all-linear")

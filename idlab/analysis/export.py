@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,7 +50,7 @@ from torch import Tensor
 
 from idlab.analysis.alignment import weight_alignment
 from idlab.analysis.intruders import intruder_dimensions, left_singular_basis
-from idlab.analysis.io import atomic_write, load_deltas
+from idlab.analysis.io import load_deltas
 from idlab.analysis.similarity import random_baseline_map, subspace_similarity
 from idlab.analysis.spectra import (
     Svd,
@@ -61,6 +62,7 @@ from idlab.analysis.spectra import (
     stable_rank,
     svd,
 )
+from idlab.atomic import atomic_file
 from idlab.lowrank import LowRankDelta
 
 log = logging.getLogger(__name__)
@@ -259,12 +261,14 @@ def _lookup(weights: Mapping[str, Tensor], name: str) -> Tensor | None:
     return weights.get(f"{name}.weight")
 
 
+def _to_parquet(df: pd.DataFrame, tmp: Path) -> None:
+    df.to_parquet(tmp, index=False)
+
+
 def _write_tables(tables: Mapping[str, pd.DataFrame], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, df in tables.items():
-        atomic_write(
-            out_dir / f"{name}.parquet", lambda tmp, df=df: df.to_parquet(tmp, index=False)
-        )
+        atomic_file(out_dir / f"{name}.parquet", partial(_to_parquet, df))
 
 
 def _frame(name: str, rows: list[dict[str, Any]]) -> pd.DataFrame:

@@ -15,8 +15,6 @@ CPU, in their own dtype. Writes are atomic (temporary file in the same folder + 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from idlab.analysis.spectra import Update, check_update
+from idlab.atomic import atomic_file
 from idlab.lowrank import LowRankDelta
 
 _SUFFIXES = (".lora_A", ".lora_B", ".delta")
@@ -45,19 +44,6 @@ def _check_name(name: object) -> str:
         raise ValueError(f"module name {name!r} must not end in one of {_SUFFIXES}")
     return name
 
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then os.replace it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _cpu(t: Tensor) -> Tensor:
@@ -92,7 +78,7 @@ def save_deltas(
             meta["metadata"] = json.dumps(dict(metadata))
         except TypeError as e:
             raise ValueError(f"metadata must be JSON-serialisable: {e}") from e
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
 
 

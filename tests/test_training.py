@@ -9,7 +9,7 @@ import torch
 
 from idlab.data.base import ClassificationTask
 from idlab.models import MLP
-from idlab.train import TrainConfig, train
+from idlab.training import TrainConfig, train
 
 
 def blobs(seed: int = 0, n: int = 256) -> ClassificationTask:
@@ -61,3 +61,18 @@ def test_bad_config_is_named() -> None:
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad"):
         train(model, blobs(), TrainConfig(steps=1, progress=False))
+
+
+def test_public_names_are_not_shadowed_by_submodules() -> None:
+    """`idlab.train` stays the function after every submodule has been imported."""
+    import importlib
+
+    import idlab
+
+    for name in ("training", "subspace", "projections", "lora", "d90", "models", "analysis"):
+        importlib.import_module(f"idlab.{name}")
+    for name in idlab.__all__:
+        obj = getattr(idlab, name)
+        if name != "analysis":
+            assert not isinstance(obj, type(idlab)), f"idlab.{name} is a module, not the public object"
+    assert callable(idlab.train) and idlab.train.__module__ == "idlab.training"
