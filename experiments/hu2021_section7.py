@@ -248,10 +248,22 @@ def analyse(
     runs = find_runs(results)
     chosen, notes = select_runs(runs)
     missing = [f"q+v r={r} seed={s}" for (r, s) in NEEDED if (r, s) not in chosen]
+    # r=64 seed 0 missing: stand in the largest rank > 8 at seed 0 (said in the notes)
+    wanted = list(NEEDED)
+    pairs = list(PAIRS)
+    align_ranks = list(ALIGN_RANKS)
+    if (64, 0) not in chosen:
+        sub = max((r for (r, s) in chosen if s == 0 and 8 < r < 64), default=None)
+        if sub is not None:
+            notes.append(f"r=64 seed=0 missing: r={sub} seed=0 stands in for it in the rank pair "
+                         "and as the high rank of the amplification table")
+            wanted.append((sub, 0))
+            pairs[0] = ("rank", (8, 0), (sub, 0))
+            align_ranks.append(sub)
     names = {m: f"model.layers.{layer}.self_attn.{m}" for m in MODULES}
     deltas: dict[tuple[int, int], dict[str, Any]] = {}
     for key, run in chosen.items():
-        if key not in NEEDED:
+        if key not in wanted:
             continue
         d = load_deltas(run.path / "delta.safetensors")
         got = {m: d[n] for m, n in names.items() if n in d}
@@ -269,7 +281,7 @@ def analyse(
     out_dir = Path(out) if out is not None else None
     report: dict[str, Any] = {
         "meta": meta,
-        "runs_used": {f"r={r} seed={s}": chosen[(r, s)].run_id for (r, s) in NEEDED if (r, s) in chosen},
+        "runs_used": {f"r={r} seed={s}": chosen[(r, s)].run_id for (r, s) in wanted if (r, s) in chosen},
         "runs_found": len(runs),
         "missing": missing,
         "notes": notes,
@@ -279,7 +291,7 @@ def analyse(
     }
 
     # ---- Section 7.2: phi maps
-    for label, k1, k2 in PAIRS:
+    for label, k1, k2 in pairs:
         if k1 not in deltas or k2 not in deltas:
             continue
         for m in MODULES:
@@ -312,7 +324,7 @@ def analyse(
             report["phi"].setdefault(label, {})[m] = summ
 
     # ---- Section 7.3: amplification
-    have = [r for r in ALIGN_RANKS if (r, 0) in deltas]
+    have = sorted(r for r in align_ranks if (r, 0) in deltas)
     if have:
         need = [names[m] for m in MODULES if any(m in deltas[(r, 0)] for r in have)]
         if base_weights is None:
@@ -354,8 +366,9 @@ def _verdict(report: Mapping[str, Any]) -> dict[str, Any]:
     for m in MODULES:
         v: dict[str, Any] = {}
         al = report["alignment"].get(m, {})
-        if 4 in al and 64 in al:
-            v["amplification_larger_at_low_rank"] = al[4]["amplification"] > al[64]["amplification"]
+        hi = max(al) if al else None
+        if 4 in al and hi is not None and hi > 8:
+            v["amplification_larger_at_low_rank"] = al[4]["amplification"] > al[hi]["amplification"]
         else:
             v["amplification_larger_at_low_rank"] = None
         low = 4 if 4 in al else (min(al) if al else None)
@@ -510,7 +523,8 @@ def render_markdown(rep: Mapping[str, Any]) -> str:
     L.append("## Does the pattern reproduce?")
     L.append("")
     L.append(
-        f"Criteria (computed): amplification(r=4) > amplification(r=64); top direction phi(1,1) "
+        f"Criteria (computed): amplification(r=4) > amplification(r=64, or the highest rank "
+        "present above 8 when r=64 is missing); top direction phi(1,1) "
         f">= {TOP_FACTOR:g} x its baseline 1/k (and, separately, > 0.5 as in the paper); other "
         f"directions: mean single-direction overlap (i = 2..8 against top-J) <= {OTHER_FACTOR:g} x "
         "baseline J/k."

@@ -125,3 +125,19 @@ def test_figures_written(results: Path, tmp_path: Path) -> None:
                   base_weights=lambda m, names: {n: W0[n] for n in names})
     assert len(rep["figures"]) == 2  # rank pair, q and v (seed pair missing)
     assert all(Path(f).stat().st_size > 0 for f in rep["figures"])
+
+
+def test_r64_missing_uses_largest_rank_above_8(tmp_path: Path) -> None:
+    root = tmp_path / "study"
+    for r in (4, 8, 16):
+        _write_run(root, f"r{r}s0", r, 0, ["q_proj", "v_proj"])
+    W0 = _base()
+    rep = analyse(root, layer=LAYER, out=tmp_path / "o",
+                  base_weights=lambda m, names: {n: W0[n] for n in names}, figures=False)
+    assert rep["missing"] == ["q+v r=64 seed=0", "q+v r=64 seed=1"]
+    assert any("r=16 seed=0 stands in" in n for n in rep["notes"])
+    assert rep["phi"]["rank"]["q_proj"]["runs"] == ["r8s0", "r16s0"]
+    assert sorted(rep["alignment"]["q_proj"]) == [4, 8, 16]
+    al = rep["alignment"]["q_proj"]
+    assert rep["verdict"]["q_proj"]["amplification_larger_at_low_rank"] == (
+        al[4]["amplification"] > al[16]["amplification"])
