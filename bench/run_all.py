@@ -32,12 +32,12 @@ on shared machines are noisy: every figure is a ratio measured in one run
 
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes and few repeats (about a minute each)")
     ap.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(BENCHES))
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="where to write the assembled file")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or BENCHES
     sections = [HEADER, machine() + "\n"]
     for name in names:

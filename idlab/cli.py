@@ -51,19 +51,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _expand_run_dirs(paths: Sequence[str]) -> list[Path]:
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if (p / "delta.safetensors").exists():
-            out.append(p)
-        elif p.is_dir():
-            out += sorted(q.parent for q in p.rglob("delta.safetensors")
-                          if not any(s.startswith((".tmp-", ".trash-")) for s in q.parts))
-        else:
-            raise SystemExit(f"idlab analyze: {p} is neither a run folder nor a results folder")
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``idlab`` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -98,17 +85,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {md}")
         return 0
     if args.command == "analyze":
+        from idlab.analysis.export import analyze_runs, expand_run_dirs
+
         try:
-            export = importlib.import_module("idlab.analysis.export")
-        except ImportError as e:
-            print(f"idlab analyze: the analysis export is not available ({e})", file=sys.stderr)
-            return 1
-        dirs = _expand_run_dirs(args.run_dirs)
-        if not dirs:
-            print("idlab analyze: no delta.safetensors found", file=sys.stderr)
+            dirs = expand_run_dirs(args.run_dirs)
+        except FileNotFoundError as e:
+            print(f"idlab analyze: {e}", file=sys.stderr)
             return 1
         out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "analysis"
-        tables = export.analyze_runs(dirs, out)
+        tables = analyze_runs(dirs, out)
         for name, df in tables.items():
             print(f"{name}: {len(df)} rows -> {out}")
         return 0
@@ -119,12 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"idlab bench: bench/run_all.py not importable ({e}); run from the repository root",
                   file=sys.stderr)
             return 1
-        fn = getattr(bench, "main", None) or getattr(bench, "run_all", None)
-        if fn is None:
-            print("idlab bench: bench.run_all has no main() or run_all()", file=sys.stderr)
-            return 1
-        ret = fn()
-        return ret if isinstance(ret, int) else 0
+        bench.main([])
+        return 0
     return 2  # pragma: no cover
 
 

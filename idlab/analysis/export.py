@@ -220,17 +220,20 @@ def read_run(path: str | Path) -> RunInfo:
 
 
 def expand_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
-    """Run directories from paths that are run dirs, a study dir (with ``runs/``) or a folder
-    of run dirs; sorted within each given path, duplicates dropped."""
+    """Run directories (holding ``result.json``) found at or below each path: a run dir, a
+    study dir, or a whole results folder; in-flight ``.tmp-*`` / ``.trash-*`` folders are
+    skipped. Sorted within each given path, duplicates dropped."""
     out: list[Path] = []
     for p in map(Path, paths):
         if (p / "result.json").is_file():
             found = [p]
         else:
-            base = p / "runs" if (p / "runs").is_dir() else p
-            if not base.is_dir():
+            if not p.is_dir():
                 raise FileNotFoundError(f"{p} is not a run directory, study directory or folder")
-            found = sorted(q for q in base.iterdir() if (q / "result.json").is_file())
+            found = sorted(
+                q.parent for q in p.rglob("result.json")
+                if not any(part.startswith((".tmp-", ".trash-")) for part in q.relative_to(p).parts)
+            )
             if not found:
                 raise FileNotFoundError(f"no run directories (with result.json) under {p}")
         out.extend(q for q in found if q not in out)
