@@ -87,7 +87,8 @@ def measure(model_name: str, kind: str, args: argparse.Namespace, task: Classifi
     def evaluate(d: int, seed: int) -> float:
         def build() -> tuple[nn.Module, int]:
             torch.manual_seed(seed)
-            return SubspaceModel(fn(), dim=d, projection=kind, seed=seed), d
+            opts = {"dense_cache_limit": args.dense_cache_mb << 18} if kind == "dense" else {}
+            return SubspaceModel(fn(), dim=d, projection=kind, seed=seed, projection_options=opts), d
         return run_once(out, f"{model_name}_{kind}_d{d}_s{seed}", build, task, cfg(seed), args.l2,
                         {"model": model_name, "method": f"subspace/{kind}", "seed": seed})
 
@@ -161,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--d-min", type=int, default=10)
     ap.add_argument("--d-start", default="", help="e.g. fc=256,lenet=128")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--dense-cache-mb", type=int, default=2048,
+                    help="hold a dense P up to this size as a matrix (faster); larger ones are regenerated")
     ap.add_argument("--plot-only", action="store_true")
     ap.add_argument("--out", default="results/li2018")
     args = ap.parse_args(argv)

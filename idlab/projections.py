@@ -474,6 +474,7 @@ def make_projection(
     dtype: torch.dtype = torch.float32,
     cache_state: bool = True,
     keep_workspace: bool = True,
+    dense_cache_limit: int = DENSE_CACHE_LIMIT,
 ) -> Projection:
     """Build a frozen random projection P (D x d) with unit-length columns.
 
@@ -486,6 +487,9 @@ def make_projection(
         cache_state: fastfood only: keep idx/G (4 bytes per padded coordinate) or regenerate
             them from the seed in every call (0 bytes, much slower).
         keep_workspace: fastfood only: reuse two (L,) scratch buffers across calls.
+        dense_cache_limit: dense only: hold P as a matrix when D * d is at most this many
+            entries (4 bytes each), else regenerate its blocks in every call. Both modes give
+            the same P; caching trades memory for speed (e.g. 2**28 = 1 GiB for LeNet-size D).
 
     Returns:
         A `Projection`; ``proj(theta_d)`` maps (d,) -> (D,).
@@ -499,7 +503,9 @@ def make_projection(
     if not dtype.is_floating_point:
         raise ValueError(f"projection dtype must be a float dtype, got {dtype}")
     if kind == "dense":
-        return DenseProjection(D, d, seed, device, dtype)
+        if int(dense_cache_limit) < 0:
+            raise ValueError(f"dense_cache_limit must be >= 0 entries, got {dense_cache_limit}")
+        return DenseProjection(D, d, seed, device, dtype, cache_limit=int(dense_cache_limit))
     if kind == "sparse":
         return SparseProjection(D, d, seed, device, dtype)
     return FastfoodProjection(

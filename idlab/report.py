@@ -87,6 +87,7 @@ def _row(path: Path, res: Mapping[str, Any]) -> dict[str, Any]:
         "steps": res.get("steps"),
         "trainable_parameters": res.get("trainable_parameters"),
         "total_parameters": res.get("total_parameters"),
+        "majority_accuracy": (res.get("task_info") or {}).get("majority_accuracy"),
         "wall_time_s": res.get("wall_time_s"),
         "train_time_s": res.get("train_time_s"),
         "peak_memory_bytes": res.get("peak_memory_bytes"),
@@ -369,6 +370,8 @@ def fig_perf_vs_params(sel: pd.DataFrame, runs: pd.DataFrame, d90: dict[str, dic
     if base.get("value") is not None:
         ax.axhline(base["value"], color="k", lw=1, label=f"baseline ({base['kind']})")
         ax.axhline(base["target"], color="k", ls="--", lw=1, label=f"{base['threshold']:.0%} of baseline")
+    if base.get("floor") is not None:
+        ax.axhline(base["floor"], color="grey", ls=":", lw=1, label="majority class")
     for v, res in sorted(d90.items()):
         if res.get("interp") is not None:
             ax.axvline(res["interp"] + res.get("extra", 0), color=colors.get(v, "grey"), ls=":", lw=1.2)
@@ -720,6 +723,52 @@ def _ci_text(res: Mapping[str, Any], fmt: str) -> str:
     return f"[{one(lo)}, {one(hi)}]"
 
 
+def _crossings(sel_runs: pd.DataFrame, cells: pd.DataFrame, target: float | None,
+               score: str) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """d90 per subspace variant and r90 per LoRA target set for one target score."""
+    d90: dict[str, dict[str, Any]] = {}
+    r90: dict[str, dict[str, Any]] = {}
+    if target is None:
+        return d90, r90
+    for v, g in _groups(sel_runs[sel_runs["method"] == "subspace"], "variant"):
+        res = threshold_crossing(g, "d", target, score)
+        extra = g["trainable_parameters"].astype(float) - g["d"].astype(float)
+        res["extra"] = float(extra.median()) if len(extra) else 0.0  # directly trained head, counted
+        d90[v] = res
+    for v, g in _groups(sel_runs[sel_runs["method"] == "lora"], "variant"):
+        res = threshold_crossing(g, "r", target, score)
+        if res["value"] is not None:
+            at = cells[(cells["variant"] == v) & cells["selected"] & (cells["r"] == res["value"])]
+            res["params"] = int(at["trainable_parameters"].iloc[0]) if len(at) else None
+            res["mean"] = float(at["mean"].iloc[0]) if len(at) else None
+        r90[v] = res
+    return d90, r90
+
+
+def _majority_floor(runs: pd.DataFrame, score: str) -> float | None:
+    """Dev accuracy of always predicting the majority training class, when the metric is accuracy."""
+    if "majority_accuracy" not in runs or runs["metric"].dropna().iloc[0] != "accuracy":
+        return None
+    v = runs["majority_accuracy"].dropna()
+    return float(v.iloc[0]) if len(v) else None
+
+
+def _crossing_rows(d90: Mapping[str, Mapping[str, Any]], r90: Mapping[str, Mapping[str, Any]],
+                   suffix: str = "") -> list[dict[str, Any]]:
+    rows = []
+    for v, res in sorted(d90.items()):
+        rows.append({"method": v, "quantity": "d90" + suffix, "grid value": res["value"],
+                     "interpolated": res["interp"], "90% interval (bootstrap over seeds)": _ci_text(res, "{:.0f}"),
+                     "trainable parameters": None if res["value"] is None else res["value"] + res.get("extra", 0),
+                     "grid searched": ", ".join(str(int(x)) for x in res["grid"])})
+    for v, res in sorted(r90.items()):
+        rows.append({"method": v, "quantity": "r90" + suffix, "grid value": res["value"], "interpolated": res["interp"],
+                     "90% interval (bootstrap over seeds)": _ci_text(res, "{:.2f}"),
+                     "trainable parameters": res.get("params"),
+                     "grid searched": ", ".join(str(int(x)) for x in res["grid"])})
+    return rows
+
+
 def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_dir: Path, out_dir: Path,
                  analysis: bool = True) -> list[str]:
     """Figures, analysis tables and the REPORT.md section (returned as lines) of one study."""
@@ -755,21 +804,15 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
     base = _baseline(runs, cells, meta)
     sel_runs = _selected_runs(runs, cells)
     # d90 per subspace variant, r90 per LoRA target set
-    d90: dict[str, dict[str, Any]] = {}
-    r90: dict[str, dict[str, Any]] = {}
-    if base.get("target") is not None:
-        for v, g in _groups(sel_runs[sel_runs["method"] == "subspace"], "variant"):
-            res = threshold_crossing(g, "d", base["target"], score)
-            extra = g["trainable_parameters"].astype(float) - g["d"].astype(float)
-            res["extra"] = float(extra.median()) if len(extra) else 0.0  # directly trained head, counted
-            d90[v] = res
-        for v, g in _groups(sel_runs[sel_runs["method"] == "lora"], "variant"):
-            res = threshold_crossing(g, "r", base["target"], score)
-            if res["value"] is not None:
-                at = cells[(cells["variant"] == v) & cells["selected"] & (cells["r"] == res["value"])]
-                res["params"] = int(at["trainable_parameters"].iloc[0]) if len(at) else None
-                res["mean"] = float(at["mean"].iloc[0]) if len(at) else None
-            r90[v] = res
+    d90, r90 = _crossings(sel_runs, cells, base.get("target"), score)
+    # the same above the majority-class floor (when the published target is close to it)
+    floor = _majority_floor(runs, score)
+    chance: dict[str, Any] = {}
+    if floor is not None and base.get("value") is not None:
+        t = floor + base["threshold"] * (base["value"] - floor)
+        chance = {"floor": floor, "target": t}
+        base["floor"] = floor
+        chance["d90"], chance["r90"] = _crossings(sel_runs, cells, t, score)
     figs: list[tuple[str, list[Path]]] = []
     figs.append(("Headline: performance vs trainable parameters",
                  fig_perf_vs_params(cells, runs, d90, r90, base, score, fig_dir, meta)))
@@ -793,18 +836,16 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
     else:
         lines += [f"Baseline {base['value']:.4f} ({base['kind']}); target {base['threshold']:.0%} = "
                   f"{base['target']:.4f}.", ""]
-        rows = []
-        for v, res in sorted(d90.items()):
-            ci = _ci_text(res, "{:.0f}")
-            rows.append({"method": v, "quantity": "d90", "grid value": res["value"],
-                         "interpolated": res["interp"], "90% interval (bootstrap over seeds)": ci,
-                         "trainable parameters": None if res["value"] is None else res["value"] + res.get("extra", 0),
-                         "grid searched": ", ".join(str(int(x)) for x in res["grid"])})
-        for v, res in sorted(r90.items()):
-            rows.append({"method": v, "quantity": "r90", "grid value": res["value"], "interpolated": res["interp"],
-                         "90% interval (bootstrap over seeds)": _ci_text(res, "{:.2f}"),
-                         "trainable parameters": res.get("params"),
-                         "grid searched": ", ".join(str(int(x)) for x in res["grid"])})
+        rows = _crossing_rows(d90, r90)
+        if chance:
+            floor, t = chance["floor"], chance["target"]
+            lines += [f"Majority-class floor {floor:.4f} (always predicting the most frequent training class). "
+                      + (f"**The {base['threshold']:.0%} target is at or below this floor: a model that ignores "
+                         "its input meets it, so d90 / r90 by the published definition say nothing here.** "
+                         if base["target"] <= floor else "")
+                      + f"Rows marked 'above chance' use target = floor + {base['threshold']:.0%} x "
+                      f"(baseline - floor) = {t:.4f}.", ""]
+            rows += _crossing_rows(chance["d90"], chance["r90"], " (above chance)")
         if rows:
             lines += [md_table(pd.DataFrame(rows)), "",
                       "A grid value of – means the threshold was not reached on the grid. "

@@ -36,7 +36,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +81,10 @@ def _matches(names: Sequence[str], pattern: str) -> bool:
     return any(fnmatch.fnmatchcase(c, pattern) for n in names for c in _candidates(n))
 
 
+# make_projection keywords that change speed or memory, never the projection P itself.
+_PROJECTION_OPTIONS = frozenset({"cache_state", "keep_workspace", "dense_cache_limit"})
+
+
 class SubspaceModel(nn.Module):
     """Train ``model`` in a random ``dim``-dimensional subspace of its parameters.
 
@@ -99,6 +103,9 @@ class SubspaceModel(nn.Module):
         train_excluded: train the excluded float parameters directly (else they are frozen).
         device, dtype: where / in which precision the projection and theta_d live
             (default: the device of the model's first projected tensor, float32).
+        projection_options: extra keyword arguments for `make_projection` that change speed
+            or memory but never P itself (``cache_state``, ``keep_workspace``,
+            ``dense_cache_limit``).
 
     Raises:
         ValueError: dim <= 0, dim <= m with SAID, no float parameters, an include that
@@ -133,6 +140,7 @@ class SubspaceModel(nn.Module):
         train_excluded: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        projection_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -149,6 +157,13 @@ class SubspaceModel(nn.Module):
         self.include = _as_patterns(include, "include")
         self.exclude = _as_patterns(exclude, "exclude")
         self.train_excluded = bool(train_excluded)
+        self.projection_options = dict(projection_options or {})
+        unknown = set(self.projection_options) - _PROJECTION_OPTIONS
+        if unknown:
+            raise ValueError(
+                f"SubspaceModel: unknown projection_options {sorted(unknown)}; "
+                f"allowed: {sorted(_PROJECTION_OPTIONS)}"
+            )
 
         # Group aliases of tied tensors: id(tensor) -> names, first name first.
         groups: dict[int, tuple[nn.Parameter, list[str]]] = {}
@@ -231,7 +246,8 @@ class SubspaceModel(nn.Module):
     def _make_projection(self, seed: int) -> nn.Module:
         from idlab.projections import make_projection
 
-        return make_projection(self.kind, self.D, self.d_proj, seed=seed, device=self._device, dtype=self._dtype)
+        return make_projection(self.kind, self.D, self.d_proj, seed=seed, device=self._device, dtype=self._dtype,
+                               **self.projection_options)
 
     def _theta0(self) -> list[Tensor]:
         params = dict(self.model.named_parameters(remove_duplicate=False))

@@ -225,3 +225,13 @@ def test_cuda_matches_cpu(kind: str) -> None:
     cpu = make_projection(kind, 5000, 50, seed=4, dtype=F64)
     gpu = make_projection(kind, 5000, 50, seed=4, dtype=F64, device="cuda")
     torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x))
+
+
+def test_dense_cache_limit_option() -> None:
+    big = make_projection("dense", 5000, 40, seed=1, dense_cache_limit=1 << 20)
+    small = make_projection("dense", 5000, 40, seed=1, dense_cache_limit=0)
+    assert big.cached and not small.cached  # type: ignore[attr-defined]
+    t = torch.randn(40)
+    torch.testing.assert_close(big(t), small(t), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="dense_cache_limit must be >= 0"):
+        make_projection("dense", 10, 2, dense_cache_limit=-1)

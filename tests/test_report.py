@@ -109,3 +109,26 @@ def test_threshold_crossing_interpolates_and_bootstraps() -> None:
     assert 100 < res["interp"] < 1000
     assert res["ci_low"] is not None and res["ci_low"] <= res["interp"] <= res["ci_high"]
     assert threshold_crossing(df, "d", 0.99, "s")["value"] is None
+
+
+def test_above_chance_rows_use_the_majority_floor(results: Path, tmp_path: Path) -> None:
+    text = make_report(results, tmp_path / "r", analysis=False).read_text()
+    summary = pd.read_parquet(tmp_path / "r" / "summary.parquet")
+    floor = float(summary["majority_accuracy"].iloc[0])
+    assert 0.0 < floor < 1.0
+    cells = pd.read_parquet(tmp_path / "r" / "cells.parquet")
+    base = float(cells[cells["method"] == "full"]["mean"].iloc[0])
+    m = re.search(r"Majority-class floor ([0-9.]+).*?= ([0-9.]+)\.", text)
+    assert m is not None and float(m.group(1)) == pytest.approx(floor, abs=1e-4)
+    assert float(m.group(2)) == pytest.approx(floor + 0.9 * (base - floor), abs=1e-4)
+    assert "d90 (above chance)" in text and "r90 (above chance)" in text
+
+
+def test_majority_accuracy_in_task_description() -> None:
+    import torch
+
+    from idlab.data.base import ClassificationTask
+
+    x = torch.zeros(10, 2)
+    task = ClassificationTask(x, torch.tensor([1] * 7 + [0] * 3), x[:4], torch.tensor([1, 0, 0, 0]))
+    assert task.describe()["majority_accuracy"] == 0.25  # class 1 is the training majority

@@ -255,3 +255,20 @@ def test_bad_inputs_raise_clear_errors() -> None:
         SubspaceModel(IntOnly(), dim=1)
     with pytest.raises(ValueError, match="leave no tensor"):
         SubspaceModel(mnist_fc(), dim=3, exclude="*")
+    with pytest.raises(ValueError, match=r"unknown projection_options \['cache'\]"):
+        SubspaceModel(mnist_fc(), dim=3, projection_options={"cache": True})
+
+
+def test_projection_options_change_memory_not_the_model() -> None:
+    # a dense P held as a matrix and one regenerated block by block give the same model
+    x = torch.randn(4, 1, 28, 28)
+    outs = []
+    for limit in (0, 1 << 30):
+        torch.manual_seed(0)
+        sm = SubspaceModel(lenet(), dim=50, projection="dense", seed=3,
+                           projection_options={"dense_cache_limit": limit})
+        assert sm.projection.cached == (limit > 0)  # type: ignore[union-attr]
+        with torch.no_grad():
+            sm.theta_d.copy_(torch.linspace(-1, 1, 50))
+        outs.append(sm(x))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)

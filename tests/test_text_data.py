@@ -137,3 +137,34 @@ def test_lm_task_trains_tiny_llama() -> None:
     res = train(model, task, TrainConfig(lr=1e-2, steps=20, batch_size=8, progress=False,
                                          device="cpu", eval_at_start=True))
     assert res.curve[-1]["loss"] < res.curve[0]["loss"]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_batches_drop_padding_columns_without_changing_outputs(side: str) -> None:
+    from idlab.data.base import call_model, index_inputs
+    from idlab.models import tiny_bert, tiny_llama
+
+    torch.manual_seed(0)
+    lengths = [3, 5, 9, 4]
+    T = 12  # the split's padded width; the batch of rows 0 and 1 needs only 5 columns
+    ids = torch.randint(5, 90, (4, T))
+    mask = torch.zeros(4, T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        if side == "right":
+            mask[i, :n] = 1
+        else:
+            mask[i, T - n:] = 1
+    ids = ids * mask  # pad id 0
+    x = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    batch = index_inputs(x, torch.tensor([0, 1]))
+    assert batch["input_ids"].shape == (2, 5) and batch["token_type_ids"].shape == (2, 5)
+    assert int(batch["attention_mask"].sum()) == 8  # no real token dropped
+    if side == "right":
+        model = tiny_bert(num_labels=2).eval()
+        full = {k: v[:2] for k, v in x.items()}
+    else:  # decoder with left padding; RoPE depends on relative positions only
+        model = tiny_llama(num_labels=2).eval()
+        full = {k: v[:2] for k, v in x.items() if k != "token_type_ids"}
+        batch = {k: v for k, v in batch.items() if k != "token_type_ids"}
+    with torch.no_grad():
+        torch.testing.assert_close(call_model(model, batch), call_model(model, full), rtol=1e-4, atol=1e-5)

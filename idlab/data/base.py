@@ -24,10 +24,26 @@ Batch = tuple[Inputs, Tensor]  # (inputs, targets)
 
 
 def index_inputs(x: Inputs, idx: Tensor) -> Inputs:
-    """Rows ``idx`` of a Tensor or of every Tensor in a dict."""
-    if isinstance(x, dict):
-        return {k: v[idx] for k, v in x.items()}
-    return x[idx]
+    """Rows ``idx`` of a Tensor or of every Tensor in a dict.
+
+    A tokenised dict with an ``attention_mask`` (n, T) is also cut to the columns its rows
+    use: padding columns that every selected row masks out, on either side, are dropped
+    (every (n, T) tensor of the dict alike). A split is padded to its longest example, so
+    this makes a batch of short sentences cost what its own longest sentence costs; masked
+    positions never change the outputs of the real tokens.
+    """
+    if not isinstance(x, dict):
+        return x[idx]
+    out = {k: v[idx] for k, v in x.items()}
+    mask = out.get("attention_mask")
+    if mask is not None and mask.dim() == 2 and mask.shape[0] > 0:
+        used = mask.bool().any(0).nonzero().flatten()  # columns some row attends to
+        if len(used):
+            lo, hi = int(used[0]), int(used[-1]) + 1
+            if hi - lo < mask.shape[1]:
+                shape = mask.shape
+                out = {k: v[:, lo:hi] if v.dim() == 2 and v.shape == shape else v for k, v in out.items()}
+    return out
 
 
 def inputs_to(x: Inputs, device: torch.device | str) -> Inputs:
@@ -167,4 +183,8 @@ class ClassificationTask(Task):
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "num_val": len(self.y_val), "num_classes": self.num_classes}
+        # majority_accuracy: dev accuracy of always predicting the most frequent training
+        # class, the floor a model reaches without using its inputs
+        majority = int(torch.bincount(self.y_train, minlength=self.num_classes).argmax())
+        return {**super().describe(), "num_val": len(self.y_val), "num_classes": self.num_classes,
+                "majority_accuracy": float((self.y_val == majority).float().mean())}

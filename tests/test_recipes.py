@@ -1,0 +1,68 @@
+"""Every shipped study file parses; the GPU recipes name the published models and run 3 seeds.
+
+Parsing and grid expansion only: no model is loaded, nothing touches the network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from idlab.config import TARGET_SETS, StudyConfig, load_study
+from idlab.sweep import expand, resolve_config_path
+
+CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+RECIPES = CONFIGS / "recipes"
+
+#: recipe file -> (published model, methods, runs before d: auto refinement)
+PUBLISHED = {
+    "roberta_large_mrpc.yaml": ("FacebookAI/roberta-large", ("full", "lora", "subspace"), 3 + 21 + 42),
+    "tinyllama_rank_grid.yaml": ("TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", ("full", "lora"), 66),
+    "llama2_7b_rank_grid.yaml": ("meta-llama/Llama-2-7b-hf", ("lora",), 63),
+}
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_config_parses_into_a_study(path: Path) -> None:
+    study = load_study(path)
+    assert isinstance(study, StudyConfig)
+    assert path.read_text().splitlines()[0].startswith("# idlab sweep ")
+    assert expand(study)
+
+
+def test_the_recipes_are_all_there() -> None:
+    assert sorted(p.name for p in RECIPES.glob("*.yaml")) == sorted(PUBLISHED)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_recipe_names_the_published_model_with_three_seeds(name: str) -> None:
+    model, methods, n_runs = PUBLISHED[name]
+    path = RECIPES / name
+    study = load_study(path)
+    assert study.model.name == model
+    assert study.seeds == (0, 1, 2)
+    assert study.methods == methods
+    assert study.task.name == "glue/mrpc" and study.task.max_length == 128
+    assert study.task.max_train is None and study.task.max_val is None  # the full splits
+    assert len(expand(study)) == n_runs
+    header = path.read_text().split("\nname:", 1)[0]
+    assert f"idlab sweep experiments/configs/recipes/{name}" in header
+    assert "ESTIMATE, NOT MEASURED" in header
+    # a bare name resolves through experiments/configs/, a path as given
+    assert resolve_config_path(f"recipes/{path.stem}").resolve() == path.resolve()
+    assert resolve_config_path(str(path)) == path
+
+
+def test_recipe_settings_that_matter() -> None:
+    roberta = load_study(RECIPES / "roberta_large_mrpc.yaml")
+    assert roberta.subspace.d == "auto" and roberta.subspace.projection == ("fastfood",)
+    assert roberta.subspace.said == (False, True) and roberta.subspace.head == "train"
+    assert roberta.subspace.auto_grid() == (10, 30, 100, 300, 1000, 3000, 10000)
+    assert roberta.lora.target_modules == (TARGET_SETS["bert-qv"],)  # RoBERTa's query / value
+    grid = (TARGET_SETS["qv"], TARGET_SETS["qkvo"], TARGET_SETS["all-linear"])
+    for name in ("tinyllama_rank_grid.yaml", "llama2_7b_rank_grid.yaml"):
+        study = load_study(RECIPES / name)
+        assert study.lora.r == (1, 2, 4, 8, 16, 32, 64) and study.lora.target_modules == grid
+    llama = load_study(RECIPES / "llama2_7b_rank_grid.yaml", ["subspace.baseline=0.85"])
+    assert llama.model.dtype == "bfloat16" and llama.subspace.baseline == 0.85
