@@ -142,7 +142,7 @@ def plot(out: Path) -> Path | None:
         ax.set_xlabel("subspace dimension d")
         ax.set_ylabel("validation accuracy")
         ax.set_title(f"MNIST {s['model']} / {s['projection']} ({s['epochs']} epoch(s))")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", framealpha=0.9)
     fig.tight_layout()
     path = out / "li2018.png"
     atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
