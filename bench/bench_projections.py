@@ -303,7 +303,9 @@ def main(quick: bool = False) -> str:
         f"Total bench time {time.perf_counter() - t0:.0f} s.",
         "",
     ]
-    return "\n".join(parts)
+    md = "\n".join(parts)
+    atomic_write_text(RESULTS, md)
+    return md
 
 
 
@@ -314,6 +316,5 @@ if __name__ == "__main__":
     )
     args = ap.parse_args()
     md = main(args.quick)
-    atomic_write_text(RESULTS, md)
     print(md)
     print(f"wrote {RESULTS}")
