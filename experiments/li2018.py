@@ -93,7 +93,7 @@ def measure(model_name: str, kind: str, args: argparse.Namespace, task: Classifi
                         {"model": model_name, "method": f"subspace/{kind}", "seed": seed})
 
     baseline = [direct(s) for s in args.seeds]
-    res = find_d90(evaluate, baseline, 0.9, seeds=args.seeds, d_min=args.d_min, d_max=PAPER[model_name]["D"],
+    res = find_d90(evaluate, baseline, 0.9, seeds=args.seeds, d_min=args.d_min, d_max=min(args.d_max or PAPER[model_name]["D"], PAPER[model_name]["D"]),
                    d_start=args.d_start.get(model_name, D_START[model_name]), rtol=args.rtol,
                    on_nan="fail", n_bootstrap=1000,
                    log=lambda s: print(f"[li2018] {model_name}/{kind} {s}", flush=True))
@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rtol", type=float, default=0.1, help="bisection tolerance (hi - lo) / hi")
     ap.add_argument("--d-min", type=int, default=10)
     ap.add_argument("--d-start", default="", help="e.g. fc=256,lenet=128")
+    ap.add_argument("--d-max", type=int, default=0, help="largest d to try (default: D, the model's size)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--dense-cache-mb", type=int, default=2048,
                     help="hold a dense P up to this size as a matrix (faster); larger ones are regenerated")
