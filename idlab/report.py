@@ -745,7 +745,7 @@ def _crossings(sel_runs: pd.DataFrame, cells: pd.DataFrame, target: float | None
     return d90, r90
 
 
-def _majority_floor(runs: pd.DataFrame, score: str) -> float | None:
+def _majority_floor(runs: pd.DataFrame) -> float | None:
     """Dev accuracy of always predicting the majority training class, when the metric is accuracy."""
     if "majority_accuracy" not in runs or runs["metric"].dropna().iloc[0] != "accuracy":
         return None
@@ -806,7 +806,7 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
     # d90 per subspace variant, r90 per LoRA target set
     d90, r90 = _crossings(sel_runs, cells, base.get("target"), score)
     # the same above the majority-class floor (when the published target is close to it)
-    floor = _majority_floor(runs, score)
+    floor = _majority_floor(runs)
     chance: dict[str, Any] = {}
     if floor is not None and base.get("value") is not None:
         t = floor + base["threshold"] * (base["value"] - floor)
