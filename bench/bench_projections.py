@@ -33,7 +33,8 @@ from torch import Tensor
 
 from bench.common import machine
 from idlab.atomic import atomic_write_text
-from idlab.projections import FastfoodProjection, make_projection
+from idlab.hadamard import wht_pingpong
+from idlab.projections import FastfoodProjection, make_projection, next_pow2
 
 RESULTS = Path(__file__).resolve().parent / "results" / "projections.md"
 
@@ -110,8 +111,9 @@ def bench_fastfood_speed(quick: bool) -> tuple[list[str], dict[int, float]]:
     d = 1000
     sizes = [1 << 18, 1 << 20] if quick else [1 << 20, 1 << 22, 1 << 24]
     rows = [
-        "| D | copy_ floor | ours fwd+bwd | ours, cache_state=False | naive fwd+bwd | ours/copy | naive/ours |",
-        "|---|---|---|---|---|---|---|",
+        "| D | copy_ floor | two H_L alone | ours fwd+bwd | ours, cache_state='index' "
+        "| ours, cache_state=False | naive fwd+bwd | two H_L/copy | ours/copy | naive/ours |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     ratios: dict[int, float] = {}
     for D in sizes:
@@ -120,9 +122,20 @@ def bench_fastfood_speed(quick: bool) -> tuple[list[str], dict[int, float]]:
         g = torch.randn(D)
         buf = torch.empty(D)
         t_copy = _timeit(lambda: buf.copy_(g), reps * 3)  # noqa: B023
+        # the two full Walsh-Hadamard transforms that any forward + backward of H G Pi H B
+        # needs (the first H acts on b entries only), in preallocated buffers
+        L = next_pow2(D)
+        x, w1, w2 = torch.randn(1, L), torch.empty(1, L), torch.empty(1, L)
+        t_wht = _timeit(
+            lambda: (wht_pingpong(w1, w2, src=x), wht_pingpong(w1, w2, src=x)),  # noqa: B023
+            reps,
+        )
         ours = make_projection("fastfood", D, d, seed=0)
         assert isinstance(ours, FastfoodProjection)
         t_ours = _timeit(_fwd_bwd(ours, d, g), reps)
+        idx_mode = make_projection("fastfood", D, d, seed=0, cache_state="index")
+        t_index = _timeit(_fwd_bwd(idx_mode, d, g), reps)
+        del idx_mode
         if quick:
             nocache = "skipped (--quick)"
         else:
@@ -139,8 +152,9 @@ def bench_fastfood_speed(quick: bool) -> tuple[list[str], dict[int, float]]:
         r_naive = med(t_naive) / med(t_ours)
         ratios[D] = r_copy
         rows.append(
-            f"| 2^{D.bit_length() - 1} | {_fmt(t_copy)} | {_fmt(t_ours)} | {nocache} | {_fmt(t_naive)} "
-            f"| {r_copy:.1f}x | {r_naive:.1f}x |"
+            f"| 2^{D.bit_length() - 1} | {_fmt(t_copy)} | {_fmt(t_wht)} | {_fmt(t_ours)} | {_fmt(t_index)} "
+            f"| {nocache} "
+            f"| {_fmt(t_naive)} | {med(t_wht) / med(t_copy):.1f}x | {r_copy:.1f}x | {r_naive:.1f}x |"
         )
         del ours
     return rows, ratios
@@ -188,6 +202,10 @@ def bench_state(quick: bool) -> list[str]:
     items: list[tuple[str, int]] = [
         ("fastfood (packed idx+G int32 word)", ff.state_bytes()),
         (
+            "fastfood cache_state='index' (idx int16; G redrawn per call)",
+            make_projection("fastfood", D, d, cache_state="index").state_bytes(),
+        ),
+        (
             "fastfood cache_state=False",
             make_projection("fastfood", D, d, cache_state=False).state_bytes(),
         ),
@@ -203,6 +221,25 @@ def bench_state(quick: bool) -> list[str]:
         rows.append(f"| {name} | {b:,} | {b / D:.3f} |")
     rows.append("| Li et al. code (3 length-L vectors, float/int64) | - | ~24 (SCIENCE.md) |")
     rows.append("| Aghajanyan et al. code (BERT-base) | - | ~34 (SCIENCE.md) |")
+    if quick:
+        return rows
+    # the study models' D are far from powers of two: state is per *padded* coordinate
+    rows += [
+        "",
+        "At the study models' D (d = 1000; all float parameters, tied embeddings once):",
+        "",
+        "| D | L | cache_state | state bytes | bytes / parameter |",
+        "|---|---|---|---|---|",
+    ]
+    for name, big in (("MiniLM-L6", 22_713_986), ("SmolLM2-135M", 134_515_008)):
+        for mode in (True, "index"):
+            pb = make_projection("fastfood", big, d, cache_state=mode)
+            assert isinstance(pb, FastfoodProjection)
+            b = pb.state_bytes()
+            rows.append(
+                f"| {big:,} ({name}) | 2^{pb.L.bit_length() - 1} | {mode!r} | {b:,} | {b / big:.3f} |"
+            )
+            del pb
     return rows
 
 

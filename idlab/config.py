@@ -161,6 +161,13 @@ class SubspaceConfig:
         metadata=_help("classification head: 'train' (directly, counted as trainable) or 'project' (inside P)"),
     )
     lr: tuple[float, ...] = field(default=(1e-2,), metadata=_help("learning rate(s) (nuisance search per cell)"))
+    fastfood_state: Literal["all", "index", "none"] = field(
+        default="all",
+        metadata=_help(
+            "what a Fastfood projection keeps between calls (same P, same results): 'all' (4 bytes per padded "
+            "coordinate, fastest), 'index' (2 bytes, < 4 per parameter; G redrawn each call), 'none' (slowest)"
+        ),
+    )
     auto_min: int = field(default=10, metadata=_help("d: auto -- smallest d of the initial log grid"))
     auto_max: int = field(default=100_000, metadata=_help("d: auto -- largest d of the initial log grid"))
     auto_per_decade: int = field(default=2, metadata=_help("d: auto -- grid points per decade (1, 2 or 3)"))

@@ -227,8 +227,10 @@ def prepare(model: nn.Module, run: Mapping[str, Any]) -> Prepared:
 
         head = head_module_name(model) if run.get("head", "train") == "train" else None
         linear = linear_weights(model)
+        opts = {"cache_state": str(run["fastfood_state"])} if "fastfood_state" in run else None
         sm = SubspaceModel(model, int(run["d"]), projection=str(run["projection"]), said=bool(run["said"]),
-                           seed=int(run["seed"]), exclude=[head] if head else None, train_excluded=bool(head))
+                           seed=int(run["seed"]), exclude=[head] if head else None, train_excluded=bool(head),
+                           projection_options=opts)
 
         def extract_sub() -> dict[str, Any]:
             return {m: dt for m, dt in sm.delta(by_module=True).items() if m in linear}

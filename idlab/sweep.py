@@ -43,7 +43,14 @@ def _base(study: StudyConfig, method: str, seed: int, lr: float) -> dict[str, An
 
 def _subspace_cells(study: StudyConfig) -> list[dict[str, Any]]:
     s = study.subspace
-    return [{"projection": p, "said": said, "head": s.head} for p in s.projection for said in s.said]
+    # fastfood_state changes speed and memory, not results: recorded only when not the default,
+    # so that existing run ids stay valid
+    state = {"fastfood_state": s.fastfood_state} if s.fastfood_state != "all" else {}
+    return [
+        {"projection": p, "said": said, "head": s.head, **(state if p == "fastfood" else {})}
+        for p in s.projection
+        for said in s.said
+    ]
 
 
 def run_score(result: dict[str, Any], score: str = "final") -> float | None:

@@ -94,7 +94,8 @@ class TrainResult:
         diverged: the loss became NaN/inf and training stopped.
         error: why it stopped early, if it did.
         wall_time_s: seconds spent in the loop, evaluations included.
-        peak_memory_bytes: peak CUDA memory allocated, or the process's peak RSS on the CPU.
+        peak_memory_bytes: peak CUDA memory allocated, or on the CPU the peak RSS during this
+            run (Linux; elsewhere the process's peak RSS so far).
         trainable_parameters: entries of all parameters that the optimizer updated.
         device: where it ran.
     """
@@ -148,9 +149,28 @@ def _lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     return f
 
 
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS counter (Linux VmHWM); False where that is unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _peak_memory(device: torch.device) -> int:
+    """Peak CUDA memory allocated; on the CPU the peak RSS (VmHWM, reset when the run started,
+    so several runs in one process each get their own), else the process's lifetime peak."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
@@ -204,6 +224,8 @@ def train(
     batches = _batches(task.num_train, cfg.batch_size, gen)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        _reset_peak_rss()
 
     curve: list[dict[str, float]] = []
     best: dict[str, float] = {}

@@ -47,17 +47,21 @@ def _all_projections(D: int = 300, d: int = 7, seed: int = 0) -> list[Projection
         make_projection("sparse", D, d, seed, dtype=F64),
         make_projection("fastfood", D, d, seed, dtype=F64),
         make_projection("fastfood", D, d, seed, dtype=F64, cache_state=False),
+        make_projection("fastfood", D, d, seed, dtype=F64, cache_state="index"),
         make_projection("fastfood", D, d, seed, dtype=F64, keep_workspace=False),
     ]
 
 
 def _ids() -> list[str]:
-    return ["dense", "dense-regen", "sparse", "fastfood", "fastfood-nocache", "fastfood-nows"]
+    return [
+        "dense", "dense-regen", "sparse", "fastfood", "fastfood-nocache", "fastfood-index",
+        "fastfood-nows",
+    ]
 
 
 @pytest.mark.parametrize("D,d", [(300, 7), (512, 7), (1000, 1000), (1, 1)])
 def test_fastfood_equals_li_formula(D: int, d: int) -> None:
-    for cache in (True, False):
+    for cache in (True, "index", False):
         p = make_projection("fastfood", D, d, seed=3, dtype=F64, cache_state=cache)
         assert isinstance(p, FastfoodProjection)
         ref = _fastfood_reference(p)
@@ -130,7 +134,7 @@ def test_sparse_density_and_distinct_rows() -> None:
     assert torch.unique(cols * D + rows).numel() == p.nnz
 
 
-@pytest.mark.parametrize("idx", range(6), ids=_ids())
+@pytest.mark.parametrize("idx", range(len(_ids())), ids=_ids())
 def test_adjoint_identity(idx: int) -> None:
     p = _all_projections()[idx]
     x = torch.randn(p.d, dtype=F64, requires_grad=True)
@@ -142,7 +146,7 @@ def test_adjoint_identity(idx: int) -> None:
     torch.testing.assert_close(pty, p.explicit().T @ y)
 
 
-@pytest.mark.parametrize("idx", range(6), ids=_ids())
+@pytest.mark.parametrize("idx", range(len(_ids())), ids=_ids())
 def test_gradcheck(idx: int) -> None:
     p = _all_projections(D=40, d=5)[idx]
     x = torch.randn(5, dtype=F64, requires_grad=True)
@@ -188,7 +192,7 @@ def test_fastfood_workspace_reused_and_released() -> None:
     y2 = p(x)  # second call must not clobber the first output
     torch.testing.assert_close(y1, y2)
     y1.sum().backward()
-    assert p.workspace_bytes() == 2 * 4096 * 4
+    assert p.workspace_bytes() == 2 * 4096 * 4 + 4096 * 8  # two (L,) floats, one int64 chunk
     p.release_workspace()
     assert p.workspace_bytes() == 0
 
@@ -235,3 +239,62 @@ def test_dense_cache_limit_option() -> None:
     torch.testing.assert_close(big(t), small(t), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="dense_cache_limit must be >= 0"):
         make_projection("dense", 10, 2, dense_cache_limit=-1)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_fastfood_chunked_index_passes_match_explicit(
+    monkeypatch: pytest.MonkeyPatch, packed: bool
+) -> None:
+    """Many index chunks of several rows give the same P and P^T as the explicit matrix."""
+    import idlab.projections as projections
+
+    monkeypatch.setattr(projections, "FASTFOOD_CHUNK", 32)
+    monkeypatch.setattr(projections, "FASTFOOD_ROWS", 4)
+    if not packed:
+        monkeypatch.setattr(projections, "FASTFOOD_PACK_MAX_BITS", 2)
+    D, d = 300, 12  # L = 512: 16 chunks of 4 x 8
+    p = make_projection("fastfood", D, d, seed=3, dtype=F64)
+    assert isinstance(p, FastfoodProjection) and p.packed is packed
+    m = _fastfood_reference(p)  # (D, d) from dense H, G, Pi, B
+    torch.testing.assert_close(p.explicit(), m, rtol=1e-10, atol=1e-12)
+    x = torch.randn(d, dtype=F64, requires_grad=True)
+    y = p(x)
+    torch.testing.assert_close(y, m @ x.detach())
+    g = torch.randn(D, dtype=F64)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, m.T @ g)
+
+
+@pytest.mark.parametrize("d", [100, 9000])  # packed word / separate idx and G
+def test_fastfood_state_modes_same_p_bit_for_bit(d: int) -> None:
+    """'all', 'index' and 'none' give identical float32 outputs and gradients."""
+    D = 3 * 2**12 + 5  # L = 2^14, far from a power of two
+    x = torch.randn(d)
+    g = torch.randn(D)
+    outs = []
+    for mode in (True, "index", False):
+        p = make_projection("fastfood", D, d, seed=5, cache_state=mode)
+        xx = x.clone().requires_grad_(True)
+        y = p(xx)
+        y.backward(g)
+        y2 = p(x)  # a second call reuses the workspace (and redraws G in 'index' mode)
+        outs.append((y.detach(), xx.grad, y2))
+    for y, gx, y2 in outs[1:]:
+        assert torch.equal(y, outs[0][0]) and torch.equal(gx, outs[0][1]) and torch.equal(y2, y)
+
+
+@pytest.mark.parametrize("D", [2**16 + 1, 3 * 2**15, 2**16])
+def test_fastfood_index_state_under_4_bytes_per_parameter(D: int) -> None:
+    p = make_projection("fastfood", D, 1000, cache_state="index")
+    assert isinstance(p, FastfoodProjection)
+    assert p.idx.dtype == torch.int16
+    gen_state = 5056  # torch's CPU generator state
+    assert p.state_bytes() == 2 * p.L + gen_state + 4 * 1000
+    assert (p.state_bytes() - gen_state) / D < 4.07  # 2 L / D < 4, plus B's first d signs
+    full = make_projection("fastfood", D, 1000)
+    assert full.state_bytes() > p.state_bytes()
+
+
+def test_fastfood_bad_cache_state() -> None:
+    with pytest.raises(ValueError, match="cache_state must be"):
+        make_projection("fastfood", 100, 10, cache_state="idx")

@@ -160,3 +160,20 @@ def test_d_auto_refines_near_the_crossing(tmp_path: Path) -> None:
                           "metrics": {"accuracy": acc}, "best": {"accuracy": acc}})
     ds = sorted(c["d"] for _, c in expand(study, store))
     assert ds == [1, 10, 32, 100]
+
+
+def test_fastfood_state_index_same_results_new_key_only_when_set(tmp_path: Path) -> None:
+    """subspace.fastfood_state=index keeps the same numbers; the default adds no key to run ids."""
+    sub = {"d": [8], "projection": ["fastfood"], "head": "project", "lr": [0.05]}
+    scores = {}
+    for state in ("all", "index"):
+        raw = tiny_study(tmp_path / state, seeds=[0], methods=["subspace"],
+                         subspace={**sub, "fastfood_state": state})
+        study = study_from_dict(raw)
+        (rid, cfg), = expand(study)
+        assert ("fastfood_state" in cfg) == (state != "all")
+        s = run_sweep(study)
+        assert len(s.ok) == 1
+        res = json.loads((tmp_path / state / "tiny" / "runs" / rid / "result.json").read_text())
+        scores[state] = res["metrics"]
+    assert scores["index"] == scores["all"]

@@ -76,3 +76,17 @@ def test_public_names_are_not_shadowed_by_submodules() -> None:
         if name != "analysis":
             assert not isinstance(obj, type(idlab)), f"idlab.{name} is a module, not the public object"
     assert callable(idlab.train) and idlab.train.__module__ == "idlab.training"
+
+
+def test_peak_memory_is_per_run_on_linux() -> None:
+    """A big allocation before the run does not count in the run's peak RSS."""
+    from idlab.training import _peak_memory, _reset_peak_rss
+
+    if not _reset_peak_rss():
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak-RSS counter")
+    big = torch.ones(96 * 2**20)  # 384 MiB, touched
+    before = _peak_memory(torch.device("cpu"))  # the process's peak so far, with `big`
+    del big
+    cfg = TrainConfig(lr=1e-2, steps=5, batch_size=32, progress=False)
+    res = train(MLP((2, 16, 3)), blobs(), cfg)
+    assert 0 < res.peak_memory_bytes < before - 256 * 2**20
