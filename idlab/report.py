@@ -632,6 +632,8 @@ def _fmt(v: Any) -> str:
     if isinstance(v, (bool, np.bool_)):
         return "yes" if v else "no"
     if isinstance(v, (float, np.floating)):
+        if float(v).is_integer():  # a count or a grid point stored as float: 10000.0 -> 10,000
+            return f"{int(v):,}"
         return f"{v:.4g}" if abs(float(v)) < 1e5 else f"{float(v):,.0f}"
     if isinstance(v, (int, np.integer)):
         return f"{int(v):,}"

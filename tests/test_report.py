@@ -132,3 +132,11 @@ def test_majority_accuracy_in_task_description() -> None:
     x = torch.zeros(10, 2)
     task = ClassificationTask(x, torch.tensor([1] * 7 + [0] * 3), x[:4], torch.tensor([1, 0, 0, 0]))
     assert task.describe()["majority_accuracy"] == 0.25  # class 1 is the training majority
+
+
+def test_markdown_number_format() -> None:
+    from idlab.report import _fmt
+
+    assert _fmt(10000.0) == "10,000" and _fmt(74498.0) == "74,498" and _fmt(4.0) == "4"
+    assert _fmt(0.75781) == "0.7578" and _fmt(8366.3) == "8366" and _fmt(123456.7) == "123,457"
+    assert _fmt(float("nan")) == "–" and _fmt(None) == "–" and _fmt(22713986) == "22,713,986"
