@@ -244,23 +244,14 @@ def bench_state(quick: bool) -> list[str]:
 
 
 _DENSE_CHILD = """
-import resource, sys, time, torch
+import sys, time, torch
 from idlab.projections import make_projection
+from idlab.training import _peak_memory, _reset_peak_rss
 D, d = int(sys.argv[1]), int(sys.argv[2])
 torch.zeros(1).sum()
-def hwm():  # peak RSS in KiB since the last reset (VmHWM), else ru_maxrss
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-try:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak-RSS counter after imports
-except OSError:
-    pass
+def hwm():  # peak RSS in KiB since the last reset (VmHWM), else the process's peak
+    return _peak_memory(torch.device("cpu")) // 1024
+_reset_peak_rss()  # after imports
 base = hwm()
 t0 = time.perf_counter()
 p = make_projection("dense", D, d, seed=0)

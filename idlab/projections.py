@@ -339,7 +339,6 @@ class FastfoodProjection(Projection):
         self.state_mode = modes[cache_state]
         self.L = next_pow2(D)
         self.b = next_pow2(d)
-        self.cache_state = self.state_mode != "none"
         self.keep_workspace = keep_workspace
         self.packed = self.b.bit_length() - 1 <= FASTFOOD_PACK_MAX_BITS
         self._ws: list[Tensor] = []
