@@ -170,7 +170,13 @@ def _score_col(meta: Mapping[str, Any]) -> str:
 
 
 def cell_table(df: pd.DataFrame, score: str = "score_final") -> pd.DataFrame:
-    """Seed statistics per cell x learning rate (status ok/diverged), with ``selected`` = best lr of the cell."""
+    """Seed statistics per cell x learning rate (status ok/diverged), with ``selected`` = best lr of the cell.
+
+    Learning rates are compared on the seeds they share: where a cell's rates were run on
+    different seeds (a one-seed probe beside a three-seed cell), ``select_score`` is each
+    rate's mean over the seeds every rate of the cell has, so that a lucky single seed is not
+    weighed against a three-seed mean. Without shared seeds it falls back to the full mean.
+    """
     ok = df[df["status"].isin(["ok", "diverged"])].copy()
     if ok.empty:
         return pd.DataFrame()
@@ -187,6 +193,8 @@ def cell_table(df: pd.DataFrame, score: str = "score_final") -> pd.DataFrame:
                      "seeds": ",".join(str(v) for v in sorted(grp["seed"].dropna().astype(int))),
                      "mean": float(s.mean()), "std": float(s.std(ddof=1)) if s.notna().sum() > 1 else 0.0,
                      "min": float(s.min()), "max": float(s.max()),
+                     "_by_seed": {int(k): float(v) for k, v in zip(grp["seed"], s)
+                                  if pd.notna(k) and pd.notna(v)},
                      "trainable_parameters": int(grp["trainable_parameters"].dropna().iloc[0])
                      if grp["trainable_parameters"].notna().any() else None,
                      "model": first["model"], "task": first["task"], "metric": first["metric"]})
@@ -194,7 +202,15 @@ def cell_table(df: pd.DataFrame, score: str = "score_final") -> pd.DataFrame:
     ck = [k for k in CELL_KEYS if k in cells]
     ck_str = cells[ck].astype(object).where(cells[ck].notna(), "-").astype(str).agg("|".join, axis=1)
     cells["cell"] = ck_str
-    best_idx = cells.assign(_m=cells["mean"].fillna(-np.inf)).groupby("cell", sort=True)["_m"].idxmax()
+    cells["select_score"] = cells["mean"]
+    for _, grp in cells.groupby("cell", sort=True):
+        seed_sets = [set(b) for b in grp["_by_seed"] if b]
+        shared = set.intersection(*seed_sets) if seed_sets else set()
+        if len(grp) > 1 and shared:
+            cells.loc[grp.index, "select_score"] = [
+                float(np.mean([b[k] for k in sorted(shared)])) if b else np.nan for b in grp["_by_seed"]]
+    cells = cells.drop(columns="_by_seed")
+    best_idx = cells.assign(_m=cells["select_score"].fillna(-np.inf)).groupby("cell", sort=True)["_m"].idxmax()
     cells["selected"] = False
     cells.loc[best_idx.values, "selected"] = True
     order = [c for c in ("study", "method", "variant", "r", "d", "lr") if c in cells]
@@ -871,8 +887,10 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
         lines += [md_table(show, cols), ""]
         multi_lr = cells.groupby("cell")["lr"].nunique()
         if (multi_lr > 1).any():
-            lines += ["Learning rate searched per cell; all learning rates:", "",
-                      md_table(cells, ["variant", "r", "d", "lr", "n_seeds", "mean", "std", "selected"]), ""]
+            lines += ["Learning rate searched per cell; all learning rates. `select_score` is the mean over "
+                      "the seeds every rate of the cell shares (the rate with the highest is selected):", "",
+                      md_table(cells, ["variant", "r", "d", "lr", "seeds", "mean", "std", "select_score",
+                                       "selected"]), ""]
     align = tables.get("alignment", pd.DataFrame())
     amp, cap = amplification_table(align) if not align.empty else (pd.DataFrame(), "")
     lines += ["### ΔW versus W (Hu et al. Table 7 layout)", ""]

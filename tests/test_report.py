@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from idlab.config import study_from_dict
-from idlab.report import load_results, make_report, threshold_crossing
+from idlab.report import cell_table, load_results, make_report, threshold_crossing
 from idlab.sweep import run_sweep
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -100,6 +100,31 @@ def test_partial_results_do_not_crash_and_name_what_is_missing(results: Path, tm
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "No results" in make_report(empty).read_text()
+
+
+def _runs(rows: list[tuple[float, int, float]]) -> pd.DataFrame:
+    """(lr, seed, score) rows of one LoRA cell, as load_results would give them."""
+    return pd.DataFrame([{"run_id": f"{lr}-{seed}", "study": "s", "status": "ok", "method": "lora",
+                          "variant": "LoRA qv", "r": 4, "d": None, "lr": lr, "seed": seed, "score_final": sc,
+                          "trainable_parameters": 100, "model": "m", "task": "t", "metric": "accuracy"}
+                         for lr, seed, sc in rows])
+
+
+def test_learning_rates_are_compared_on_shared_seeds() -> None:
+    # lr 1e-3 has seeds 0-2 (mean 0.80, but 0.60 on seed 0); a one-seed probe at 1e-2 scores
+    # 0.70 on seed 0. On the shared seed the probe wins; on raw means it would lose.
+    cells = cell_table(_runs([(1e-3, 0, 0.60), (1e-3, 1, 0.90), (1e-3, 2, 0.90), (1e-2, 0, 0.70)]))
+    by_lr = cells.set_index("lr")
+    assert by_lr.loc[1e-3, "mean"] == pytest.approx(0.80) and by_lr.loc[1e-3, "select_score"] == pytest.approx(0.60)
+    assert by_lr.loc[1e-2, "select_score"] == pytest.approx(0.70)
+    assert bool(by_lr.loc[1e-2, "selected"]) and not bool(by_lr.loc[1e-3, "selected"])
+    # the same seeds everywhere: select_score is the mean
+    cells = cell_table(_runs([(1e-3, 0, 0.60), (1e-3, 1, 0.90), (1e-2, 0, 0.70), (1e-2, 1, 0.70)]))
+    assert (cells["select_score"] == cells["mean"]).all()
+    assert bool(cells.set_index("lr").loc[1e-3, "selected"])
+    # no shared seed: fall back to the mean
+    cells = cell_table(_runs([(1e-3, 0, 0.60), (1e-3, 1, 0.90), (1e-2, 2, 0.70)]))
+    assert bool(cells.set_index("lr").loc[1e-3, "selected"])
 
 
 def test_threshold_crossing_interpolates_and_bootstraps() -> None:

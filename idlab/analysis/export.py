@@ -71,6 +71,9 @@ BaseWeights = Callable[[str], Mapping[str, Tensor]]
 
 RUN_COLUMNS = ["run_id", "study", "model", "task", "method", "r", "d", "seed", "target_modules"]
 MODULE_COLUMNS = ["module", "layer", "module_type"]
+# A pair of runs compared on one module and side (the similarity tables).
+PAIR_COLUMNS = ["run_a", "run_b", "pair_kind", "model", "task", "method", "r_a", "r_b",
+                "seed_a", "seed_b", *MODULE_COLUMNS, "side", "k"]
 TABLE_COLUMNS: dict[str, list[str]] = {
     "spectra": [*RUN_COLUMNS, *MODULE_COLUMNS, "index", "singular_value", "energy_cumulative"],
     "ranks": [
@@ -89,38 +92,14 @@ TABLE_COLUMNS: dict[str, list[str]] = {
         "nuclear_fro_ratio",
     ],
     "similarity": [
-        "run_a",
-        "run_b",
-        "pair_kind",
-        "model",
-        "task",
-        "method",
-        "r_a",
-        "r_b",
-        "seed_a",
-        "seed_b",
-        *MODULE_COLUMNS,
-        "side",
-        "k",
+        *PAIR_COLUMNS,
         "i",
         "j",
         "phi",
         "random_baseline",
     ],
     "similarity_summary": [
-        "run_a",
-        "run_b",
-        "pair_kind",
-        "model",
-        "task",
-        "method",
-        "r_a",
-        "r_b",
-        "seed_a",
-        "seed_b",
-        *MODULE_COLUMNS,
-        "side",
-        "k",
+        *PAIR_COLUMNS,
         "p_a",
         "p_b",
         "phi_top",
