@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ DELTA_FILE = "delta.safetensors"
 ADAPTER_DIR = "adapter"
 SUBSPACE_FILE = "subspace.safetensors"
 STATUSES = ("ok", "diverged", "failed")
+#: seconds a leftover temp folder must sit untouched before a sweep removes it (writing a
+#: run's folder takes seconds; a younger one may belong to a sweep still running)
+STALE_AFTER_S = 600.0
 
 
 def canonical_json(obj: Any) -> str:
@@ -121,20 +125,27 @@ class RunStore:
             return False
         return not (retry_failed and res.get("status") == "failed")
 
-    def clean_stale(self) -> list[Path]:
+    def clean_stale(self, min_age_s: float = STALE_AFTER_S) -> list[Path]:
         """Remove leftovers of killed processes (``.tmp-*``, ``.trash-*``, run folders without result.json).
 
-        Only call this when no other process writes into the study (the sweep's
-        driver does, before it dispatches).
+        Only leftovers untouched for ``min_age_s`` seconds go: a second sweep started on the
+        same study (another terminal, a slice of the grid given by overrides) must not delete
+        the temp folder a running sweep is writing (which takes seconds). Pass 0 to remove
+        every leftover when nothing else writes into the study.
         """
         removed: list[Path] = []
         if not self.runs_dir.is_dir():
             return removed
+        now = time.time()
         for p in sorted(self.runs_dir.iterdir()):
             stale = p.name.startswith((".tmp-", ".trash-")) or (p.is_dir() and not (p / RESULT_FILE).exists())
             if p.name.startswith(".") and p.is_file() and p.name.endswith(".tmp"):
                 stale = True
-            if stale:
+            try:
+                young = now - p.stat().st_mtime < min_age_s
+            except FileNotFoundError:  # its writer renamed or removed it meanwhile
+                continue
+            if stale and not young:
                 if p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
                 else:

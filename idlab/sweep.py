@@ -4,7 +4,10 @@
   stable hash of its resolved config (`idlab.runs.run_id`).
 - Resumable: a run with a complete ``result.json`` is skipped (``failed`` ones are
   retried unless ``retry_failed=false``); leftovers of a killed sweep are removed
-  at start. Kill it at any moment and start it again.
+  at start once they are 10 minutes old. Kill it at any moment and start it again.
+- Two sweeps may share a study: give each a disjoint slice of the grid by overrides
+  (``methods=[subspace]`` in one, ``methods=[full,lora]`` in the other); every run
+  is written atomically, and neither removes the other's run in progress.
 - ``subspace.d: auto``: a log grid of d, then up to ``subspace.refine`` geometric
   bisection points inside the bracket where the seed-mean performance crosses
   ``threshold x baseline``. The refinement points are a function of the stored

@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from idlab.runs import (
+    STALE_AFTER_S,
     RunStore,
     atomic_write_json,
     canonical_json,
@@ -70,10 +72,15 @@ def test_store_write_skip_retry_and_clean(tmp_path: Path) -> None:
         store.write("def", {"run_id": "def", "status": "ok"}, boom)
     assert not store.run_dir("def").exists()
     assert [p.name for p in store.runs_dir.iterdir()] == ["abc"]
-    # leftovers of a killed process are cleaned
-    (store.runs_dir / ".tmp-zzz-1-ab").mkdir()
-    (store.runs_dir / ".trash-zzz-1-ab").mkdir()
-    (store.runs_dir / "incomplete").mkdir()
-    removed = store.clean_stale()
-    assert len(removed) == 3 and [p.name for p in store.runs_dir.iterdir()] == ["abc"]
+    # leftovers of a killed process are cleaned, but only once they are old: a young temp
+    # folder may be another sweep's run being written right now
+    leftovers = [store.runs_dir / n for n in (".tmp-zzz-1-ab", ".trash-zzz-1-ab", "incomplete")]
+    for p in leftovers:
+        p.mkdir()
+    assert store.clean_stale() == [] and all(p.exists() for p in leftovers)
+    old = time.time() - STALE_AFTER_S - 60
+    os.utime(leftovers[0], (old, old))
+    assert store.clean_stale() == [leftovers[0]]
+    removed = store.clean_stale(min_age_s=0)
+    assert len(removed) == 2 and [p.name for p in store.runs_dir.iterdir()] == ["abc"]
     assert [p.parent.name for p in iter_result_files(tmp_path)] == ["abc"]
