@@ -141,11 +141,13 @@ class RunStore:
             stale = p.name.startswith((".tmp-", ".trash-")) or (p.is_dir() and not (p / RESULT_FILE).exists())
             if p.name.startswith(".") and p.is_file() and p.name.endswith(".tmp"):
                 stale = True
+            if not stale:
+                continue
             try:
                 young = now - p.stat().st_mtime < min_age_s
             except FileNotFoundError:  # its writer renamed or removed it meanwhile
                 continue
-            if stale and not young:
+            if not young:
                 if p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
                 else:
