@@ -242,6 +242,8 @@ def threshold_crossing(runs: pd.DataFrame, x: str, target: float, score: str, n_
 
     The interval is the 5-95% range of the interpolated crossing over ``n_boot``
     resamples of the seeds (with replacement, per x value), seeded for determinism.
+    ``n_seeds`` gives the number of scored runs at each grid point (aligned with ``grid``), so
+    a caller can flag a crossing that rests on fewer seeds than the rest of the curve.
     """
     per_x = {float(str(k)): g[score].dropna().to_numpy(float) for k, g in runs.groupby(x, sort=True)}
     xs = [k for k, v in per_x.items() if len(v)]
@@ -259,7 +261,7 @@ def threshold_crossing(runs: pd.DataFrame, x: str, target: float, score: str, n_
         arr = np.sort(np.array(boots))
         lo, hi = (float(arr[math.floor(q * (len(arr) - 1))]) for q in (0.05, 0.95))
     return {"value": grid, "interp": interp, "ci_low": lo, "ci_high": hi, "n_boot": len(boots),
-            "grid": xs, "means": means}
+            "grid": xs, "means": means, "n_seeds": [len(per_x[k]) for k in xs]}
 
 
 # --------------------------------------------------------------------------- figures
@@ -771,6 +773,22 @@ def _majority_floor(runs: pd.DataFrame) -> float | None:
     return float(v.iloc[0]) if len(v) else None
 
 
+def _grid_text(res: Mapping[str, Any]) -> str:
+    """'1000 (1 seed), 10000 (3 seeds)': the grid searched with the runs behind each point."""
+    return ", ".join(f"{int(x)} ({n} seed{'s' if n != 1 else ''})" for x, n in zip(res["grid"], res["n_seeds"]))
+
+
+def thin_crossings(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Variants whose grid value rests on fewer seeds than the best-covered point of their curve."""
+    out = []
+    for v, res in sorted(results.items()):
+        if res.get("value") is not None and res.get("n_seeds"):
+            n_at = res["n_seeds"][[float(x) for x in res["grid"]].index(float(res["value"]))]
+            if n_at < max(res["n_seeds"]):
+                out.append(f"{v} ({n_at} of {max(res['n_seeds'])} seeds)")
+    return out
+
+
 def _crossing_rows(d90: Mapping[str, Mapping[str, Any]], r90: Mapping[str, Mapping[str, Any]],
                    suffix: str = "") -> list[dict[str, Any]]:
     rows = []
@@ -778,12 +796,12 @@ def _crossing_rows(d90: Mapping[str, Mapping[str, Any]], r90: Mapping[str, Mappi
         rows.append({"method": v, "quantity": "d90" + suffix, "grid value": res["value"],
                      "interpolated": res["interp"], "90% interval (bootstrap over seeds)": _ci_text(res, "{:.0f}"),
                      "trainable parameters": None if res["value"] is None else res["value"] + res.get("extra", 0),
-                     "grid searched": ", ".join(str(int(x)) for x in res["grid"])})
+                     "grid searched (runs per point)": _grid_text(res)})
     for v, res in sorted(r90.items()):
         rows.append({"method": v, "quantity": "r90" + suffix, "grid value": res["value"], "interpolated": res["interp"],
                      "90% interval (bootstrap over seeds)": _ci_text(res, "{:.2f}"),
                      "trainable parameters": res.get("params"),
-                     "grid searched": ", ".join(str(int(x)) for x in res["grid"])})
+                     "grid searched (runs per point)": _grid_text(res)})
     return rows
 
 
@@ -868,6 +886,11 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
             lines += [md_table(pd.DataFrame(rows)), "",
                       "A grid value of – means the threshold was not reached on the grid. "
                       "Interpolation is linear in log(d) / log(r) between the bracketing grid points.", ""]
+            thin = [t for res in (d90, r90, *((chance["d90"], chance["r90"]) if chance else ()))
+                    for t in thin_crossings(res)]
+            if thin:
+                lines += ["**Warning: some crossings rest on fewer seeds than the rest of their curve:** "
+                          + "; ".join(thin) + ". Run the missing seeds at that point before quoting them.", ""]
     # figures
     lines += ["### Figures", ""]
     for caption, paths in figs:
@@ -979,4 +1002,4 @@ def make_report(results_dir: str | Path = "results", out_dir: str | Path | None 
 
 
 __all__ = ["amplification_table", "cell_table", "load_curves", "load_results", "make_report", "md_table",
-           "report_study", "threshold_crossing"]
+           "report_study", "thin_crossings", "threshold_crossing"]

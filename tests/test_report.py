@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from idlab.config import study_from_dict
-from idlab.report import cell_table, load_results, make_report, threshold_crossing
+from idlab.report import cell_table, load_results, make_report, thin_crossings, threshold_crossing
 from idlab.sweep import run_sweep
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -134,6 +134,17 @@ def test_threshold_crossing_interpolates_and_bootstraps() -> None:
     assert 100 < res["interp"] < 1000
     assert res["ci_low"] is not None and res["ci_low"] <= res["interp"] <= res["ci_high"]
     assert threshold_crossing(df, "d", 0.99, "s")["value"] is None
+    assert res["n_seeds"] == [2, 2, 2] and thin_crossings({"DID": res}) == []
+
+
+def test_a_crossing_on_one_seed_is_flagged() -> None:
+    # d = 1000 has one lucky seed; d = 10000 has three: the crossing at 1000 must be flagged
+    df = pd.DataFrame({"d": [1000, 10000, 10000, 10000], "s": [0.9, 0.85, 0.8, 0.9]})
+    res = threshold_crossing(df, "d", 0.8, "s")
+    assert res["value"] == 1000 and res["n_seeds"] == [1, 3]
+    assert thin_crossings({"DID": res}) == ["DID (1 of 3 seeds)"]
+    # the same seeds everywhere, or no crossing: nothing to flag
+    assert thin_crossings({"DID": threshold_crossing(df, "d", 0.95, "s")}) == []
 
 
 def test_above_chance_rows_use_the_majority_floor(results: Path, tmp_path: Path) -> None:
