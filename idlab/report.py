@@ -791,17 +791,17 @@ def thin_crossings(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 def _crossing_rows(d90: Mapping[str, Mapping[str, Any]], r90: Mapping[str, Mapping[str, Any]],
                    suffix: str = "") -> list[dict[str, Any]]:
+    """Rows of the headline table: d90 per subspace variant, then r90 per LoRA target set."""
     rows = []
-    for v, res in sorted(d90.items()):
-        rows.append({"method": v, "quantity": "d90" + suffix, "grid value": res["value"],
-                     "interpolated": res["interp"], "90% interval (bootstrap over seeds)": _ci_text(res, "{:.0f}"),
-                     "trainable parameters": None if res["value"] is None else res["value"] + res.get("extra", 0),
-                     "grid searched (runs per point)": _grid_text(res)})
-    for v, res in sorted(r90.items()):
-        rows.append({"method": v, "quantity": "r90" + suffix, "grid value": res["value"], "interpolated": res["interp"],
-                     "90% interval (bootstrap over seeds)": _ci_text(res, "{:.2f}"),
-                     "trainable parameters": res.get("params"),
-                     "grid searched (runs per point)": _grid_text(res)})
+    for quantity, results, fmt in (("d90", d90, "{:.0f}"), ("r90", r90, "{:.2f}")):
+        for v, res in sorted(results.items()):
+            if quantity == "d90":  # d plus the directly trained head
+                params = None if res["value"] is None else res["value"] + res.get("extra", 0)
+            else:
+                params = res.get("params")
+            rows.append({"method": v, "quantity": quantity + suffix, "grid value": res["value"],
+                         "interpolated": res["interp"], "90% interval (bootstrap over seeds)": _ci_text(res, fmt),
+                         "trainable parameters": params, "grid searched (runs per point)": _grid_text(res)})
     return rows
 
 
