@@ -782,10 +782,10 @@ def thin_crossings(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Variants whose grid value rests on fewer seeds than the best-covered point of their curve."""
     out = []
     for v, res in sorted(results.items()):
-        if res.get("value") is not None and res.get("n_seeds"):
-            n_at = res["n_seeds"][[float(x) for x in res["grid"]].index(float(res["value"]))]
-            if n_at < max(res["n_seeds"]):
-                out.append(f"{v} ({n_at} of {max(res['n_seeds'])} seeds)")
+        if res["value"] is not None:  # the grid value is one of res["grid"]
+            n_at, n_max = dict(zip(res["grid"], res["n_seeds"]))[res["value"]], max(res["n_seeds"])
+            if n_at < n_max:
+                out.append(f"{v} ({n_at} of {n_max} seeds)")
     return out
 
 

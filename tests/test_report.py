@@ -143,7 +143,7 @@ def test_a_crossing_on_one_seed_is_flagged() -> None:
     res = threshold_crossing(df, "d", 0.8, "s")
     assert res["value"] == 1000 and res["n_seeds"] == [1, 3]
     assert thin_crossings({"DID": res}) == ["DID (1 of 3 seeds)"]
-    # the same seeds everywhere, or no crossing: nothing to flag
+    # no crossing: nothing to flag (the same seeds everywhere: see the test above)
     assert thin_crossings({"DID": threshold_crossing(df, "d", 0.95, "s")}) == []
 
 
