@@ -222,46 +222,25 @@ def _groups(df: pd.DataFrame, col: str) -> list[tuple[str, pd.DataFrame]]:
     return sorted(((str(k), g) for k, g in df.groupby(col, sort=True)), key=lambda kv: kv[0])
 
 
-def _crossing(ds: Sequence[float], means: Sequence[float], target: float) -> tuple[float | None, float | None]:
-    """(smallest grid value reaching target, log-interpolated crossing) of an increasing-x curve."""
-    for i, (d, m) in enumerate(zip(ds, means)):
-        if m >= target:
-            if i == 0:
-                return d, d
-            d0, m0 = ds[i - 1], means[i - 1]
-            if m == m0:
-                return d, d
-            t = (target - m0) / (m - m0)
-            return d, float(math.exp(math.log(d0) + t * (math.log(d) - math.log(d0))))
-    return None, None
+def threshold_crossing(runs: pd.DataFrame, x: str, target: float, score: str) -> dict[str, Any]:
+    """d90 / r90 of one curve by `idlab.d90.threshold_crossing` (the one estimator), as a dict.
 
-
-def threshold_crossing(runs: pd.DataFrame, x: str, target: float, score: str, n_boot: int = 100,
-                       seed: int = 0) -> dict[str, Any]:
-    """d90 / r90 of one curve: smallest ``x`` whose seed-mean score >= target, interpolation, bootstrap CI.
-
-    The interval is the 5-95% range of the interpolated crossing over ``n_boot``
-    resamples of the seeds (with replacement, per x value), seeded for determinism.
-    ``n_seeds`` gives the number of scored runs at each grid point (aligned with ``grid``), so
-    a caller can flag a crossing that rests on fewer seeds than the rest of the curve.
+    ``runs``: one row per run with columns ``x`` (d or r), seed, ``score`` and status (rows of
+    status ok or diverged are used; a NaN score, a diverged run, counts as a failure at its x). Keys: value (grid value), interp
+    (linear in log x), ci_low / ci_high (the bootstrap interval at ``ci_level``), n_boot,
+    ci_level, grid, means and n_seeds (seeds scored at each grid point, aligned with grid).
     """
-    per_x = {float(str(k)): g[score].dropna().to_numpy(float) for k, g in runs.groupby(x, sort=True)}
-    xs = [k for k, v in per_x.items() if len(v)]
-    means = [float(per_x[k].mean()) for k in xs]
-    grid, interp = _crossing(xs, means, target)
-    rng = np.random.default_rng(seed)
-    boots = []
-    if len(xs) and max(len(per_x[k]) for k in xs) > 1:
-        for _ in range(n_boot):
-            ms = [float(rng.choice(per_x[k], size=len(per_x[k]), replace=True).mean()) for k in xs]
-            _, b = _crossing(xs, ms, target)
-            boots.append(np.inf if b is None else b)
-    lo = hi = None
-    if boots:
-        arr = np.sort(np.array(boots))
-        lo, hi = (float(arr[math.floor(q * (len(arr) - 1))]) for q in (0.05, 0.95))
-    return {"value": grid, "interp": interp, "ci_low": lo, "ci_high": hi, "n_boot": len(boots),
-            "grid": xs, "means": means, "n_seeds": [len(per_x[k]) for k in xs]}
+    from idlab.d90 import threshold_crossing as crossing
+
+    if "status" in runs:  # a failed run has no score and is no evidence either way
+        runs = runs[runs["status"].isin(["ok", "diverged"])]
+    ev = runs[[x, "seed", score]].rename(columns={score: "score"})
+    ev = ev[ev[x].notna() & ev["seed"].notna()]
+    cr = crossing(ev, target, x=x)
+    lo, hi = cr.ci if cr.ci is not None else (None, None)
+    return {"value": cr.value, "interp": cr.interp, "ci_low": lo, "ci_high": hi,
+            "n_boot": cr.n_bootstrap if cr.ci is not None else 0, "ci_level": cr.ci_level,
+            "grid": list(cr.grid), "means": list(cr.means), "n_seeds": list(cr.n_seeds)}
 
 
 # --------------------------------------------------------------------------- figures
@@ -704,18 +683,24 @@ def amplification_table(align: pd.DataFrame, ranks: Sequence[int] = (4, 64)) -> 
 # --------------------------------------------------------------------------- report
 
 
-def _baseline(runs: pd.DataFrame, cells: pd.DataFrame, meta: Mapping[str, Any]) -> dict[str, Any]:
+def _baseline(runs: pd.DataFrame, cells: pd.DataFrame, meta: Mapping[str, Any], score: str) -> dict[str, Any]:
+    """The study's d90 baseline (`idlab.d90.make_baseline`): ``subspace.baseline``, else the selected full-FT cell."""
+    from idlab.d90 import make_baseline
+
     sub = (meta.get("study") or {}).get("subspace") or {}
     threshold = float(sub.get("threshold", 0.9))
     if sub.get("baseline") is not None:
-        v = float(sub["baseline"])
-        return {"value": v, "kind": "global (fixed)", "threshold": threshold, "target": threshold * v}
-    full = cells[(cells["method"] == "full") & cells["selected"]] if not cells.empty else cells
-    if full.empty or full["mean"].isna().all():
-        return {"value": None, "kind": "missing (no full fine-tuning result)", "threshold": threshold}
-    v = float(full["mean"].iloc[0])
-    return {"value": v, "kind": f"local: full FT mean of {int(full['n_seeds'].iloc[0])} seed(s)",
-            "threshold": threshold, "target": threshold * v}
+        b = make_baseline(float(sub["baseline"]), threshold, "global (fixed)")
+    else:
+        full = cells[(cells["method"] == "full") & cells["selected"]] if not cells.empty else cells
+        scores: list[float] = []
+        if not full.empty:  # the runs behind the selected full-FT cell's mean
+            sel = _selected_runs(runs[runs["status"].isin(["ok", "diverged"])], full)
+            scores = [float(v) for v in sel[score].dropna()]
+        if not scores:
+            return {"value": None, "kind": "missing (no full fine-tuning result)", "threshold": threshold}
+        b = make_baseline(scores, threshold, f"local: full FT mean of {len(scores)} seed(s)")
+    return {"value": b.value, "kind": b.kind, "threshold": b.threshold, "target": b.target}
 
 
 def _selected_runs(runs: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
@@ -800,7 +785,7 @@ def _crossing_rows(d90: Mapping[str, Mapping[str, Any]], r90: Mapping[str, Mappi
             else:
                 params = res.get("params")
             rows.append({"method": v, "quantity": quantity + suffix, "grid value": res["value"],
-                         "interpolated": res["interp"], "90% interval (bootstrap over seeds)": _ci_text(res, fmt),
+                         "interpolated": res["interp"], f"{res['ci_level']:.0%} interval (bootstrap over seeds)": _ci_text(res, fmt),
                          "trainable parameters": params, "grid searched (runs per point)": _grid_text(res)})
     return rows
 
@@ -837,7 +822,7 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
                          f"{str(row['error'])[:200]}")
         lines.append("")
     cells = cell_table(runs, score)
-    base = _baseline(runs, cells, meta)
+    base = _baseline(runs, cells, meta, score)
     sel_runs = _selected_runs(runs, cells)
     # d90 per subspace variant, r90 per LoRA target set
     d90, r90 = _crossings(sel_runs, cells, base.get("target"), score)

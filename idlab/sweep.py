@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from idlab.config import StudyConfig, target_set_label, to_dict
+from idlab.d90 import Baseline, make_baseline, next_bisection, seed_mean
 from idlab.runs import RunStore, atomic_write_json, run_id
 
 Run = tuple[str, dict[str, Any]]  # (run id, resolved run config)
@@ -64,17 +65,22 @@ def run_score(result: dict[str, Any], score: str = "final") -> float | None:
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
-def _mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs)
+#: ``d: auto`` refinement stops once the bracket is this narrow, (hi - lo) / hi <= 1/6, i.e. hi / lo < 1.2
+REFINE_RTOL = 1 / 6
 
 
-def baseline_value(study: StudyConfig, store: RunStore) -> float | None:
-    """The d90 baseline: ``subspace.baseline`` if set, else the seed-mean of full FT at its best lr."""
-    if study.subspace.baseline is not None:
-        return study.subspace.baseline
+def baseline_value(study: StudyConfig, store: RunStore) -> Baseline | None:
+    """The d90 baseline: ``subspace.baseline`` if set, else full FT's seed scores at its best lr.
+
+    A learning rate counts once all its seeds are ``ok``; the best is the highest seed-mean.
+    `idlab.d90.make_baseline` turns the value or the scores into the baseline and its target.
+    """
+    s = study.subspace
+    if s.baseline is not None:
+        return make_baseline(s.baseline, s.threshold)
     if "full" not in study.methods:
         return None
-    best: float | None = None
+    best: list[float] | None = None
     for lr in study.full.lr:
         scores = []
         for seed in study.seeds:
@@ -86,37 +92,36 @@ def baseline_value(study: StudyConfig, store: RunStore) -> float | None:
                 break
             scores.append(sc)
         else:
-            m = _mean(scores)
-            best = m if best is None else max(best, m)
-    return best
+            if best is None or seed_mean(scores) > seed_mean(best):
+                best = scores
+    return None if best is None else make_baseline(best, s.threshold)
 
 
 def _refine_points(study: StudyConfig, store: RunStore, cell: dict[str, Any], grid: Sequence[int],
                    target: float) -> list[int]:
-    """Bisection points for one subspace cell, derived from stored results only."""
+    """Bisection points for one subspace cell (`idlab.d90.next_bisection`), from stored results only.
+
+    The curve is the seed-mean (a diverged or unscored run a failure) at the best learning
+    rate of each d; a stage waits until every run of the previous one is stored.
+    """
     points: list[int] = []
     for _ in range(study.subspace.refine):
-        perf: dict[int, float] = {}
-        for d in sorted({*grid, *points}):
-            best: float | None = None
+        ds = sorted({*grid, *points})
+        means: list[float] = []
+        for d in ds:
+            best = -math.inf
             for lr in study.subspace.lr:
                 scores = []
                 for seed in study.seeds:
                     res = store.result(run_id({**_base(study, "subspace", seed, lr), **cell, "d": d}))
-                    sc = run_score(res, study.score) if res and res.get("status") in ("ok", "diverged") else None
                     if res is None:
                         return points  # the previous stage is not complete yet
-                    scores.append(sc if sc is not None else -math.inf)
-                m = _mean(scores)
-                best = m if best is None else max(best, m)
-            perf[d] = best if best is not None else -math.inf
-        ds = sorted(perf)
-        hi = next((d for d in ds if perf[d] >= target), None)
-        if hi is None or hi == ds[0]:
-            break
-        lo = max(d for d in ds if d < hi)
-        mid = round(math.sqrt(lo * hi))
-        if mid <= lo or mid >= hi or hi / lo < 1.2:
+                    sc = run_score(res, study.score) if res.get("status") in ("ok", "diverged") else None
+                    scores.append(math.nan if sc is None else sc)
+                best = max(best, seed_mean(scores))
+            means.append(best)
+        mid = next_bisection(ds, means, target, REFINE_RTOL)
+        if mid is None:
             break
         points.append(mid)
     return points
@@ -150,7 +155,7 @@ def expand(study: StudyConfig, store: RunStore | None = None) -> list[Run]:
             target = None
             if s.d == "auto" and store is not None:
                 b = baseline_value(study, store)
-                target = None if b is None else s.threshold * b
+                target = None if b is None else b.target
             for cell in _subspace_cells(study):
                 ds = list(grid)
                 if target is not None and store is not None:

@@ -9,7 +9,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from idlab.d90 import D90Result, analyze_d90, find_d90
+from idlab.d90 import (
+    D90Result,
+    analyze_d90,
+    bisection_point,
+    crossing,
+    find_d90,
+    interpolate_log,
+    make_baseline,
+    next_bisection,
+    threshold_crossing,
+)
 
 
 def sigmoid_curve(d_true: float, noise: float = 0.0):  # type: ignore[no-untyped-def]
@@ -118,3 +128,45 @@ def test_bad_arguments() -> None:
     ]:
         with pytest.raises(ValueError, match=match):
             find_d90(f, **kwargs)  # type: ignore[arg-type]
+
+
+def test_interpolation_is_linear_in_log_d() -> None:
+    # mean 0.8 at d = 1000, 1.0 at d = 10000, target 0.9: halfway in score is halfway in log d
+    # (sqrt(1000 * 10000) = 3162.3), not halfway in d (5500, the linear rule)
+    ev = {(1000, 0): 0.8, (10000, 0): 1.0}
+    res = analyze_d90(ev, 1.0, 0.9)
+    assert res.d90 == 10000
+    assert res.d90_interp == pytest.approx(math.sqrt(1000 * 10000), rel=1e-12)
+    assert abs(res.d90_interp - 5500) > 2000  # type: ignore[operator]
+    # a quarter of the way in score is a quarter of the way in log d
+    assert interpolate_log(10, 0.0, 1000, 1.0, 0.25) == pytest.approx(10 ** 1.5)
+    assert crossing([10, 100], [0.5, 0.7], 0.6) == (100.0, pytest.approx(10 ** 1.5))
+    assert crossing([10, 100], [0.9, 0.95], 0.6) == (10.0, 10.0) and crossing([10], [0.1], 0.6) == (None, None)
+
+
+def test_bootstrap_resamples_seeds_jointly_at_95_percent() -> None:
+    # seed 0 passes from d = 10, seed 1 from d = 100: every joint resample is {0,0}, {0,1}/{1,0} or {1,1}
+    ev = {(10, 0): 1.0, (10, 1): 0.0, (100, 0): 1.0, (100, 1): 1.0}
+    res = analyze_d90(ev, 1.0, 0.9, n_bootstrap=2000)
+    assert res.d90 == 100 and res.ci_level == 0.95 and res.n_bootstrap == 2000
+    assert res.d90_interp == pytest.approx(10 ** 1.8)  # mean 0.5 at 10, 1.0 at 100: t = 0.8 in log d
+    # draws (p): {0,0} (1/4) -> 10; mixed (1/2) -> 10^1.8; {1,1} (1/4, mean 0 at 10) -> 10^1.9.
+    # Resampling each d on its own would also draw means 0.5 / 1.0 at d = 100 independently of d = 10.
+    lo, hi = res.ci  # type: ignore[misc]
+    assert lo == 10.0 and hi == pytest.approx(10 ** 1.9)
+
+
+def test_unequal_seeds_average_what_exists_and_nan_fails() -> None:
+    ev = pd.DataFrame({"d": [10, 100, 100, 100], "seed": [0, 0, 1, 2], "score": [0.95, 0.9, 0.9, float("nan")]})
+    cr = threshold_crossing(ev, 0.9)
+    assert cr.n_seeds == (1, 3) and cr.seeds == (0, 1, 2)
+    assert cr.value == 10 and cr.means[1] == -math.inf  # a diverged seed makes d = 100 fail
+    assert make_baseline([0.8, 1.0]).value == pytest.approx(0.9) and make_baseline(1.0).kind == "global"
+
+
+def test_next_bisection_follows_find_d90() -> None:
+    assert bisection_point(100, 1000) == 316
+    assert next_bisection([10, 100, 1000], [0.1, 0.5, 0.95], 0.9, rtol=0.05) == 316
+    assert next_bisection([10, 100, 1000], [0.95, 0.96, 0.97], 0.9, rtol=0.05) is None  # first point passes
+    assert next_bisection([10, 100, 1000], [0.1, 0.2, 0.3], 0.9, rtol=0.05) is None  # nothing passes
+    assert next_bisection([300, 316], [0.1, 0.95], 0.9, rtol=0.1) is None  # bracket narrower than rtol

@@ -128,7 +128,8 @@ def test_learning_rates_are_compared_on_shared_seeds() -> None:
 
 
 def test_threshold_crossing_interpolates_and_bootstraps() -> None:
-    df = pd.DataFrame({"d": [10, 10, 100, 100, 1000, 1000], "s": [0.2, 0.3, 0.6, 0.7, 0.95, 0.97]})
+    df = pd.DataFrame({"d": [10, 10, 100, 100, 1000, 1000], "seed": [0, 1] * 3,
+                       "s": [0.2, 0.3, 0.6, 0.7, 0.95, 0.97]})
     res = threshold_crossing(df, "d", 0.8, "s")
     assert res["value"] == 1000
     assert 100 < res["interp"] < 1000
@@ -139,7 +140,7 @@ def test_threshold_crossing_interpolates_and_bootstraps() -> None:
 
 def test_a_crossing_on_one_seed_is_flagged() -> None:
     # d = 1000 has one lucky seed; d = 10000 has three: the crossing at 1000 must be flagged
-    df = pd.DataFrame({"d": [1000, 10000, 10000, 10000], "s": [0.9, 0.85, 0.8, 0.9]})
+    df = pd.DataFrame({"d": [1000, 10000, 10000, 10000], "seed": [0, 0, 1, 2], "s": [0.9, 0.85, 0.8, 0.9]})
     res = threshold_crossing(df, "d", 0.8, "s")
     assert res["value"] == 1000 and res["n_seeds"] == [1, 3]
     assert thin_crossings({"DID": res}) == ["DID (1 of 3 seeds)"]
@@ -176,3 +177,33 @@ def test_markdown_number_format() -> None:
     assert _fmt(10000.0) == "10,000" and _fmt(74498.0) == "74,498" and _fmt(4.0) == "4"
     assert _fmt(0.75781) == "0.7578" and _fmt(8366.3) == "8366" and _fmt(123456.7) == "123,457"
     assert _fmt(float("nan")) == "–" and _fmt(None) == "–" and _fmt(22713986) == "22,713,986"
+
+
+def test_report_and_li2018_analysis_give_the_same_d90(results: Path, tmp_path: Path) -> None:
+    """The report's d90 and `idlab.d90.analyze_d90` (what experiments/li2018.py calls) agree on the same runs."""
+    from idlab.d90 import analyze_d90
+
+    runs = load_results(results)
+    ok = runs[runs["status"] == "ok"]
+    full = ok[ok["method"] == "full"]["score_final"].tolist()
+    sub = ok[ok["method"] == "subspace"]
+    ev = sub[["d", "seed", "score_final"]].rename(columns={"score_final": "score"}).astype(
+        {"d": int, "seed": int})
+    means = sub.groupby("d")["score_final"].mean().sort_index()
+    # a global baseline whose target lies between the two grid means, so that a crossing exists
+    target = float(means.iloc[0] + means.iloc[-1]) / 2
+    li = analyze_d90(ev, target / 0.9, 0.9)
+    rep = threshold_crossing(sub, "d", target, "score_final")
+    assert li.d90 == rep["value"] == int(means.index[-1])
+    assert li.d90_interp == pytest.approx(rep["interp"], rel=1e-12)
+    assert li.ci == pytest.approx((rep["ci_low"], rep["ci_high"]), rel=1e-12)
+    # the local baseline of REPORT.md: its d90 row is analyze_d90 with full FT's scores
+    local = analyze_d90(ev, full, 0.9)
+    text = make_report(results, tmp_path / "r", analysis=False).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| DID dense | d90 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    if local.d90 is None:
+        assert cells[2] == "–"
+    else:
+        assert cells[2] == f"{local.d90:,}" and float(cells[3].replace(",", "")) == pytest.approx(
+            local.d90_interp, rel=1e-3)
