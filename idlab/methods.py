@@ -19,6 +19,7 @@ traceback, a NaN/inf loss ``status: diverged``.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import platform
@@ -33,7 +34,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from idlab.config.run import RunConfig
+from idlab.config.schema import ModelConfig, TaskConfig
 from idlab.data.base import ClassificationTask, Task, index_inputs
+
+#: make_projection's keyword for what a Fastfood projection keeps (study option ``fastfood_state``).
+#: Today's projections call it ``cache_state``; the issue-13 engine renames it ``fastfood_state``
+#: (then this constant becomes "fastfood_state" and nothing else changes).
+FASTFOOD_STATE_KEYWORD = "cache_state"
 
 #: Number of labels of the GLUE classification tasks (default 2).
 GLUE_LABELS = {"mnli": 3, "mnli-mm": 3, "ax": 3}
@@ -52,16 +60,15 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def build_task_and_model(run: Mapping[str, Any]) -> tuple[Task, nn.Module]:
+def build_task_and_model(run: RunConfig) -> tuple[Task, nn.Module]:
     """The task and the freshly initialised / pretrained base model of a run config.
 
-    Model initialisation (heads, from-scratch nets) is seeded by ``run['seed']``;
+    Model initialisation (heads, from-scratch nets) is seeded by ``run.seed``;
     data subsets use seed 0 so that every run of a study sees the same examples.
     """
-    tcfg = {**run.get("task_options", {}), "name": run["task"]}
-    mcfg = {**run.get("model_options", {}), "name": run["model"]}
-    tname, mname = str(tcfg["name"]), str(mcfg["name"])
-    seed = int(run["seed"])
+    tcfg, mcfg = run.task, run.model
+    tname, mname = tcfg.name, mcfg.name
+    seed = run.seed
     tokenizer = None
     model: nn.Module | None = None
     if tname.startswith(("glue/", "text/")) and ":" not in mname:
@@ -71,7 +78,7 @@ def build_task_and_model(run: Mapping[str, Any]) -> tuple[Task, nn.Module]:
             "classification" if tname.startswith("glue/") else "causal-lm")
         num_labels = GLUE_LABELS.get(tname.split("/", 1)[1].lower(), 2)
         torch.manual_seed(seed)
-        model, tokenizer = load_model(mname, task=head, num_labels=num_labels, dtype=_dtype(mcfg.get("dtype", "float32")))
+        model, tokenizer = load_model(mname, task=head, num_labels=num_labels, dtype=_dtype(mcfg.dtype))
     task = _build_task(tcfg, tokenizer)
     if model is None:
         torch.manual_seed(seed)
@@ -79,9 +86,9 @@ def build_task_and_model(run: Mapping[str, Any]) -> tuple[Task, nn.Module]:
     return task, model
 
 
-def _build_task(tcfg: Mapping[str, Any], tokenizer: Any) -> Task:
-    name = str(tcfg["name"])
-    limits = {"max_train": tcfg.get("max_train"), "max_val": tcfg.get("max_val")}
+def _build_task(tcfg: TaskConfig, tokenizer: Any) -> Task:
+    name = tcfg.name
+    limits = {"max_train": tcfg.max_train, "max_val": tcfg.max_val}
     if ":" in name:
         task = _import_object(name)()
         if not isinstance(task, Task):
@@ -90,13 +97,13 @@ def _build_task(tcfg: Mapping[str, Any], tokenizer: Any) -> Task:
     if name.startswith("glue/"):
         from idlab.data.text import glue_task
 
-        data_dir = tcfg.get("data_dir") or os.environ.get("IDLAB_GLUE_DIR") or None
+        data_dir = tcfg.data_dir or os.environ.get("IDLAB_GLUE_DIR") or None
         return glue_task(name.split("/", 1)[1], tokenizer, data_dir=data_dir,
-                         max_length=int(tcfg.get("max_length", 128)), seed=0, **limits)
+                         max_length=tcfg.max_length, seed=0, **limits)
     if name.startswith("text/"):
         from idlab.data.text import text_corpus_task
 
-        return text_corpus_task(tokenizer, source=name.split("/", 1)[1], block_size=int(tcfg.get("max_length", 128)),
+        return text_corpus_task(tokenizer, source=name.split("/", 1)[1], block_size=tcfg.max_length,
                                 max_blocks=limits["max_train"], seed=0)
     from idlab.data import vision
 
@@ -121,11 +128,11 @@ def _limit(task: ClassificationTask, limits: Mapping[str, Any]) -> Classificatio
                               name=task.name, num_classes=task.num_classes, f1=task.f1)
 
 
-def _build_scratch_model(mcfg: Mapping[str, Any], task: Task) -> nn.Module:
+def _build_scratch_model(mcfg: ModelConfig, task: Task) -> nn.Module:
     from idlab.models import MLP, lenet, mnist_fc
 
-    name = str(mcfg["name"])
-    hidden = tuple(int(h) for h in mcfg.get("hidden", (64,)))
+    name = mcfg.name
+    hidden = mcfg.hidden
     if ":" in name:
         model = _import_object(name)(task)
         if not isinstance(model, nn.Module):
@@ -193,9 +200,20 @@ class Prepared:
         return out
 
 
-def prepare(model: nn.Module, run: Mapping[str, Any]) -> Prepared:
-    """Turn a base model into the model to train for ``run['method']`` (full, lora, subspace)."""
-    method = run["method"]
+def projection_options(run: RunConfig) -> dict[str, Any] | None:
+    """The speed/memory keywords of `idlab.projections.make_projection` for a run (the one place they are mapped).
+
+    ``fastfood_state`` keeps its study-file name up to here; the projection keyword it maps to
+    is `FASTFOOD_STATE_KEYWORD`.
+    """
+    if run.projection != "fastfood" or run.fastfood_state == "all":
+        return None
+    return {FASTFOOD_STATE_KEYWORD: run.fastfood_state}
+
+
+def prepare(model: nn.Module, run: RunConfig) -> Prepared:
+    """Turn a base model into the model to train for ``run.method`` (full, lora, subspace)."""
+    method = run.method
     total = sum(p.numel() for p in model.parameters())
     if method == "full":
         for p in model.parameters():
@@ -210,13 +228,13 @@ def prepare(model: nn.Module, run: Mapping[str, Any]) -> Prepared:
         from idlab.lora import apply_lora, lora_deltas, save_adapter
 
         head = head_module_name(model)
-        targets = list(run["target_modules"])
+        targets = list(run.target_modules or ())
         target: Any = "all-linear" if targets == ["all-linear"] else targets
         kwargs: dict[str, Any] = {"modules_to_save": [head]} if head else {}
-        torch.manual_seed(int(run["seed"]))
-        peft_model = apply_lora(model, int(run["r"]), lora_alpha=float(run["lora_alpha"]), target_modules=target,
-                                lora_dropout=float(run.get("lora_dropout", 0.0)),
-                                use_rslora=bool(run.get("use_rslora", False)), **kwargs)
+        torch.manual_seed(run.seed)
+        assert run.r is not None and run.lora_alpha is not None  # RunConfig checks a lora run has them
+        peft_model = apply_lora(model, run.r, lora_alpha=run.lora_alpha, target_modules=target,
+                                lora_dropout=run.lora_dropout, use_rslora=run.use_rslora, **kwargs)
         def save_lora(d: Path) -> None:
             save_adapter(peft_model, d / "adapter")
 
@@ -225,12 +243,12 @@ def prepare(model: nn.Module, run: Mapping[str, Any]) -> Prepared:
     if method == "subspace":
         from idlab.subspace import SubspaceModel
 
-        head = head_module_name(model) if run.get("head", "train") == "train" else None
+        head = head_module_name(model) if run.head == "train" else None
         linear = linear_weights(model)
-        opts = {"cache_state": str(run["fastfood_state"])} if "fastfood_state" in run else None
-        sm = SubspaceModel(model, int(run["d"]), projection=str(run["projection"]), said=bool(run["said"]),
-                           seed=int(run["seed"]), exclude=[head] if head else None, train_excluded=bool(head),
-                           projection_options=opts)
+        assert run.d is not None and run.projection is not None  # RunConfig checks a subspace run has them
+        sm = SubspaceModel(model, run.d, projection=run.projection, said=run.said,
+                           seed=run.seed, exclude=[head] if head else None, train_excluded=bool(head),
+                           projection_options=projection_options(run))
 
         def extract_sub() -> dict[str, Any]:
             return {m: dt for m, dt in sm.delta(by_module=True).items() if m in linear}
@@ -240,10 +258,10 @@ def prepare(model: nn.Module, run: Mapping[str, Any]) -> Prepared:
 
             tensors = {n: p.detach().cpu().contiguous().clone() for n, p in sm.named_parameters() if p.requires_grad}
             save_file(tensors, str(d / "subspace.safetensors"), metadata={
-                "d": str(run["d"]), "projection": str(run["projection"]), "said": str(bool(run["said"])),
-                "seed": str(run["seed"]), "head": str(head)})
+                "d": str(run.d), "projection": str(run.projection), "said": str(run.said),
+                "seed": str(run.seed), "head": str(head)})
 
-        mode = "train" if head else ("project" if run.get("head") == "project" else "none")
+        mode = "train" if head else ("project" if run.head == "project" else "none")
         return Prepared(sm, total, {"head": mode, "head_module": head}, extract_sub, save_sub)
     raise ValueError(f"unknown method {method!r}; allowed values: full, lora, subspace")
 
@@ -256,7 +274,7 @@ def environment() -> dict[str, Any]:
             "python": platform.python_version(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
-def execute_run(run: Mapping[str, Any], rid: str, study: str, device: str = "auto",
+def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
                 progress: bool = False) -> tuple[dict[str, Any], Callable[[Path], None] | None]:
     """Build, train and extract one run. Never raises.
 
@@ -265,19 +283,17 @@ def execute_run(run: Mapping[str, Any], rid: str, study: str, device: str = "aut
         and a function writing the artifacts (delta.safetensors, adapter/ or
         subspace.safetensors) into a folder, or None when there are none.
     """
-    from idlab.training import TrainConfig, train
+    from idlab.training import train
 
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    result: dict[str, Any] = {"run_id": rid, "study": study, "config": dict(run), "started_at": started,
+    result: dict[str, Any] = {"run_id": rid, "study": study, "config": run.to_dict(), "started_at": started,
                               **environment()}
     try:
         task, model = build_task_and_model(run)
         prep = prepare(model, run)
-        tr = dict(run["train"])
-        cfg = TrainConfig(lr=float(run["lr"]), seed=int(run["seed"]), device=device, progress=progress,
-                          **tr)
-        res = train(prep.model, task, cfg, desc=f"{rid} {run['method']}")
+        cfg = dataclasses.replace(run.train, device=device, progress=progress)
+        res = train(prep.model, task, cfg, desc=f"{rid} {run.method}")
         status = "diverged" if res.diverged else "ok"
         result.update({
             "status": status, "error": res.error, "metrics": res.metrics, "best": res.best, "curve": res.curve,
@@ -294,7 +310,7 @@ def execute_run(run: Mapping[str, Any], rid: str, study: str, device: str = "aut
                 from idlab.analysis.io import save_deltas
 
                 prep.save(d)
-                save_deltas(d / "delta.safetensors", deltas, metadata={"run_id": rid, "method": run["method"]})
+                save_deltas(d / "delta.safetensors", deltas, metadata={"run_id": rid, "method": run.method})
     except Exception as e:  # a failed run is a result, the sweep goes on
         result.update({"status": "failed", "error": f"{type(e).__name__}: {e}",
                        "traceback": traceback.format_exc(), "metrics": {}, "best": {}, "curve": []})
@@ -304,5 +320,5 @@ def execute_run(run: Mapping[str, Any], rid: str, study: str, device: str = "aut
     return result, writer
 
 
-__all__ = ["Prepared", "build_task_and_model", "environment", "execute_run", "head_module_name",
-           "linear_weights", "prepare"]
+__all__ = ["FASTFOOD_STATE_KEYWORD", "Prepared", "build_task_and_model", "environment", "execute_run",
+           "head_module_name", "linear_weights", "prepare", "projection_options"]

@@ -612,11 +612,11 @@ def _const(weights: dict[str, Any]) -> Any:
 
 def _base_weights(grp: pd.DataFrame) -> dict[str, Any]:
     """W_0 (every nn.Linear weight) of the base model of these runs' seed, rebuilt as the sweep built it."""
+    from idlab.config import RunConfig
     from idlab.methods import build_task_and_model, linear_weights
 
     res = read_json(Path(grp["run_dir"].iloc[0]) / "result.json") or {}
-    cfg = dict(res["config"])
-    _, model = build_task_and_model(cfg)
+    _, model = build_task_and_model(RunConfig.from_dict(res["config"]))
     return {n: w.detach().float().cpu() for n, w in linear_weights(model).items()}
 
 

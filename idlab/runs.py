@@ -26,9 +26,12 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from idlab.atomic import atomic_write_text, fsync_dir
+
+if TYPE_CHECKING:
+    from idlab.config.run import RunConfig
 
 RESULT_FILE = "result.json"
 DELTA_FILE = "delta.safetensors"
@@ -45,9 +48,14 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
-def run_id(config: Mapping[str, Any]) -> str:
-    """First 12 hex digits of sha256 of the canonical JSON of a resolved run config."""
-    return hashlib.sha256(canonical_json(dict(config)).encode()).hexdigest()[:12]
+def run_id(config: RunConfig | Mapping[str, Any]) -> str:
+    """First 12 hex digits of sha256 of the canonical JSON of a resolved run config.
+
+    A `idlab.config.RunConfig` is hashed through its ``to_dict()`` (the layout stored as the
+    ``config`` of result.json), so ``run_id(RunConfig.from_dict(c)) == run_id(c)``.
+    """
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return hashlib.sha256(canonical_json(cfg).encode()).hexdigest()[:12]
 
 
 

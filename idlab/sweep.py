@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -29,32 +30,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from idlab.config import StudyConfig, target_set_label, to_dict
+from idlab.config import RunConfig, StudyConfig, target_set_label, to_dict
 from idlab.d90 import Baseline, make_baseline, next_bisection, seed_mean
 from idlab.runs import RunStore, atomic_write_json, run_id
 
-Run = tuple[str, dict[str, Any]]  # (run id, resolved run config)
+Run = tuple[str, RunConfig]  # (run id, resolved run config)
 
 
 # --------------------------------------------------------------------------- grid
 
 
-def _base(study: StudyConfig, method: str, seed: int, lr: float) -> dict[str, Any]:
-    model, task = to_dict(study.model), to_dict(study.task)
-    return {"model": model.pop("name"), "model_options": model, "task": task.pop("name"), "task_options": task,
-            "train": to_dict(study.train), "method": method, "seed": seed, "lr": lr}
+def _base(study: StudyConfig, method: str, seed: int, lr: float, **axes: Any) -> RunConfig:
+    """The run of ``method`` at ``axes`` with learning rate ``lr`` and ``seed``."""
+    train = dataclasses.replace(study.train, lr=lr, seed=seed)
+    return RunConfig(method=method, model=study.model, task=study.task, train=train,  # type: ignore[arg-type]
+                     **axes)
 
 
 def _subspace_cells(study: StudyConfig) -> list[dict[str, Any]]:
     s = study.subspace
-    # fastfood_state changes speed and memory, not results: recorded only when not the default,
-    # so that existing run ids stay valid
-    state = {"fastfood_state": s.fastfood_state} if s.fastfood_state != "all" else {}
-    return [
-        {"projection": p, "said": said, "head": s.head, **(state if p == "fastfood" else {})}
-        for p in s.projection
-        for said in s.said
-    ]
+    return [{"projection": p, "said": said, "head": s.head, "fastfood_state": s.fastfood_state}
+            for p in s.projection for said in s.said]
 
 
 def run_score(result: dict[str, Any], score: str = "final") -> float | None:
@@ -113,7 +109,7 @@ def _refine_points(study: StudyConfig, store: RunStore, cell: dict[str, Any], gr
             for lr in study.subspace.lr:
                 scores = []
                 for seed in study.seeds:
-                    res = store.result(run_id({**_base(study, "subspace", seed, lr), **cell, "d": d}))
+                    res = store.result(run_id(_base(study, "subspace", seed, lr, **cell, d=d)))
                     if res is None:
                         return points  # the previous stage is not complete yet
                     sc = run_score(res, study.score) if res.get("status") in ("ok", "diverged") else None
@@ -131,7 +127,7 @@ def expand(study: StudyConfig, store: RunStore | None = None) -> list[Run]:
     """Every run of the study (with ``d: auto`` refinement points from ``store``'s results), in order."""
     runs: list[Run] = []
 
-    def add(cfg: dict[str, Any]) -> None:
+    def add(cfg: RunConfig) -> None:
         runs.append((run_id(cfg), cfg))
 
     for method in study.methods:
@@ -146,9 +142,8 @@ def expand(study: StudyConfig, store: RunStore | None = None) -> list[Run]:
                     for rs in lo.use_rslora:
                         for lr in lo.lr:
                             for seed in study.seeds:
-                                add({**_base(study, "lora", seed, lr), "r": r, "target_modules": list(targets),
-                                     "target_set": target_set_label(targets), "lora_alpha": lo.alpha_for(r),
-                                     "use_rslora": rs, "lora_dropout": lo.dropout})
+                                add(_base(study, "lora", seed, lr, r=r, target_modules=tuple(targets),
+                                          lora_alpha=lo.alpha_for(r), use_rslora=rs, lora_dropout=lo.dropout))
         elif method == "subspace":
             s = study.subspace
             grid = s.auto_grid() if s.d == "auto" else tuple(s.d)
@@ -163,7 +158,7 @@ def expand(study: StudyConfig, store: RunStore | None = None) -> list[Run]:
                 for d in ds:
                     for lr in s.lr:
                         for seed in study.seeds:
-                            add({**_base(study, "subspace", seed, lr), **cell, "d": d})
+                            add(_base(study, "subspace", seed, lr, **cell, d=d))
     seen: set[str] = set()
     unique = []
     for rid, cfg in runs:
@@ -177,7 +172,7 @@ def plan_table(study: StudyConfig, runs: Sequence[Run], store: RunStore) -> str:
     """A text table of what the sweep will run: per method, cells x lrs x seeds, done and to run."""
     rows = []
     for method in study.methods:
-        mine = [(rid, c) for rid, c in runs if c["method"] == method]
+        mine = [(rid, c) for rid, c in runs if c.method == method]
         if not mine:
             continue
         done = sum(store.is_done(rid, study.retry_failed) for rid, _ in mine)
@@ -187,7 +182,7 @@ def plan_table(study: StudyConfig, runs: Sequence[Run], store: RunStore) -> str:
             axes = (f"r {list(study.lora.r)} x targets {[target_set_label(t) for t in study.lora.target_modules]}"
                     f" x rslora {list(study.lora.use_rslora)} x lr {list(study.lora.lr)}, alpha={study.lora.alpha}")
         else:
-            ds = sorted({c['d'] for _, c in mine})
+            ds = sorted({c.d for _, c in mine if c.d is not None})
             axes = (f"d {ds}{' (auto)' if study.subspace.d == 'auto' else ''} x projection "
                     f"{list(study.subspace.projection)} x said {list(study.subspace.said)} x lr {list(study.subspace.lr)}"
                     f", head={study.subspace.head}")
@@ -206,7 +201,7 @@ def plan_table(study: StudyConfig, runs: Sequence[Run], store: RunStore) -> str:
 # --------------------------------------------------------------------------- one run
 
 
-def run_one(study_dir: str, study_name: str, rid: str, run: dict[str, Any], device: str = "auto",
+def run_one(study_dir: str, study_name: str, rid: str, run: RunConfig, device: str = "auto",
             retry_failed: bool = True, progress: bool = False) -> str:
     """Execute run ``rid`` and write it atomically, unless it is already complete. Returns its status.
 
@@ -251,11 +246,8 @@ def _run_local(study: StudyConfig, pending: Sequence[Run]) -> None:
     bar.close()
 
 
-def _short(cfg: dict[str, Any]) -> str:
-    m = cfg["method"]
-    extra = {"lora": lambda: f" r={cfg['r']} {cfg['target_set']}",
-             "subspace": lambda: f" d={cfg['d']} {cfg['projection']}{' said' if cfg['said'] else ''}"}
-    return f"{m}{extra.get(m, lambda: '')()} lr={cfg['lr']:g} seed={cfg['seed']}"
+def _short(cfg: RunConfig) -> str:
+    return cfg.label()
 
 
 def _gpu_worker(gpu: int, study_dir: str, study_name: str, retry_failed: bool, queue: Any, done: Any,
@@ -394,11 +386,17 @@ class SweepSummary:
 def run_sweep(study: StudyConfig, dry_run: bool = False, out: Any = None) -> SweepSummary:
     """Run every missing run of ``study`` with its executor; return the summary.
 
+    Raises:
+        ConfigError: the study cannot run (`idlab.config.checks.check_study`); nothing is written.
+
     Args:
         study: the validated study.
         dry_run: print the plan and stop.
         out: stream for the plan and summary (default stdout).
     """
+    from idlab.config.checks import check_study
+
+    check_study(study)  # task, model/task fit, model files: before anything is written (ConfigError)
     out = out or sys.stdout
     t0 = time.perf_counter()
     store = RunStore(study.study_dir())
@@ -412,7 +410,7 @@ def run_sweep(study: StudyConfig, dry_run: bool = False, out: Any = None) -> Swe
         runs = expand(study, store)
         atomic_write_json(store.study_dir / "study.json", {
             "study": to_dict(study), "run_ids": [rid for rid, _ in runs],
-            "runs": {rid: cfg for rid, cfg in runs}})
+            "runs": {rid: cfg.to_dict() for rid, cfg in runs}})
         pending = [(rid, cfg) for rid, cfg in runs if not store.is_done(rid, study.retry_failed)]
         if stage == 0 or pending:
             print(plan_table(study, runs, store), file=out, flush=True)

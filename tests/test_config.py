@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +33,7 @@ def test_every_shipped_config_loads_and_starts_with_its_command(path: Path) -> N
 def test_smoke_grid_expansion_counts_and_overrides() -> None:
     study = load_study(CONFIGS / "smoke.yaml")
     runs = expand(study)
-    per = {m: sum(c["method"] == m for _, c in runs) for m in ("full", "lora", "subspace")}
+    per = {m: sum(c.method == m for _, c in runs) for m in ("full", "lora", "subspace")}
     s = len(study.seeds)
     assert per == {"full": len(study.full.lr) * s, "lora": len(study.lora.r) * len(study.lora.lr) * s,
                    "subspace": len(study.subspace.d) * s}  # type: ignore[arg-type]
@@ -38,8 +42,8 @@ def test_smoke_grid_expansion_counts_and_overrides() -> None:
     assert over.lora.r == (2, 4, 8) and over.train.steps == 5 and over.seeds == (0, 1, 2)
     assert over.lora.target_modules == (TARGET_SETS["qv"], TARGET_SETS["qkvo"])
     runs = expand(over)
-    assert len(runs) == 3 * 2 * 3 and {c["target_set"] for _, c in runs} == {"qv", "qkvo"}
-    assert all(c["lora_alpha"] == 2 * c["r"] for _, c in runs)  # alpha: 2r
+    assert len(runs) == 3 * 2 * 3 and {c.target_set for _, c in runs} == {"qv", "qkvo"}
+    assert all(c.lora_alpha == 2 * c.r for _, c in runs)  # alpha: 2r
     assert len({rid for rid, _ in runs}) == len(runs)
     # frozen
     with pytest.raises(AttributeError):
@@ -53,7 +57,7 @@ def test_scalars_aliases_and_auto() -> None:
     assert s.model.name == "smollm2-135m" and s.task.name == "glue/mrpc" and s.lora.r == (4,)
     assert s.lora.alpha_for(4) == 16.0
     assert s.subspace.auto_grid() == (10, 30, 100, 300, 1000)
-    assert sorted({c["d"] for _, c in expand(s) if c["method"] == "subspace"}) == [10, 30, 100, 300, 1000]
+    assert sorted({c.d for _, c in expand(s) if c.method == "subspace"}) == [10, 30, 100, 300, 1000]
     assert parse_override("train.lr=1e-3") == ("train.lr", "1e-3")  # YAML string; coerced to float by the schema
     assert study_from_dict({"full": {"lr": "1e-3"}}).full.lr == (1e-3,)
 
@@ -94,3 +98,42 @@ def test_every_field_has_help() -> None:
     lines = describe_fields()
     assert len(lines) > 40
     assert all(not line.rstrip().endswith(":") for line in lines)  # a help text after every key
+
+
+def _sweep_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "idlab.cli", "sweep", str(CONFIGS / "smoke.yaml"), f"results_dir={tmp_path}",
+           *overrides]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    (["task.name=glue/mrcp"], ["task.name", "glue/mrcp", "glue/mrpc"]),  # a typo: the value and the allowed ones
+    (["task.name=glue/mrpc"], ["model.name", "'mlp'", "text task", "minilm-l6"]),  # default mlp on a text task
+    (["model.name=minilm-l6"], ["model.name", "minilm-l6", "tensor inputs", "mlp"]),  # text model on digits
+    (["model.name=no-such-model-xyz", "task.name=glue/mrpc"], ["model.name", "no-such-model-xyz"]),
+])
+def test_a_study_that_cannot_run_exits_2_before_writing_anything(
+        tmp_path: Path, overrides: list[str], words: list[str]) -> None:
+    t0 = time.perf_counter()
+    out = _sweep_cli(tmp_path, *overrides)
+    assert out.returncode == 2, out.stdout + out.stderr
+    for w in words:
+        assert w in out.stderr, (w, out.stderr)
+    assert list(tmp_path.iterdir()) == []  # no study.json, no run folder
+    assert time.perf_counter() - t0 < 60  # no hub retries (they took ~50 s per run)
+
+
+def test_check_study_never_loads_a_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default mlp model on a GLUE task is refused by the check, not by a hub download per run."""
+    import idlab.models
+    from idlab.config.checks import check_study
+
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError("check_study must not load a model")
+
+    monkeypatch.setattr(idlab.models, "load_model", boom)
+    with pytest.raises(ConfigError, match=r"model\.name"):
+        check_study(study_from_dict({"task": "glue/mrpc"}))
+    check_study(study_from_dict({"task": "digits"}))  # the defaults run

@@ -1,0 +1,125 @@
+"""Checks a whole study passes before any run starts (`check_study`).
+
+`idlab.config.loader` checks that every key and value is of the right type; this module
+checks that the study can run at all, without training or downloading anything:
+
+- the task name: a built-in task, ``glue/<a GLUE task idlab knows>``, ``text/pydoc`` or
+  ``text/<an existing text file>``, or an importable ``package.module:function``;
+- the model/task fit: the from-scratch models (mlp, mnist-fc, lenet) need a built-in
+  (tensor) task, pretrained models (an alias, a Hugging Face name or a folder) need a
+  ``glue/`` or ``text/`` task -- so a typo never falls through to a hub download;
+- the model files: an offline alias's package is installed, a folder exists, and with
+  ``HF_HUB_OFFLINE=1`` a Hugging Face name is in the local cache (`idlab.models.resolve_model_name`);
+- a GLUE ``data_dir`` (or ``$IDLAB_GLUE_DIR``) is an existing folder.
+
+Each failure is a `ConfigError` naming the key, the value and the fix; the sweep calls
+`check_study` before it writes ``study.json`` or any run folder, and ``idlab sweep`` exits 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+from idlab.config.schema import BUILTIN_TASKS, ConfigError, StudyConfig
+
+#: models trained from scratch on a built-in tensor task (`idlab.methods`)
+SCRATCH_MODELS = ("mlp", "mnist-fc", "lenet", "toy")
+
+
+def _where(study: StudyConfig, key: str, msg: str) -> ConfigError:
+    return ConfigError(f"{_SOURCE.get(id(study), f'study {study.name!r}')}: key '{key}': {msg}")
+
+
+#: where a study came from (file and overrides), for error messages; set by `check_task(where=...)`
+_SOURCE: dict[int, str] = {}
+
+
+def _check_factory(study: StudyConfig, key: str, spec: str) -> None:
+    mod, _, attr = spec.partition(":")
+    try:
+        obj = getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as e:
+        raise _where(study, key, f"got {spec!r}, which cannot be imported ({e}); give "
+                     "'package.module:function' of a module on PYTHONPATH") from None
+    if not callable(obj):
+        raise _where(study, key, f"{spec!r} is not callable; give a function returning the object")
+
+
+def check_task(study: StudyConfig, where: str | None = None) -> None:
+    """The task name names a task idlab can build (see the module docstring); ``where`` names the source."""
+    if where is not None:
+        _SOURCE[id(study)] = where
+    try:
+        _check_task(study)
+    finally:
+        _SOURCE.pop(id(study), None)
+
+
+def _check_task(study: StudyConfig) -> None:
+    t = study.task.name
+    if ":" in t:
+        _check_factory(study, "task.name", t)
+        return
+    if t in BUILTIN_TASKS:
+        return
+    if t.startswith("glue/"):
+        from idlab.data.text import GLUE_TASKS, glue_spec
+
+        try:
+            glue_spec(t)
+        except ValueError:
+            known = ", ".join(f"glue/{k}" for k in GLUE_TASKS)
+            raise _where(study, "task.name", f"got {t!r}, an unknown GLUE task; allowed values: {known}") from None
+        data_dir = study.task.data_dir or os.environ.get("IDLAB_GLUE_DIR")
+        if data_dir and not Path(data_dir).expanduser().is_dir():
+            src = "task.data_dir" if study.task.data_dir else "$IDLAB_GLUE_DIR"
+            raise _where(study, "task.data_dir", f"{src} = {data_dir!r} is not a folder; point it at a folder "
+                         "in the GLUE tsv layout (e.g. ../shared/data/glue) or unset it to use `datasets`")
+        return
+    if t.startswith("text/"):
+        src = t.split("/", 1)[1]
+        if src != "pydoc" and not Path(src).expanduser().is_file():
+            raise _where(study, "task.name", f"got {t!r}; allowed values: text/pydoc or text/<path of a text file>")
+        return
+    raise _where(study, "task.name", f"got {t!r}; allowed values: {', '.join(BUILTIN_TASKS)}, glue/<name>, "
+                 "text/<corpus>, or package.module:function")
+
+
+def check_model(study: StudyConfig) -> None:
+    """The model fits the task and its files are there (no network call, nothing downloaded)."""
+    m, t = study.model.name, study.task.name
+    if ":" in m:
+        _check_factory(study, "model.name", m)
+        return
+    text_task = t.startswith(("glue/", "text/"))
+    if m in SCRATCH_MODELS:
+        if text_task:
+            raise _where(study, "model.name", f"got {m!r} (trained from scratch on tensor inputs), but the task "
+                         f"{t!r} is a text task; use a pretrained model (minilm-l6, smollm2-135m, a Hugging Face "
+                         f"name or folder) or a tensor task ({', '.join(BUILTIN_TASKS)})")
+        return
+    if not text_task and ":" not in t:
+        raise _where(study, "model.name", f"got {m!r} (a pretrained language model), but the task {t!r} has tensor "
+                     f"inputs; use a from-scratch model ({', '.join(SCRATCH_MODELS[:3])}) or a glue/ or text/ task")
+    from idlab.models import OFFLINE_ALIASES, minilm_dir, resolve_model_name, smollm2_gguf_path
+
+    try:
+        if m == "smollm2-135m":
+            smollm2_gguf_path()
+        elif m in OFFLINE_ALIASES:
+            minilm_dir()
+        else:
+            resolve_model_name(m)
+    except (FileNotFoundError, ValueError) as e:
+        raise _where(study, "model.name", str(e)) from None
+
+
+def check_study(study: StudyConfig) -> None:
+    """Every check of this module, in order; raises the first `ConfigError`."""
+    check_task(study)
+    check_model(study)
+
+
+__all__ = ["SCRATCH_MODELS", "check_model", "check_study", "check_task"]

@@ -1,0 +1,67 @@
+"""RunConfig: typed runs whose ids equal the ids today's studies and stored results already have."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from idlab.config import RunConfig, load_study
+from idlab.methods import FASTFOOD_STATE_KEYWORD, projection_options
+from idlab.runs import run_id
+from idlab.sweep import expand
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def test_stored_result_configs_keep_their_run_ids() -> None:
+    """result.json configs written by the code before RunConfig (smoke study): same id after a round trip."""
+    stored = json.loads((FIXTURES / "stored_configs_v1.json").read_text())
+    assert {c["method"] for c in stored.values()} == {"full", "lora", "subspace"}
+    for rid, cfg in stored.items():
+        assert run_id(cfg) == rid
+        run = RunConfig.from_dict(cfg)
+        assert run.to_dict() == cfg and run_id(run) == rid
+
+
+@pytest.mark.parametrize("case", sorted(json.loads((FIXTURES / "run_ids_v1.json").read_text())))
+def test_study_expansion_keeps_the_run_ids_of_before(case: str) -> None:
+    """The run ids of the shipped configs (some with overrides) equal those recorded before RunConfig."""
+    want = json.loads((FIXTURES / "run_ids_v1.json").read_text())[case]
+    path, *overrides = case.split(" ")
+    assert sorted(rid for rid, _ in expand(load_study(REPO / path, overrides))) == want
+
+
+def test_compatibility_defaults_and_new_train_fields() -> None:
+    study = load_study(REPO / "experiments/configs/smoke.yaml", ["methods=[subspace]"])
+    (rid, run), *_ = expand(study)
+    assert "betas" not in run.to_dict()["train"] and "device" not in run.to_dict()["train"]
+    moved = dataclasses.replace(run, train=dataclasses.replace(run.train, betas=(0.9, 0.99)))
+    assert moved.to_dict()["train"]["betas"] == [0.9, 0.99] and run_id(moved) != rid  # a new value is a new run
+    same = dataclasses.replace(run, train=dataclasses.replace(run.train, device="cuda", progress=True))
+    assert run_id(same) == rid  # where and how it runs is not what runs
+    assert RunConfig.from_dict(moved.to_dict()) == moved
+
+
+def test_fastfood_state_has_one_name_up_to_the_projection() -> None:
+    study = load_study(REPO / "experiments/configs/smoke.yaml", ["methods=[subspace]", "subspace.fastfood_state=index"])
+    (_, run), *_ = expand(study)
+    assert run.fastfood_state == "index" and run.to_dict()["fastfood_state"] == "index"
+    assert projection_options(run) == {FASTFOOD_STATE_KEYWORD: "index"}
+    default = load_study(REPO / "experiments/configs/smoke.yaml", ["methods=[subspace]"])
+    assert projection_options(expand(default)[0][1]) is None
+
+
+def test_study_train_block_is_train_config() -> None:
+    from idlab.config import ConfigError
+    from idlab.training import TrainConfig
+
+    study = load_study(REPO / "experiments/configs/smoke.yaml", ["train.betas=[0.9,0.99]"])
+    assert isinstance(study.train, TrainConfig) and study.train.betas == (0.9, 0.99)
+    with pytest.raises(ConfigError, match=r"train\.lr.*per run.*full\.lr"):
+        load_study(REPO / "experiments/configs/smoke.yaml", ["train.lr=0.1"])
+    with pytest.raises(ConfigError, match=r"train\.seed.*seeds"):
+        load_study(REPO / "experiments/configs/smoke.yaml", ["train.seed=3"])
