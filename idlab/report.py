@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from idlab.runs import atomic_write_text, iter_result_files, read_json
+from idlab.runs import atomic_write_text, iter_results, read_json
 
 CELL_KEYS = ["study", "method", "variant", "target_set", "r", "projection", "said", "d", "use_rslora"]
 PALETTE_SEED = 0
@@ -108,16 +108,13 @@ _INT_COLS = ["seed", "r", "d", "steps", "trainable_parameters", "total_parameter
 def load_results(results_dir: str | Path) -> pd.DataFrame:
     """One row per run found under ``results_dir`` (results root, study or runs folder).
 
+    Runs whose files are not whole are skipped with a one-line warning (`idlab.runs.iter_results`).
     Columns include run_id, study, status, method, variant, model, task, seed, lr, r,
     target_set, d, projection, said, metric, score_final, score_best,
     trainable_parameters, total_parameters, wall_time_s, peak_memory_bytes, device,
     git_commit, version_*. Rows are sorted (study, method, variant, r, d, lr, seed, run_id).
     """
-    rows = []
-    for p in iter_result_files(results_dir):
-        res = read_json(p)
-        if res is not None:
-            rows.append(_row(p, res))
+    rows = [_row(p, res) for p, res in iter_results(results_dir)]
     df = pd.DataFrame(rows)
     if df.empty:
         return df
@@ -138,10 +135,7 @@ def load_results(results_dir: str | Path) -> pd.DataFrame:
 def load_curves(results_dir: str | Path) -> pd.DataFrame:
     """Learning curves, long format: run_id, study, method, variant, seed, step, key, value."""
     rows = []
-    for p in iter_result_files(results_dir):
-        res = read_json(p)
-        if res is None:
-            continue
+    for _, res in iter_results(results_dir, warn=lambda _line: None):  # load_results has warned
         cfg = res.get("config") or {}
         for point in res.get("curve") or []:
             step = point.get("step")

@@ -12,6 +12,14 @@ into place as the last step, so a directory named by a run id is always complete
 ``result.json`` itself is also written atomically (temp file, fsync, os.replace).
 Leftover ``.tmp-*`` / ``.trash-*`` folders from a killed process are removed by
 `RunStore.clean_stale`.
+
+A run is done only when all its files are whole: ``result.json["artifacts"]`` lists every
+other file of the folder (``path`` relative to it, ``bytes``, ``sha256``), and
+`artifact_problem` compares the folder with that list. A missing, truncated or altered file
+makes the run pending again (`RunStore.check`; the sweep says why it reruns it) and makes
+`iter_results` (the one reader of run folders: report, analysis) skip it with a one-line
+warning naming the file. Results written before the list existed are checked for whole
+safetensors files (header length and tensor offsets against the file size).
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ import math
 import os
 import secrets
 import shutil
+import struct
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -38,6 +48,8 @@ DELTA_FILE = "delta.safetensors"
 ADAPTER_DIR = "adapter"
 SUBSPACE_FILE = "subspace.safetensors"
 STATUSES = ("ok", "diverged", "failed")
+#: key of result.json listing the run's other files with size and checksum
+ARTIFACTS_KEY = "artifacts"
 #: seconds a leftover temp folder must sit untouched before a sweep removes it (writing a
 #: run's folder takes seconds; a younger one may belong to a sweep still running)
 STALE_AFTER_S = 600.0
@@ -111,6 +123,84 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file (read in 1 MiB chunks; cached per process by path, size and mtime)."""
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def artifact_manifest(run_dir: str | Path) -> list[dict[str, Any]]:
+    """``[{"path", "bytes", "sha256"}]`` of every file under ``run_dir`` except result.json, sorted by path."""
+    root = Path(run_dir)
+    out = []
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() != RESULT_FILE):
+        out.append({"path": f.relative_to(root).as_posix(), "bytes": f.stat().st_size, "sha256": file_sha256(f)})
+    return out
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is not whole (header or tensor data cut short), or None."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{path.name} has {size} bytes, too short for a safetensors header"
+            (n,) = struct.unpack("<Q", head)
+            if 8 + n > size:
+                return f"{path.name} is truncated: its header needs {8 + n} bytes, the file has {size}"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        return f"{path.name} is unreadable ({type(e).__name__}: {e})"
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        return f"{path.name} is truncated: its tensors need {8 + n + end} bytes, the file has {size}"
+    return None
+
+
+def artifact_problem(run_dir: str | Path, result: Mapping[str, Any]) -> str | None:
+    """Why the files of a run folder do not match its result.json (first problem found), or None.
+
+    With ``result["artifacts"]``: each listed file must exist with the listed size and sha256.
+    Without it (results from before the list): every ``*.safetensors`` must be whole.
+    """
+    root = Path(run_dir)
+    listed = result.get(ARTIFACTS_KEY)
+    if listed is None:
+        for f in sorted(root.rglob("*.safetensors")):
+            prob = safetensors_problem(f)
+            if prob is not None:
+                return f"{f.relative_to(root).as_posix()}: {prob}"
+        return None
+    for entry in listed:
+        f = root / str(entry["path"])
+        if not f.is_file():
+            return f"{entry['path']} is missing"
+        size = f.stat().st_size
+        if size != int(entry["bytes"]):
+            return f"{entry['path']} has {size} bytes, result.json lists {entry['bytes']} (truncated or rewritten)"
+        if file_sha256(f) != entry["sha256"]:
+            return f"{entry['path']}: sha256 differs from result.json (corrupt)"
+    return None
+
+
+def _publish_modes(folder: Path) -> None:
+    """Files 0644, folders 0755 under ``folder``, as `idlab.atomic` writes them (safetensors and PEFT
+    create their files 0600)."""
+    for p in folder.rglob("*"):
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+
+
 class RunStore:
     """The run directories of one study: ``<results_dir>/<study>/runs/``."""
 
@@ -123,13 +213,20 @@ class RunStore:
         return self.runs_dir / rid
 
     def result(self, rid: str) -> dict[str, Any] | None:
-        """The parsed result.json of ``rid`` or None if the run is not complete."""
+        """The parsed result.json of ``rid``, or None if there is none (its artifacts unchecked: `check`)."""
         return read_json(self.run_dir(rid) / RESULT_FILE)
 
-    def is_done(self, rid: str, retry_failed: bool = True) -> bool:
-        """Whether ``rid`` has a complete result (status 'failed' counts as not done if ``retry_failed``)."""
+    def check(self, rid: str) -> tuple[dict[str, Any] | None, str | None]:
+        """``(result, problem)``: the parsed result.json (None if absent) and why its files are not whole."""
         res = self.result(rid)
         if res is None:
+            return None, None
+        return res, artifact_problem(self.run_dir(rid), res)
+
+    def is_done(self, rid: str, retry_failed: bool = True) -> bool:
+        """Whether ``rid`` has a result whose files are whole (status 'failed' is not done if ``retry_failed``)."""
+        res, problem = self.check(rid)
+        if res is None or problem is not None:
             return False
         return not (retry_failed and res.get("status") == "failed")
 
@@ -175,7 +272,8 @@ class RunStore:
         try:
             if artifacts is not None:
                 artifacts(tmp)
-            atomic_write_json(tmp / RESULT_FILE, dict(result))
+                _publish_modes(tmp)
+            atomic_write_json(tmp / RESULT_FILE, {**result, ARTIFACTS_KEY: artifact_manifest(tmp)})
             fsync_dir(tmp)
             final = self.run_dir(rid)
             if final.exists():
@@ -194,7 +292,10 @@ class RunStore:
 
 
 def iter_result_files(results_dir: str | Path) -> Iterator[Path]:
-    """Every complete ``result.json`` under ``results_dir`` (a results root, study or runs folder), sorted."""
+    """Every ``result.json`` under ``results_dir`` (a results root, study or runs folder), sorted.
+
+    In-flight ``.tmp-*`` / ``.trash-*`` folders are skipped; the files are not checked (see `iter_results`).
+    """
     root = Path(results_dir)
     for p in sorted(root.rglob(RESULT_FILE)):
         if any(part.startswith((".tmp-", ".trash-")) for part in p.relative_to(root).parts):
@@ -202,19 +303,45 @@ def iter_result_files(results_dir: str | Path) -> Iterator[Path]:
         yield p
 
 
+def iter_results(results_dir: str | Path, warn: Callable[[str], None] | None = None
+                 ) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """THE reader of run folders: ``(result.json path, parsed result)`` of every whole run, sorted.
+
+    A result.json that does not parse, or whose artifacts are missing or corrupt
+    (`artifact_problem`), is skipped with one line to ``warn`` (default: stderr) naming the file.
+    """
+    say = warn or (lambda line: print(line, file=sys.stderr))
+    for p in iter_result_files(results_dir):
+        res = read_json(p)
+        if res is None:
+            say(f"warning: skipping run {p.parent.name}: {p} does not parse")
+            continue
+        problem = artifact_problem(p.parent, res)
+        if problem is not None:
+            say(f"warning: skipping run {p.parent.name}: {p.parent}/{problem}")
+            continue
+        yield p, res
+
+
 __all__ = [
     "ADAPTER_DIR",
+    "ARTIFACTS_KEY",
     "DELTA_FILE",
     "RESULT_FILE",
     "STATUSES",
     "SUBSPACE_FILE",
     "RunStore",
+    "artifact_manifest",
+    "artifact_problem",
     "atomic_write_json",
     "atomic_write_text",
     "canonical_json",
+    "file_sha256",
     "git_commit",
     "iter_result_files",
+    "iter_results",
     "package_versions",
     "read_json",
     "run_id",
+    "safetensors_problem",
 ]

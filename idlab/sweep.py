@@ -210,9 +210,11 @@ def run_one(study_dir: str, study_name: str, rid: str, run: RunConfig, device: s
     from idlab.methods import execute_run
 
     store = RunStore(study_dir)
-    done = store.result(rid)
-    if done is not None and not (retry_failed and done.get("status") == "failed"):
+    done, problem = store.check(rid)
+    if done is not None and problem is None and not (retry_failed and done.get("status") == "failed"):
         return str(done.get("status", "ok"))
+    if problem is not None:
+        print(f"rerunning {rid}: {problem}", file=sys.stderr, flush=True)
     result, writer = execute_run(run, rid, study_name, device=device, progress=progress)
     try:
         store.write(rid, result, writer)
@@ -414,6 +416,10 @@ def run_sweep(study: StudyConfig, dry_run: bool = False, out: Any = None) -> Swe
         pending = [(rid, cfg) for rid, cfg in runs if not store.is_done(rid, study.retry_failed)]
         if stage == 0 or pending:
             print(plan_table(study, runs, store), file=out, flush=True)
+        for rid, _ in pending:
+            _, problem = store.check(rid)
+            if problem is not None:
+                print(f"run {rid} is pending again: {problem}", file=out, flush=True)
         if dry_run or not pending:
             break
         executor(study, pending)
@@ -421,8 +427,8 @@ def run_sweep(study: StudyConfig, dry_run: bool = False, out: Any = None) -> Swe
     runs = expand(study, store)
     summary = SweepSummary(store.study_dir, len(runs), ran=ran)
     for rid, _ in runs:
-        res = store.result(rid)
-        if res is None:
+        res, problem = store.check(rid)
+        if res is None or problem is not None:
             summary.missing.append(rid)
         elif res.get("status") == "ok":
             summary.ok.append(rid)
