@@ -172,7 +172,7 @@ def test_majority_accuracy_in_task_description() -> None:
 
 
 def test_markdown_number_format() -> None:
-    from idlab.report import _fmt
+    from idlab.report.markdown import _fmt
 
     assert _fmt(10000.0) == "10,000" and _fmt(74498.0) == "74,498" and _fmt(4.0) == "4"
     assert _fmt(0.75781) == "0.7578" and _fmt(8366.3) == "8366" and _fmt(123456.7) == "123,457"

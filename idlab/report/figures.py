@@ -1,0 +1,354 @@
+"""Figures of the report (seaborn; PNG and PDF without timestamps, so byte-stable).
+
+Every ``fig_*`` function takes the tables it draws, writes ``<name>.png|pdf`` into ``out``
+and returns the paths (empty where its data does not exist). Its docstring names the
+columns it reads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from idlab.report.tables import groups
+
+
+def _mpl() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(context="paper", style="whitegrid", font_scale=1.1)
+    plt.rcParams.update({"svg.hashsalt": "idlab", "pdf.compression": 6, "figure.dpi": 100, "savefig.dpi": 130,
+                         "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8})
+    return plt
+
+
+_FORMATS: tuple[str, ...] = ("png", "pdf")  # set by make_report(formats=...) through set_formats
+
+
+def set_formats(formats: Sequence[str]) -> None:
+    """The figure formats ``_save`` writes (among png and pdf)."""
+    global _FORMATS
+    bad = [f for f in formats if f not in ("png", "pdf")]
+    if bad or not formats:
+        raise ValueError(f"make_report: formats {list(formats)}; allowed values: png, pdf")
+    _FORMATS = tuple(formats)
+
+
+def _save(fig: Any, out: Path, name: str) -> list[Path]:
+    """Save ``fig`` as ``name``.png / .pdf without timestamps or version strings (byte-stable)."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    meta = {"png": {"Software": None},
+            "pdf": {"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None}}
+    for ext in _FORMATS:
+        paths.append(out / f"{name}.{ext}")
+        fig.savefig(paths[-1], metadata=meta[ext], bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return paths
+
+
+def _title(meta: Mapping[str, Any], what: str, df: pd.DataFrame) -> str:
+    model = df["model"].dropna().iloc[0] if "model" in df and df["model"].notna().any() else "?"
+    task = df["task"].dropna().iloc[0] if "task" in df and df["task"].notna().any() else "?"
+    seeds = sorted(int(s) for s in df["seed"].dropna().unique()) if "seed" in df else []
+    return f"{what}\n{model} on {task}, seeds {seeds}"
+
+
+_VARIANT_ORDER = ["full FT", "DID fastfood", "SAID fastfood", "DID dense", "SAID dense", "DID sparse", "SAID sparse"]
+
+
+def _colors(variants: Sequence[str]) -> dict[str, Any]:
+    """Fixed colour per variant (the same in every figure): DID/SAID/full first, LoRA sets after."""
+    import seaborn as sns
+
+    pal = list(sns.color_palette("tab10", 10)) + list(sns.color_palette("Dark2", 8))
+    others = sorted(v for v in set(variants) if v not in _VARIANT_ORDER)
+    out = {}
+    for v in set(variants):
+        i = _VARIANT_ORDER.index(v) if v in _VARIANT_ORDER else len(_VARIANT_ORDER) + others.index(v)
+        out[v] = pal[i % len(pal)]
+    return out
+
+
+def _log_axis(axis: Any) -> None:
+    """Log scale with plain major labels and no crowded minor labels."""
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def fig_perf_vs_d(sel: pd.DataFrame, runs: pd.DataFrame, d90: dict[str, dict[str, Any]], base: dict[str, Any],
+                  score: str, out: Path, meta: Mapping[str, Any]) -> list[Path]:
+    """Performance vs subspace dimension d per projection and DID/SAID, seeds, baseline, 90% line, d90.
+
+    Reads ``runs`` columns method, variant, d, metric and ``score``; ``d90[variant]`` keys interp,
+    ci_low, ci_high; ``base`` keys value, kind, target, threshold. ``sel`` is unused (uniform signature).
+    """
+    plt = _mpl()
+    sub = runs[(runs["method"] == "subspace") & runs[score].notna()]
+    if sub.empty:
+        return []
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colors = _colors(list(sub["variant"].unique()))
+    for v, g in groups(sub, "variant"):
+        ax.scatter(g["d"].astype(float), g[score], s=14, alpha=0.45, color=colors[v])
+        m = g.groupby("d")[score].agg(["mean", "min", "max"]).sort_index()
+        x = m.index.astype(float)
+        ax.plot(x, m["mean"], "-o", color=colors[v], label=f"{v} (mean over seeds)", ms=4)
+        ax.fill_between(x, m["min"], m["max"], color=colors[v], alpha=0.15, lw=0)
+        res = d90.get(v)
+        if res and res.get("interp") is not None:
+            ax.axvline(res["interp"], color=colors[v], ls=":", lw=1.2)
+            if res.get("ci_low") is not None and math.isfinite(res["ci_high"]):
+                ax.axvspan(res["ci_low"], res["ci_high"], color=colors[v], alpha=0.08)
+            ax.annotate(f"d90≈{res['interp']:.0f}", (res["interp"], ax.get_ylim()[0]), xytext=(3, 6),
+                        textcoords="offset points", color=colors[v], fontsize=8)
+    if base.get("value") is not None:
+        ax.axhline(base["value"], color="k", lw=1, label=f"baseline ({base['kind']}) {base['value']:.3f}")
+        ax.axhline(base["target"], color="k", ls="--", lw=1, label=f"{base['threshold']:.0%} of baseline")
+    ax.set_xscale("log")
+    _log_axis(ax.xaxis)
+    ax.set_xlabel("subspace dimension d (log)")
+    ax.set_ylabel(f"validation {sub['metric'].iloc[0]} ({score.replace('score_', '')})")
+    ax.set_title(_title(meta, "Performance vs subspace dimension (band: seed min-max)", sub))
+    ax.legend(loc="best")
+    return _save(fig, out, "perf_vs_d")
+
+
+def fig_perf_vs_params(sel: pd.DataFrame, runs: pd.DataFrame, d90: dict[str, dict[str, Any]],
+                       r90: dict[str, dict[str, Any]], base: dict[str, Any], score: str, out: Path,
+                       meta: Mapping[str, Any]) -> list[Path]:
+    """THE HEADLINE: performance vs trainable parameters (log x) for every method, d90 and r90 marked.
+
+    Reads ``sel`` (the cell table) columns selected, mean, min, max, trainable_parameters, variant,
+    method, r, metric; ``runs`` columns model, task, seed (title); ``d90[variant]`` keys interp, extra;
+    ``r90[variant]`` keys params, mean, value; ``base`` keys value, kind, target, threshold, floor.
+    """
+    plt = _mpl()
+    cells = sel[sel["selected"] & sel["mean"].notna() & sel["trainable_parameters"].notna()]
+    if cells.empty:
+        return []
+    fig, ax = plt.subplots(figsize=(7.4, 4.8))
+    colors = _colors(list(cells["variant"].unique()))
+    markers = {"full": "*", "lora": "s", "subspace": "o"}
+    for v, g in groups(cells, "variant"):
+        g = g.sort_values("trainable_parameters")
+        method = g["method"].iloc[0]
+        x = g["trainable_parameters"].astype(float).to_numpy()
+        yerr = np.vstack([g["mean"] - g["min"], g["max"] - g["mean"]])
+        ax.errorbar(x, g["mean"], yerr=yerr, fmt="-" + markers.get(method, "o"), color=colors[v], label=v,
+                    ms=11 if method == "full" else 5, capsize=2, lw=1.2)
+        if method == "lora":
+            for xi, (_, row) in zip(x, g.iterrows()):
+                ax.annotate(f"r{int(row['r'])}", (xi, row["mean"]), xytext=(2, 4), textcoords="offset points",
+                            fontsize=7, color=colors[v])
+    if base.get("value") is not None:
+        ax.axhline(base["value"], color="k", lw=1, label=f"baseline ({base['kind']})")
+        ax.axhline(base["target"], color="k", ls="--", lw=1, label=f"{base['threshold']:.0%} of baseline")
+    if base.get("floor") is not None:
+        ax.axhline(base["floor"], color="grey", ls=":", lw=1, label="majority class")
+    for v, res in sorted(d90.items()):
+        if res.get("interp") is not None:
+            ax.axvline(res["interp"] + res.get("extra", 0), color=colors.get(v, "grey"), ls=":", lw=1.2)
+            ax.annotate(f"d90 {v}", (res["interp"] + res.get("extra", 0), base.get("target", 0)), rotation=90,
+                        fontsize=7, xytext=(-9, -60), textcoords="offset points", color=colors.get(v, "grey"))
+    for v, res in sorted(r90.items()):
+        if res.get("params") is not None:
+            ax.plot([res["params"]], [res["mean"]], marker="o", ms=13, mfc="none", mec=colors.get(v, "grey"), mew=1.8)
+            ax.annotate(f"r90={int(res['value'])}", (res["params"], res["mean"]), xytext=(6, -12),
+                        textcoords="offset points", fontsize=8, color=colors.get(v, "grey"))
+    ax.set_xscale("log")
+    _log_axis(ax.xaxis)
+    ax.set_xlabel("trainable parameters (log)")
+    ax.set_ylabel(f"validation {cells['metric'].iloc[0]} (seed mean, bars min-max)")
+    ax.set_title(_title(meta, "Performance vs trainable parameters: full FT, DID/SAID, LoRA", runs))
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    return _save(fig, out, "perf_vs_params")
+
+
+def fig_lora_heatmap(sel: pd.DataFrame, runs: pd.DataFrame, out: Path, meta: Mapping[str, Any]) -> list[Path]:
+    """Rank x target-set heatmap of the seed-mean metric (selected lr).
+
+    Reads ``sel`` (the cell table) columns method, selected, target_set, r, mean, metric; ``runs``
+    columns method, model, task, seed (title).
+    """
+    plt = _mpl()
+    import seaborn as sns
+
+    lo = sel[(sel["method"] == "lora") & sel["selected"]]
+    if lo.empty:
+        return []
+    piv = lo.pivot_table(index="target_set", columns="r", values="mean", aggfunc="mean").sort_index()
+    piv.columns = [int(c) for c in piv.columns]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.75 * piv.shape[1], 1.4 + 0.55 * piv.shape[0]))
+    sns.heatmap(piv, annot=True, fmt=".3f", cmap="viridis", ax=ax, cbar_kws={"label": f"{lo['metric'].iloc[0]}"})
+    ax.set_xlabel("LoRA rank r")
+    ax.set_ylabel("target modules")
+    ax.set_title(_title(meta, "LoRA: rank x target set (seed mean)", runs[runs["method"] == "lora"]))
+    return _save(fig, out, "lora_rank_target_heatmap")
+
+
+def spectrum_label(row: Mapping[str, Any], targets: bool = False) -> str:
+    """Legend / table label of a run in the analysis tables (LoRA r, subspace d, full FT)."""
+    m = row["method"]
+    if m == "lora":
+        tm = row.get("target_modules")
+        if targets and isinstance(tm, str) and tm:
+            from idlab.config import target_set_label
+
+            return f"LoRA {target_set_label(tm.split(','))} r={int(row['r'])}"
+        return f"LoRA r={int(row['r'])}"
+    if m == "subspace":
+        return f"subspace d={int(row['d'])}"
+    return "full FT"
+
+
+def _type_label(t: str, df: pd.DataFrame) -> str:
+    """Module type for titles; a numeric type (``net.0`` -> ``0``) is shown as the module name."""
+    if not str(t).isdigit():
+        return str(t)
+    mods = sorted(df.loc[df["module_type"] == t, "module"].unique())
+    return f"module {mods[0]}" if len(mods) == 1 else f"modules *.{t}"
+
+
+def fig_spectra(spectra: pd.DataFrame, runs: pd.DataFrame, out: Path, meta: Mapping[str, Any]) -> list[Path]:
+    """Normalised singular spectra and energy curves of Delta W per module type and rank/method.
+
+    Reads ``spectra`` (analysis table) columns run_id, module, module_type, method, r, d, index,
+    singular_value, energy_cumulative (target_modules if present); ``runs`` columns run_id,
+    target_set, model, task, seed.
+    """
+    plt = _mpl()
+    import seaborn as sns
+
+    if spectra is None or spectra.empty:
+        return []
+    sp = spectra.copy()
+    if "target_modules" in sp and runs is not None and "target_set" in runs:
+        ts = runs.set_index("run_id")["target_set"].to_dict()
+        sp["target_set"] = sp["run_id"].map(ts)
+    sp["label"] = [spectrum_label(r) for r in sp[["method", "r", "d"]].to_dict("records")]  # type: ignore[arg-type]
+    sp["s_norm"] = sp["singular_value"] / sp.groupby(["run_id", "module"])["singular_value"].transform("max")
+    sp = sp[sp["index"] <= 64]
+    agg = (sp.groupby(["module_type", "label", "index"], sort=True)[["s_norm", "energy_cumulative"]]
+           .mean().reset_index())
+    types = sorted(agg["module_type"].unique())[:6]
+    agg = agg[agg["module_type"].isin(types)]
+    labels = sorted(agg["label"].unique(), key=lambda s: (s.split()[0], int(s.split("=")[1]) if "=" in s else 0))
+    pal = dict(zip(labels, sns.color_palette("viridis", len(labels))))
+    if "full FT" in pal:
+        pal["full FT"] = (0.8, 0.1, 0.1)
+    paths = []
+    for col, ylab, name, logy in (("s_norm", "singular value / largest", "spectra", True),
+                                  ("energy_cumulative", "cumulative energy sum s_i^2 / sum s^2", "energy", False)):
+        fig, axes = plt.subplots(1, len(types), figsize=(3.3 * len(types) + 1.6, 3.6), squeeze=False, sharey=True,
+                                 layout="constrained")
+        for ax, t in zip(axes[0], types):
+            g = agg[agg["module_type"] == t]
+            for lab in labels:
+                gg = g[g["label"] == lab]
+                if not gg.empty:
+                    ax.plot(gg["index"], gg[col], "-", marker="o", ms=3, color=pal[lab], label=lab)
+            ax.set_xscale("log")
+            if logy:
+                ax.set_yscale("log")
+            if col == "energy_cumulative":
+                ax.axhline(0.9, color="k", ls="--", lw=0.8)
+            ax.set_title(f"{_type_label(t, sp)} (mean: layers, seeds, target sets)", fontsize=9)
+            ax.set_xlabel("singular value index i (log)")
+        axes[0][0].set_ylabel(ylab)
+        axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+        fig.suptitle(_title(meta, "Singular spectra of Delta W" if col == "s_norm" else
+                            "Energy of Delta W (90% line = energy rank k_0.9)", runs))
+        paths += _save(fig, out, name)
+    return paths
+
+
+def fig_phi(sim: pd.DataFrame, kind: str, runs: pd.DataFrame, out: Path, meta: Mapping[str, Any]) -> list[Path]:
+    """phi(i, j) maps (Hu et al. 7.2) for rank pairs (r=8 vs 64 preferred) or seed pairs, beside the random baseline.
+
+    Reads ``sim`` (analysis similarity table) columns pair_kind, r_a, r_b, module_type, module, i, j,
+    phi, random_baseline; ``runs`` columns method, model, task, seed (title).
+    """
+    plt = _mpl()
+    import seaborn as sns
+
+    if sim is None or sim.empty:
+        return []
+    s = sim[sim["pair_kind"] == kind]
+    if s.empty:
+        return []
+    pairs = s[["r_a", "r_b"]].drop_duplicates().dropna().astype(int).apply(tuple, axis=1).tolist()
+    if not pairs:
+        return []
+    want = (8, 64) if kind == "rank" else (64, 64)
+    pair = want if want in pairs else max(pairs, key=lambda p: (p[1], p[0]) if kind == "seed" else (p[1] - p[0], p[1]))
+    s = s[(s["r_a"] == pair[0]) & (s["r_b"] == pair[1])]
+    types = sorted(s["module_type"].unique())[:3]
+    fig, axes = plt.subplots(1, len(types) + 1, figsize=(3.6 * (len(types) + 1), 3.4), squeeze=False,
+                             layout="constrained")
+    vmax = 1.0
+    for ax, t in zip(axes[0], types):
+        g = s[s["module_type"] == t]
+        m = g.groupby(["i", "j"])["phi"].mean().unstack("j").sort_index()
+        sns.heatmap(m, ax=ax, vmin=0, vmax=vmax, cmap="magma", cbar=False)
+        ax.set_title(f"{_type_label(t, g)}: phi, {g['module'].nunique()} layer(s)")
+        ax.set_xlabel(f"j (r={pair[1]} run)" if kind == "rank" else "j (second seed)")
+        ax.set_ylabel(f"i (r={pair[0]} run)" if kind == "rank" else "i (first seed)")
+    ax = axes[0][-1]
+    base = s.groupby(["i", "j"])["random_baseline"].mean().unstack("j").sort_index()
+    sns.heatmap(base, ax=ax, vmin=0, vmax=vmax, cmap="magma", cbar=True, cbar_kws={"label": "phi"})
+    ax.set_title("random subspaces: E phi = max(i,j)/k", fontsize=9)
+    ax.set_xlabel("j")
+    ax.set_ylabel("i")
+    for a in axes[0]:
+        a.tick_params(labelsize=6)
+    what = (f"Subspace similarity phi, LoRA r={pair[0]} vs r={pair[1]} (same seed)" if kind == "rank"
+            else f"Subspace similarity phi, LoRA r={pair[0]}, seed vs seed")
+    fig.suptitle(_title(meta, what, runs[runs["method"] == "lora"]))
+    return _save(fig, out, f"phi_{kind}")
+
+
+def fig_curves(curves: pd.DataFrame, runs: pd.DataFrame, out: Path, meta: Mapping[str, Any]) -> list[Path]:
+    """Learning curves (validation metric vs step), one line per run, coloured by variant.
+
+    Reads ``curves`` columns run_id, variant, step, key, value; ``runs`` columns run_id, metric,
+    model, task, seed.
+    """
+    plt = _mpl()
+    if curves is None or curves.empty or runs.empty:
+        return []
+    metric = runs["metric"].dropna().iloc[0]
+    c = curves[(curves["key"] == metric) & curves["run_id"].isin(runs["run_id"])]
+    if c.empty:
+        return []
+    colors = _colors(list(c["variant"].unique()))
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    seen = set()
+    for _rid, g in c.groupby("run_id", sort=True):
+        v = g["variant"].iloc[0]
+        ax.plot(g["step"], g["value"], color=colors[v], alpha=0.5, lw=1, label=None if v in seen else v)
+        seen.add(v)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title(_title(meta, "Learning curves (one line per run)", runs))
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    return _save(fig, out, "curves")
+
+
+
+
+__all__ = ["fig_curves", "fig_lora_heatmap", "fig_perf_vs_d", "fig_perf_vs_params", "fig_phi", "fig_spectra",
+           "set_formats", "spectrum_label"]

@@ -1,0 +1,143 @@
+"""Loading results for the report: one row per run (`load_results`), learning curves (`load_curves`).
+
+Reads run folders through `idlab.runs.iter_results` (the one reader: runs whose files are
+not whole are skipped with a warning) and a study's ``study.json`` (`study_meta`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from idlab.runs import iter_results, read_json
+
+
+def variant(cfg: Mapping[str, Any]) -> str:
+    m = cfg.get("method")
+    if m == "full":
+        return "full FT"
+    if m == "lora":
+        return f"LoRA {cfg.get('target_set', '?')}" + (" rsLoRA" if cfg.get("use_rslora") else "")
+    if m == "subspace":
+        return f"{'SAID' if cfg.get('said') else 'DID'} {cfg.get('projection', '?')}"
+    return str(m)
+
+
+def _row(path: Path, res: Mapping[str, Any]) -> dict[str, Any]:
+    cfg = res.get("config") or {}
+    metric = res.get("metric") or "accuracy"
+    metrics, best = res.get("metrics") or {}, res.get("best") or {}
+    versions = res.get("versions") or {}
+    model = cfg.get("model")
+    task = cfg.get("task")
+    row: dict[str, Any] = {
+        "run_id": res.get("run_id", path.parent.name),
+        "study": res.get("study", path.parent.parent.parent.name),
+        "status": res.get("status"),
+        "error": res.get("error"),
+        "method": cfg.get("method"),
+        "variant": variant(cfg),
+        "model": model.get("name") if isinstance(model, dict) else model,
+        "task": task.get("name") if isinstance(task, dict) else task,
+        "seed": cfg.get("seed"),
+        "lr": cfg.get("lr"),
+        "r": cfg.get("r"),
+        "target_set": cfg.get("target_set"),
+        "target_modules": ",".join(cfg["target_modules"]) if cfg.get("target_modules") else None,
+        "lora_alpha": cfg.get("lora_alpha"),
+        "use_rslora": cfg.get("use_rslora"),
+        "d": cfg.get("d"),
+        "projection": cfg.get("projection"),
+        "said": cfg.get("said"),
+        "head": (res.get("method_info") or {}).get("head", cfg.get("head")),
+        "metric": metric,
+        "higher_is_better": res.get("higher_is_better", True),
+        "score_final": metrics.get(metric),
+        "score_best": best.get(metric),
+        "best_step": best.get("step"),
+        "steps": res.get("steps"),
+        "trainable_parameters": res.get("trainable_parameters"),
+        "total_parameters": res.get("total_parameters"),
+        "majority_accuracy": (res.get("task_info") or {}).get("majority_accuracy"),
+        "wall_time_s": res.get("wall_time_s"),
+        "train_time_s": res.get("train_time_s"),
+        "peak_memory_bytes": res.get("peak_memory_bytes"),
+        "device": res.get("device"),
+        "git_commit": res.get("git_commit"),
+        **{f"version_{k}": v for k, v in sorted(versions.items())},
+        "run_dir": str(path.parent),
+    }
+    for k, v in sorted(metrics.items()):
+        if k != metric and isinstance(v, (int, float)):
+            row[f"final_{k}"] = v
+    return row
+
+
+_INT_COLS = ["seed", "r", "d", "steps", "trainable_parameters", "total_parameters", "peak_memory_bytes"]
+
+
+def load_results(results_dir: str | Path) -> pd.DataFrame:
+    """One row per run found under ``results_dir`` (results root, study or runs folder).
+
+    Runs whose files are not whole are skipped with a one-line warning (`idlab.runs.iter_results`).
+    Columns include run_id, study, status, method, variant, model, task, seed, lr, r,
+    target_set, d, projection, said, metric, score_final, score_best,
+    trainable_parameters, total_parameters, wall_time_s, peak_memory_bytes, device,
+    git_commit, version_*. Rows are sorted (study, method, variant, r, d, lr, seed, run_id).
+    """
+    rows = [_row(p, res) for p, res in iter_results(results_dir)]
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    for c in _INT_COLS:
+        if c in df:
+            df[c] = pd.array([None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
+                              for v in df[c]], dtype="Int64")
+    for c in ("said", "use_rslora", "higher_is_better"):
+        if c in df:
+            df[c] = df[c].astype("boolean")
+    for c in ("lr", "lora_alpha", "score_final", "score_best", "best_step", "wall_time_s", "train_time_s"):
+        if c in df:
+            df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
+    order = [c for c in ("study", "method", "variant", "r", "d", "lr", "seed", "run_id") if c in df]
+    return df.sort_values(order, na_position="first", kind="mergesort").reset_index(drop=True)
+
+
+def load_curves(results_dir: str | Path) -> pd.DataFrame:
+    """Learning curves, long format: run_id, study, method, variant, seed, step, key, value."""
+    rows = []
+    for _, res in iter_results(results_dir, warn=lambda _line: None):  # load_results has warned
+        cfg = res.get("config") or {}
+        for point in res.get("curve") or []:
+            step = point.get("step")
+            for k, v in sorted(point.items()):
+                if k != "step" and isinstance(v, (int, float)):
+                    rows.append({"run_id": res.get("run_id"), "study": res.get("study"), "method": cfg.get("method"),
+                                 "variant": variant(cfg), "seed": cfg.get("seed"), "step": step, "key": k,
+                                 "value": float(v)})
+    df = pd.DataFrame(rows, columns=["run_id", "study", "method", "variant", "seed", "step", "key", "value"])
+    return df.sort_values(["study", "run_id", "step", "key"], kind="mergesort").reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def study_meta(results_dir: Path, study: str) -> dict[str, Any]:
+    for cand in (results_dir / study / "study.json", results_dir / "study.json"):
+        meta = read_json(cand)
+        if meta and (meta.get("study") or {}).get("name") == study:
+            return meta
+    return {}
+
+
+def score_col(meta: Mapping[str, Any]) -> str:
+    return "score_best" if (meta.get("study") or {}).get("score") == "best" else "score_final"
+
+
+
+
+__all__ = ["load_curves", "load_results", "score_col", "study_meta", "variant"]

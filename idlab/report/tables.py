@@ -1,0 +1,204 @@
+"""Tables of the report: seed statistics per cell (`cell_table`), d90 / r90 crossings through
+`idlab.d90` (`threshold_crossing`, `crossings`), the baseline, the Hu et al. Table 7 layout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+CELL_KEYS = ["study", "method", "variant", "target_set", "r", "projection", "said", "d", "use_rslora"]
+PALETTE_SEED = 0
+
+
+def cell_table(df: pd.DataFrame, score: str = "score_final") -> pd.DataFrame:
+    """Seed statistics per cell x learning rate (status ok/diverged), with ``selected`` = best lr of the cell.
+
+    Learning rates are compared on the seeds they share: where a cell's rates were run on
+    different seeds (a one-seed probe beside a three-seed cell), ``select_score`` is each
+    rate's mean over the seeds every rate of the cell has, so that a lucky single seed is not
+    weighed against a three-seed mean. Without shared seeds it falls back to the full mean.
+    """
+    ok = df[df["status"].isin(["ok", "diverged"])].copy()
+    if ok.empty:
+        return pd.DataFrame()
+    ok["score"] = ok[score]
+    keys = [k for k in CELL_KEYS if k in ok] + ["lr"]
+    filled = ok[keys].astype(object).where(ok[keys].notna(), "-")
+    ok = ok.assign(**{f"_k_{k}": filled[k].astype(str) for k in keys})
+    g = ok.groupby([f"_k_{k}" for k in keys], sort=True, dropna=False)
+    rows = []
+    for _, grp in g:
+        first = grp.iloc[0]
+        s = grp["score"].astype(float)
+        rows.append({**{k: first[k] for k in keys}, "n_seeds": int(s.notna().sum()),
+                     "seeds": ",".join(str(v) for v in sorted(grp["seed"].dropna().astype(int))),
+                     "mean": float(s.mean()), "std": float(s.std(ddof=1)) if s.notna().sum() > 1 else 0.0,
+                     "min": float(s.min()), "max": float(s.max()),
+                     "_by_seed": {int(k): float(v) for k, v in zip(grp["seed"], s)
+                                  if pd.notna(k) and pd.notna(v)},
+                     "trainable_parameters": int(grp["trainable_parameters"].dropna().iloc[0])
+                     if grp["trainable_parameters"].notna().any() else None,
+                     "model": first["model"], "task": first["task"], "metric": first["metric"]})
+    cells = pd.DataFrame(rows)
+    ck = [k for k in CELL_KEYS if k in cells]
+    ck_str = cells[ck].astype(object).where(cells[ck].notna(), "-").astype(str).agg("|".join, axis=1)
+    cells["cell"] = ck_str
+    cells["select_score"] = cells["mean"]
+    for _, grp in cells.groupby("cell", sort=True):
+        seed_sets = [set(b) for b in grp["_by_seed"] if b]
+        shared = set.intersection(*seed_sets) if seed_sets else set()
+        if len(grp) > 1 and shared:
+            cells.loc[grp.index, "select_score"] = [
+                float(np.mean([b[k] for k in sorted(shared)])) if b else np.nan for b in grp["_by_seed"]]
+    cells = cells.drop(columns="_by_seed")
+    best_idx = cells.assign(_m=cells["select_score"].fillna(-np.inf)).groupby("cell", sort=True)["_m"].idxmax()
+    cells["selected"] = False
+    cells.loc[best_idx.values, "selected"] = True
+    order = [c for c in ("study", "method", "variant", "r", "d", "lr") if c in cells]
+    return cells.sort_values(order, na_position="first", kind="mergesort").reset_index(drop=True)
+
+
+def groups(df: pd.DataFrame, col: str) -> list[tuple[str, pd.DataFrame]]:
+    """``df`` grouped by ``col``, keys as strings, sorted."""
+    return sorted(((str(k), g) for k, g in df.groupby(col, sort=True)), key=lambda kv: kv[0])
+
+
+def threshold_crossing(runs: pd.DataFrame, x: str, target: float, score: str) -> dict[str, Any]:
+    """d90 / r90 of one curve by `idlab.d90.threshold_crossing` (the one estimator), as a dict.
+
+    ``runs``: one row per run with columns ``x`` (d or r), seed, ``score`` and status (rows of
+    status ok or diverged are used; a NaN score, a diverged run, counts as a failure at its x). Keys: value (grid value), interp
+    (linear in log x), ci_low / ci_high (the bootstrap interval at ``ci_level``), n_boot,
+    ci_level, grid, means and n_seeds (seeds scored at each grid point, aligned with grid).
+    """
+    from idlab.d90 import threshold_crossing as crossing
+
+    if "status" in runs:  # a failed run has no score and is no evidence either way
+        runs = runs[runs["status"].isin(["ok", "diverged"])]
+    ev = runs[[x, "seed", score]].rename(columns={score: "score"})
+    ev = ev[ev[x].notna() & ev["seed"].notna()]
+    cr = crossing(ev, target, x=x)
+    lo, hi = cr.ci if cr.ci is not None else (None, None)
+    return {"value": cr.value, "interp": cr.interp, "ci_low": lo, "ci_high": hi,
+            "n_boot": cr.n_bootstrap if cr.ci is not None else 0, "ci_level": cr.ci_level,
+            "grid": list(cr.grid), "means": list(cr.means), "n_seeds": list(cr.n_seeds)}
+
+
+def amplification_table(align: pd.DataFrame, ranks: Sequence[int] = (4, 64)) -> tuple[pd.DataFrame, str]:
+    """Hu et al. Table 7 layout: rows ||U^T W V^T||_F for Delta W / W / random, ||W||_F, ||Delta W||_F, amplification.
+
+    Columns are the LoRA runs at ranks ``ranks`` (the available ones nearest to them
+    when absent) for the most common module type (q_proj preferred), averaged over
+    layers and seeds. Returns (table, caption).
+    """
+    lo = align[align["method"] == "lora"] if not align.empty else align
+    if lo.empty:
+        return pd.DataFrame(), ""
+    types = lo["module_type"].value_counts()
+    mtype = "q_proj" if "q_proj" in types.index else str(sorted(types.index, key=lambda t: (-types[t], t))[0])
+    lo = lo[lo["module_type"] == mtype]
+    avail = sorted(int(r) for r in lo["r"].dropna().unique())
+    chosen: list[int] = []
+    for want in ranks:
+        best = min(avail, key=lambda a: (abs(math.log(a) - math.log(want)), a))
+        if best not in chosen:
+            chosen.append(best)
+    rows = {"||U^T W V^T||_F, U,V from ΔW": "proj_delta", "||U^T W V^T||_F, U,V from W (top r)": "proj_weight",
+            "||U^T W V^T||_F, U,V random": "proj_random", "||W||_F": "weight_fro", "||ΔW||_F": "delta_fro",
+            "amplification ||ΔW||_F / ||U^T W V^T||_F": "amplification"}
+    data = {}
+    for r in chosen:
+        g = lo[lo["r"] == r]
+        data[f"r = {r}"] = [float(g[c].mean()) for c in rows.values()]
+    table = pd.DataFrame(data, index=list(rows)).reset_index(names="quantity")
+    layers = sorted(int(x) for x in lo["layer"].dropna().unique()) if "layer" in lo else []
+    cap = (f"{mtype}, mean over {len(layers) or lo['module'].nunique()} layer(s) and "
+           f"{lo['seed'].nunique()} seed(s); Hu et al. report layer 48 of GPT-3 Wq "
+           "(ΔW 0.32/1.90, W 21.67/37.71, random 0.02/0.33; amplification ≈21.5 / ≈2 at r=4/64).")
+    return table, cap
+
+
+
+def baseline(runs: pd.DataFrame, cells: pd.DataFrame, meta: Mapping[str, Any], score: str) -> dict[str, Any]:
+    """The study's d90 baseline (`idlab.d90.make_baseline`): ``subspace.baseline``, else the selected full-FT cell."""
+    from idlab.d90 import make_baseline
+
+    sub = (meta.get("study") or {}).get("subspace") or {}
+    threshold = float(sub.get("threshold", 0.9))
+    if sub.get("baseline") is not None:
+        b = make_baseline(float(sub["baseline"]), threshold, "global (fixed)")
+    else:
+        full = cells[(cells["method"] == "full") & cells["selected"]] if not cells.empty else cells
+        scores: list[float] = []
+        if not full.empty:  # the runs behind the selected full-FT cell's mean
+            sel = selected_runs(runs[runs["status"].isin(["ok", "diverged"])], full)
+            scores = [float(v) for v in sel[score].dropna()]
+        if not scores:
+            return {"value": None, "kind": "missing (no full fine-tuning result)", "threshold": threshold}
+        b = make_baseline(scores, threshold, f"local: full FT mean of {len(scores)} seed(s)")
+    return {"value": b.value, "kind": b.kind, "threshold": b.threshold, "target": b.target}
+
+
+def selected_runs(runs: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
+    """Runs at the selected learning rate of their cell."""
+    if cells.empty:
+        return runs.iloc[0:0]
+    sel = cells[cells["selected"]]
+    keys = [k for k in CELL_KEYS if k in runs] + ["lr"]
+
+    def key(df: pd.DataFrame) -> pd.Series:
+        return df[keys].astype(object).where(df[keys].notna(), "-").astype(str).agg("|".join, axis=1)
+
+    return runs[key(runs).isin(set(key(sel)))]
+
+
+def crossings(sel_runs: pd.DataFrame, cells: pd.DataFrame, target: float | None,
+               score: str) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """d90 per subspace variant and r90 per LoRA target set for one target score."""
+    d90: dict[str, dict[str, Any]] = {}
+    r90: dict[str, dict[str, Any]] = {}
+    if target is None:
+        return d90, r90
+    for v, g in groups(sel_runs[sel_runs["method"] == "subspace"], "variant"):
+        res = threshold_crossing(g, "d", target, score)
+        extra = g["trainable_parameters"].astype(float) - g["d"].astype(float)
+        res["extra"] = float(extra.median()) if len(extra) else 0.0  # directly trained head, counted
+        d90[v] = res
+    for v, g in groups(sel_runs[sel_runs["method"] == "lora"], "variant"):
+        res = threshold_crossing(g, "r", target, score)
+        if res["value"] is not None:
+            at = cells[(cells["variant"] == v) & cells["selected"] & (cells["r"] == res["value"])]
+            res["params"] = int(at["trainable_parameters"].iloc[0]) if len(at) else None
+            res["mean"] = float(at["mean"].iloc[0]) if len(at) else None
+        r90[v] = res
+    return d90, r90
+
+
+def majority_floor(runs: pd.DataFrame) -> float | None:
+    """Dev accuracy of always predicting the majority training class, when the metric is accuracy."""
+    if "majority_accuracy" not in runs or runs["metric"].dropna().iloc[0] != "accuracy":
+        return None
+    v = runs["majority_accuracy"].dropna()
+    return float(v.iloc[0]) if len(v) else None
+
+
+def thin_crossings(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Variants whose grid value rests on fewer seeds than the best-covered point of their curve."""
+    out = []
+    for v, res in sorted(results.items()):
+        if res["value"] is not None:  # the grid value is one of res["grid"]
+            n_at, n_max = dict(zip(res["grid"], res["n_seeds"]))[res["value"]], max(res["n_seeds"])
+            if n_at < n_max:
+                out.append(f"{v} ({n_at} of {n_max} seeds)")
+    return out
+
+
+
+
+__all__ = ["CELL_KEYS", "amplification_table", "baseline", "cell_table", "crossings", "groups",
+           "majority_floor", "selected_runs", "thin_crossings", "threshold_crossing"]
