@@ -45,8 +45,22 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-analysis", action="store_true", help="skip the Delta W analysis (spectra, phi, ...)")
     r.add_argument("--formats", default="png,pdf", help="figure formats, comma-separated (default png,pdf)")
     a = sub.add_parser("analyze", help="Parquet analysis tables (spectra, ranks, similarity, ...) of runs")
-    a.add_argument("run_dirs", nargs="+", help="run folders (with delta.safetensors) or a results folder")
-    a.add_argument("--out", default=None, help="output folder (default <first RUN_DIR's results root>/analysis)")
+    a.add_argument("run_dirs", nargs="+", help="run folders (with delta.safetensors), study folders or a results folder")
+    a.add_argument("--out", default=None, help="output folder (default <first RUN_DIR>/analysis)")
+    a.add_argument("--energy-p", type=float, default=0.9, help="p of the energy rank (default 0.9)")
+    a.add_argument("--no-similarity", action="store_true", help="skip subspace similarity")
+    a.add_argument("--side", choices=["right", "left"], default="right",
+                   help="singular vectors compared by phi (right = from A, Hu et al.)")
+    a.add_argument("--max-i", type=int, default=8, help="rows of the stored phi maps")
+    a.add_argument("--max-j", type=int, default=64, help="columns of the stored phi maps")
+    a.add_argument("--dense-subspace-dim", type=int, default=64, help="directions kept from dense updates for phi")
+    a.add_argument("--alignment-r", type=int, default=None,
+                   help="directions for the amplification (default: LoRA rank / energy rank)")
+    a.add_argument("--exclude-scale", action="store_true",
+                   help="use B @ A instead of (alpha/r) B @ A for the amplification")
+    a.add_argument("--intruder-k", type=int, default=10)
+    a.add_argument("--intruder-eps", type=float, default=0.5)
+    a.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see analyze_runs)")
     sub.add_parser("bench", help="run the benchmarks (bench/run_all.py)")
     return p
 
@@ -93,9 +107,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"idlab analyze: {e}", file=sys.stderr)
             return 1
         out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "analysis"
-        tables = analyze_runs(dirs, out)
+        tables = analyze_runs(
+            dirs, out, None, energy_p=args.energy_p, pairs="none" if args.no_similarity else "auto",
+            similarity_side=args.side, similarity_max_i=args.max_i, similarity_max_j=args.max_j,
+            dense_subspace_dim=args.dense_subspace_dim, alignment_r=args.alignment_r,
+            include_scale=not args.exclude_scale, intruder_k=args.intruder_k, intruder_eps=args.intruder_eps,
+            num_threads=args.threads)
         for name, df in tables.items():
-            print(f"{name}: {len(df)} rows -> {out}")
+            print(f"{name}: {len(df)} rows -> {out / (name + '.parquet')}")
+        for _, row in tables["notes"].iterrows():
+            print(f"note: {row['run_id']} {row['module']} [{row['table']}]: {row['note']}")
         return 0
     if args.command == "bench":
         try:

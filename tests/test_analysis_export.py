@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from idlab.analysis import (
-    analyze_main,
     analyze_runs,
     energy_rank,
     intruder_dimensions,
@@ -147,7 +146,9 @@ def test_analyze_without_base_and_cli(
     tables = analyze_runs([study / "runs" / "lora_r2_s0"], None)
     assert len(tables["alignment"]) == 0 and len(tables["intruders"]) == 0
     assert tables["notes"].note.str.contains("no base_weights").any()
-    assert analyze_main([str(study), "--out", str(tmp_path / "cli"), "--no-similarity"]) == 0
+    from idlab.cli import main
+
+    assert main(["analyze", str(study), "--out", str(tmp_path / "cli"), "--no-similarity"]) == 0
     assert (tmp_path / "cli" / "ranks.parquet").is_file()
     assert "ranks" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError):

@@ -11,14 +11,15 @@ avoidable) or a dense update Tensor (d_out, d_in) and computes in float64.
 - intruders:  ``intruder_dimensions`` -> ``IntruderResult``
 - convert:    ``to_lora`` (Eckart-Young), ``deltas_to_adapter`` (PEFT folder)
 - io:         ``save_deltas``, ``load_deltas``, ``load_delta_metadata``
-- export:     ``analyze_runs`` (Parquet tables), ``analyze_main`` (CLI entry)
+- export:     ``analyze_runs`` (Parquet tables; rows in ``rows``, run folders in ``runinfo``,
+              the report's use in ``pipeline``; command line: ``idlab analyze``)
 """
 
 from __future__ import annotations
 
 from idlab.analysis.alignment import AlignmentResult, weight_alignment, weight_singular_values
 from idlab.analysis.convert import deltas_to_adapter, to_lora
-from idlab.analysis.export import analyze_main, analyze_runs, parse_layer
+from idlab.analysis.export import analyze_runs, parse_layer
 from idlab.analysis.intruders import IntruderResult, intruder_dimensions, left_singular_basis
 from idlab.analysis.io import load_delta_metadata, load_deltas, save_deltas
 from idlab.analysis.similarity import (
@@ -51,7 +52,6 @@ __all__ = [
     "SpectrumSummary",
     "Svd",
     "Update",
-    "analyze_main",
     "analyze_runs",
     "check_update",
     "deltas_to_adapter",

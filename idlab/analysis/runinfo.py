@@ -1,0 +1,118 @@
+"""Run folders as the Delta W analysis sees them: `RunInfo`, `read_run`, `expand_run_dirs`,
+`auto_pairs`, and module-name helpers (`parse_layer`, `module_type`).
+
+Run folders are read through `idlab.runs` (`read_json`, `iter_result_files`), the one reader
+of the run-directory contract (docs/CONTRACTS.md).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from idlab.runs import RESULT_FILE, iter_result_files, read_json
+
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+
+
+def parse_layer(module: str) -> int | None:
+    """Layer index of a qualified module name (``model.layers.3.self_attn.q_proj`` -> 3)."""
+    m = _LAYER_RE.search(module)
+    return int(m.group(1)) if m else None
+
+
+def module_type(module: str) -> str:
+    """Last component of a qualified module name (``...self_attn.q_proj`` -> ``q_proj``)."""
+    return module.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What the analysis needs from one run directory."""
+
+    path: Path
+    run_id: str
+    study: str
+    status: str
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> str:
+        return str(self.config.get("model", ""))
+
+    def columns(self) -> dict[str, Any]:
+        """The run columns shared by every table."""
+        c = self.config
+        targets = c.get("target_modules")
+        if isinstance(targets, list | tuple):
+            targets = ",".join(str(t) for t in targets)
+        return {
+            "run_id": self.run_id,
+            "study": self.study,
+            "model": self.model,
+            "task": str(c.get("task", "")),
+            "method": str(c.get("method", "")),
+            "r": c.get("r"),
+            "d": c.get("d"),
+            "seed": c.get("seed"),
+            "target_modules": None if targets is None else str(targets),
+        }
+
+
+def read_run(path: str | Path) -> RunInfo:
+    """Read ``result.json`` of a run directory into a `RunInfo`."""
+    path = Path(path)
+    rj = path / RESULT_FILE
+    data = read_json(rj)
+    if data is None:
+        raise FileNotFoundError(f"{rj} does not exist or does not parse; pass run directories holding result.json")
+    return RunInfo(
+        path=path,
+        run_id=str(data.get("run_id") or path.name),
+        study=str(data.get("study", "")),
+        status=str(data.get("status", "ok")),
+        config=dict(data.get("config") or {}),
+    )
+
+
+def expand_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    """Run directories (holding ``result.json``) found at or below each path: a run dir, a
+    study dir, or a whole results folder; in-flight ``.tmp-*`` / ``.trash-*`` folders are
+    skipped. Sorted within each given path, duplicates dropped."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if (p / RESULT_FILE).is_file():
+            found = [p]
+        else:
+            if not p.is_dir():
+                raise FileNotFoundError(f"{p} is not a run directory, study directory or folder")
+            found = [q.parent for q in iter_result_files(p)]
+            if not found:
+                raise FileNotFoundError(f"no run directories (with result.json) under {p}")
+        out.extend(q for q in found if q not in out)
+    return out
+
+
+def auto_pairs(runs: Sequence[RunInfo]) -> list[tuple[RunInfo, RunInfo, str]]:
+    """Pairs for subspace similarity: same (model, task, method, target_modules, d) and
+    different r at equal seed ("rank", smaller r first) or equal r at different seeds ("seed")."""
+    pairs: list[tuple[RunInfo, RunInfo, str]] = []
+    for a_i, a in enumerate(runs):
+        for b in runs[a_i + 1 :]:
+            ca, cb = a.columns(), b.columns()
+            key = ("model", "task", "method", "target_modules", "d")
+            if any(ca[k] != cb[k] for k in key):
+                continue
+            if ca["r"] != cb["r"] and ca["seed"] == cb["seed"]:
+                lo, hi = (a, b) if (ca["r"] or 0) <= (cb["r"] or 0) else (b, a)
+                pairs.append((lo, hi, "rank"))
+            elif ca["r"] == cb["r"] and ca["seed"] != cb["seed"]:
+                pairs.append((a, b, "seed"))
+    return pairs
+
+
+
+__all__ = ["RunInfo", "auto_pairs", "expand_run_dirs", "module_type", "parse_layer", "read_run"]
