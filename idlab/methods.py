@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from idlab.config.run import RunConfig
 from idlab.config.schema import ModelConfig, TaskConfig
 from idlab.data.base import ClassificationTask, Task, index_inputs
+from idlab.models import head_module_name
 
 #: make_projection's keyword for what a Fastfood projection keeps (study option ``fastfood_state``).
 #: Today's projections call it ``cache_state``; the issue-13 engine renames it ``fastfood_state``
@@ -163,23 +164,6 @@ def _build_scratch_model(mcfg: ModelConfig, task: Task) -> nn.Module:
 def linear_weights(model: nn.Module) -> dict[str, Tensor]:
     """``{module name: weight}`` of every ``nn.Linear`` (2-D weights) in ``model``."""
     return {n: m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.ndim == 2}
-
-
-def head_module_name(model: nn.Module) -> str | None:
-    """Qualified name of the classification head (``score``, ``classifier``), or None."""
-    try:
-        from idlab.models import classifier_head_name
-
-        name = classifier_head_name(model)
-    except Exception:
-        name = None
-    modules = dict(model.named_modules())
-    if name and name in modules:
-        return name
-    for cand in ("score", "classifier"):
-        if cand in modules:
-            return cand
-    return None
 
 
 @dataclass
@@ -321,4 +305,4 @@ def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
 
 
 __all__ = ["FASTFOOD_STATE_KEYWORD", "Prepared", "build_task_and_model", "environment", "execute_run",
-           "head_module_name", "linear_weights", "prepare", "projection_options"]
+           "linear_weights", "prepare", "projection_options"]

@@ -265,19 +265,32 @@ def _model_type(model: nn.Module) -> str:
     return str(getattr(config, "model_type", ""))
 
 
-def classifier_head_name(model: nn.Module) -> str:
-    """Attribute name of a sequence-classification head: ``score`` (Llama) or ``classifier`` (BERT).
+def head_module_name(model: nn.Module) -> str | None:
+    """THE head finder: name of a sequence-classification head (``score``: Llama, ``classifier``: BERT), or None.
 
-    Pass it as ``modules_to_save`` to `idlab.lora.apply_lora` so the new head trains.
+    By ``config.model_type`` (`CLASSIFIER_HEADS`) when the model has that module, else the first
+    top-level ``score`` / ``classifier`` module. LoRA puts it in ``modules_to_save``; subspace
+    runs with ``head: train`` train it directly.
     """
-    mt = _model_type(model)
-    if mt in CLASSIFIER_HEADS:
-        return CLASSIFIER_HEADS[mt]
+    name = CLASSIFIER_HEADS.get(_model_type(model))
+    if name is not None and isinstance(getattr(model, name, None), nn.Module):
+        return name
     for cand in ("score", "classifier"):
         if isinstance(getattr(model, cand, None), nn.Module):
             return cand
-    raise ValueError(f"classifier_head_name: cannot tell the head of model_type {mt!r}; "
-                     "it has neither a 'score' nor a 'classifier' module")
+    return None
+
+
+def classifier_head_name(model: nn.Module) -> str:
+    """`head_module_name`, raising when the model has no classification head.
+
+    Pass it as ``modules_to_save`` to `idlab.lora.apply_lora` so the new head trains.
+    """
+    name = head_module_name(model)
+    if name is None:
+        raise ValueError(f"classifier_head_name: cannot tell the head of model_type {_model_type(model)!r}; "
+                         "it has neither a 'score' nor a 'classifier' module")
+    return name
 
 
 def load_model(
@@ -428,6 +441,7 @@ __all__ = [
     "OFFLINE_ALIASES",
     "LeNet",
     "classifier_head_name",
+    "head_module_name",
     "idlab_cache_dir",
     "lenet",
     "load_model",

@@ -137,3 +137,26 @@ def test_check_study_never_loads_a_model(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(ConfigError, match=r"model\.name"):
         check_study(study_from_dict({"task": "glue/mrpc"}))
     check_study(study_from_dict({"task": "digits"}))  # the defaults run
+
+
+def test_smoke_config_states_the_split_sizes_of_its_data() -> None:
+    import re
+
+    from idlab.data.vision import digits_task
+
+    header = (CONFIGS / "smoke.yaml").read_text()
+    m = re.search(r"([\d,]+) train / ([\d,]+) val", header)
+    assert m is not None
+    task = digits_task(flatten=True)
+    assert (int(m.group(1).replace(",", "")), int(m.group(2).replace(",", ""))) == (task.num_train, len(task.y_val))
+
+
+def test_make_help_lists_every_target() -> None:
+    import re
+
+    text = (CONFIGS.parents[1] / "Makefile").read_text()
+    phony = re.search(r"^\.PHONY: (.*)$", text, re.M)
+    assert phony is not None
+    help_text = text[text.index("\nhelp:"):]
+    for target in phony.group(1).split():
+        assert re.search(rf"(\s|:){re.escape(target)}[\s:]", help_text), target

@@ -1,4 +1,4 @@
-"""Turn any update into a LoRA adapter by Eckart-Young truncation (SCIENCE.md section 4).
+"""Turn any update into a LoRA adapter by Eckart-Young truncation (docs/SCIENCE.md section 4).
 
 With Delta W = U S Vh (thin SVD), the best rank-r approximation in Frobenius (and spectral)
 norm is U_r S_r Vh_r. As LoRA factors::

@@ -9,7 +9,7 @@ Computed for every (i, j) at once from M = U1^T U2 (p1, p2): the squared norm of
 top-left i x j block is the 2-D cumulative sum of M**2, so the whole map costs one
 matrix product and two cumsums.
 
-Conventions (SCIENCE.md section 3):
+Conventions (docs/SCIENCE.md section 3):
 
 - Hu et al. compare the *right* singular vectors (in R^{d_in}, the row space of A);
   ``subspace_of(..., side="right")`` is the default. ``side="left"`` takes the left

@@ -4,7 +4,7 @@ An update is either a `LowRankDelta` (Delta W = scale * B @ A, B (d_out, r), A (
 or a dense Tensor (d_out, d_in) such as W_ft - W_0 of full fine-tuning or a subspace run.
 
 For a `LowRankDelta` the SVD is exact and never forms the d_out x d_in matrix
-(SCIENCE.md section 4)::
+(docs/SCIENCE.md section 4)::
 
     QR(B) = Q_B R_B,  QR(A^T) = Q_A R_A,  scale * R_B R_A^T = U' S V'^T
     Delta W = (Q_B U') S (Q_A V')^T,   U = Q_B U',  V = Q_A V'
