@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from collections.abc import Sequence
@@ -119,14 +118,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"note: {row['run_id']} {row['module']} [{row['table']}]: {row['note']}")
         return 0
     if args.command == "bench":
-        try:
-            bench = importlib.import_module("bench.run_all")
-        except ImportError as e:
-            print(f"idlab bench: bench/run_all.py not importable ({e}); run from the repository root",
-                  file=sys.stderr)
+        # the benchmarks are repository scripts, not part of the library: run them as a command
+        # from the repository root (as `make bench` does), never imported from here
+        if not (Path.cwd() / "bench" / "run_all.py").is_file():
+            print("idlab bench: no bench/run_all.py in the current folder; run it from the repository root "
+                  "(or `make bench`)", file=sys.stderr)
             return 1
-        bench.main([])
-        return 0
+        import subprocess
+
+        return subprocess.call([sys.executable, "-m", "bench.run_all"])
     return 2  # pragma: no cover
 
 
