@@ -1,64 +1,14 @@
-"""d90: the smallest subspace dimension reaching 90% of the baseline (Li et al. 2018).
-
-This module is the one owner of the d90 / r90 estimator (docs/SCIENCE.md section 1): the
-threshold and baseline (`make_baseline`), the crossing (`threshold_crossing`), the
-bootstrap interval, and the adaptive search (`find_d90`). The report (r90 uses the same
-crossing over LoRA rank r), the sweep's ``d: auto`` refinement (`next_bisection`) and
-``experiments/li2018.py`` all call it, so the same runs give the same d90 everywhere.
-
-Definitions (scores are higher-is-better; x = d, or the LoRA rank r for r90):
-
-- target = threshold * baseline; baseline = a fixed value ("global", e.g. 1.0 on MNIST)
-  or the mean of direct-training scores ("local", full fine-tuning).
-- m(x) = seed-mean score at x over every seed evaluated there; a NaN score (a diverged
-  run) counts as a failure (-inf), so a point with a diverged seed does not pass.
-- d90 = the smallest evaluated x with m(x) >= target (the "grid value").
-- d90_interp: THE interpolation rule is linear in log x between that point x_b and the
-  largest evaluated point below it x_a::
-
-      t = (target - m_a) / (m_b - m_a),   d90_interp = exp(log x_a + t (log x_b - log x_a))
-
-  Why log: every grid idlab evaluates is log-spaced (the scan multiplies by ``factor``,
-  bisection takes the geometric midpoint round(sqrt(lo hi)), ``d: auto`` has 1-3 points per
-  decade, LoRA ranks double), and score curves rise roughly linearly in log d (Li et al.
-  Fig. 3; Aghajanyan et al. Fig. 1), which is also the axis every d90 figure is drawn on.
-  Linear-in-x interpolation on such a grid pulls the crossing towards the upper point
-  (between 1,000 and 10,000 halfway in score is 5,500 instead of 3,162). d90_interp = x_b
-  when x_b is the smallest point, when m_a = m_b, or when m_a = -inf.
-- Bootstrap: ``n_bootstrap`` (default 1,000) resamples, seeded (``bootstrap_seed``, 0). Each
-  resample draws k seeds with replacement from the k distinct seeds and uses the SAME draw at
-  every x (a seed's runs at different x share its initialisation); m(x) is the mean over the
-  drawn seeds present at x (with multiplicity), or the full mean at x when none of them is.
-  The interval ``ci`` is the percentile interval at ``ci_level`` (default 0.95: the 2.5% and
-  97.5% order statistics); a resample in which no x passes gives +inf ("not reached"), and
-  ``d90_std`` is the standard deviation of the finite resamples.
-
-`find_d90` searches d adaptively instead of on a hand-written grid:
-
-1. coarse log-spaced scan d_k = ceil(d_start * factor^k) (upwards until the first
-   d whose seed-mean score passes; downwards from ``d_start`` while it passes),
-2. integer bisection on a log scale, `bisection_point` = round(sqrt(lo * hi)), between the
-   last failing and the first passing d until (hi - lo) / hi <= rtol or hi - lo = 1,
-3. d90, d90_interp and the bootstrap as above (`analyze_d90`).
-
-Every (d, seed) is evaluated at most once (cached; ``prior`` evaluations are
-reused). A NaN score raises by default; ``on_nan="fail"`` records it and counts it
-as a failure.
-"""
+"""The d90 / r90 estimator: baseline and target, crossing, joint seed bootstrap (rules: `idlab.d90`)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
-
-__all__ = ["Baseline", "Crossing", "D90Result", "analyze_d90", "bisection_point", "crossing", "find_d90",
-           "interpolate_log", "make_baseline", "next_bisection", "seed_mean",
-           "threshold_crossing"]
 
 
 @dataclass(frozen=True)
@@ -187,19 +137,6 @@ def make_baseline(baseline: float | Sequence[float], threshold: float = 0.9, kin
     if not (math.isfinite(threshold) and threshold > 0):
         raise ValueError(f"d90: threshold must be a positive number, got {threshold}")
     return Baseline(value, kind or default, runs, float(threshold), float(threshold) * value)
-
-
-def _check_score(d: int, seed: int, score: Any, on_nan: str) -> float:
-    try:
-        v = float(score)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"find_d90: evaluate(d={d}, seed={seed}) returned {score!r}, not a float") from e
-    if math.isnan(v) and on_nan == "raise":
-        raise ValueError(
-            f"find_d90: evaluate(d={d}, seed={seed}) returned NaN; fix the run, or pass "
-            "on_nan='fail' to count NaN (diverged) runs as failures"
-        )
-    return v
 
 
 def seed_mean(vals: Iterable[float]) -> float:
@@ -405,133 +342,5 @@ def analyze_d90(
                      evaluations=df, **common)  # type: ignore[arg-type]
 
 
-def find_d90(
-    evaluate: Callable[[int, int], float],
-    baseline: float | Sequence[float],
-    threshold: float = 0.9,
-    seeds: Sequence[int] = (0, 1, 2),
-    d_min: int = 1,
-    d_max: int | None = None,
-    *,
-    d_start: int | None = None,
-    factor: float = 2.0,
-    rtol: float = 0.05,
-    baseline_kind: str | None = None,
-    on_nan: Literal["raise", "fail"] = "raise",
-    prior: pd.DataFrame | Mapping[tuple[int, int], float] | None = None,
-    n_bootstrap: int = 1000,
-    ci_level: float = 0.95,
-    bootstrap_seed: int = 0,
-    log: Callable[[str], None] | None = None,
-) -> D90Result:
-    """Find d90 with a log-spaced scan, log-scale bisection and a seed bootstrap.
-
-    Args:
-        evaluate: ``evaluate(d, seed) -> score`` (higher is better), e.g. the
-            validation accuracy after training a `SubspaceModel` of dimension d.
-        baseline: a float (global baseline) or the scores of direct-training runs
-            (local baseline: their mean).
-        threshold: fraction of the baseline to reach; target = threshold * baseline.
-        seeds: seeds evaluated at every d; the decision uses their mean.
-        d_min, d_max: search range (d_max None: unbounded scan).
-        d_start: first d of the scan (default d_min); scans down while it passes.
-        factor: ratio of successive scan points (> 1).
-        rtol: stop bisecting when (hi - lo) / hi <= rtol (or hi - lo == 1).
-        baseline_kind: label overriding "global"/"local".
-        on_nan: "raise" (ValueError naming d and seed) or "fail" (NaN = failure).
-        prior: earlier evaluations (DataFrame d/seed/score or {(d, seed): score}),
-            reused instead of re-running (not counted in n_evaluations).
-        n_bootstrap, ci_level, bootstrap_seed: bootstrap settings.
-        log: optional callback receiving one line per evaluated d.
-
-    Returns:
-        `D90Result`; ``d90 is None`` (with a message) if no d in range passes.
-
-    Raises:
-        ValueError: bad range / factor / rtol / threshold / baseline, or a NaN score
-            with ``on_nan="raise"``.
-    """
-    base = make_baseline(baseline, threshold, baseline_kind)
-    target = base.target
-    seeds = tuple(int(s) for s in seeds)
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"find_d90: seeds must be a non-empty sequence of distinct ints, got {seeds}")
-    if d_min < 1:
-        raise ValueError(f"find_d90: d_min must be >= 1, got {d_min}")
-    if d_max is not None and d_max < d_min:
-        raise ValueError(f"find_d90: d_max={d_max} < d_min={d_min}")
-    start = d_min if d_start is None else d_start
-    if start < d_min or (d_max is not None and start > d_max):
-        raise ValueError(f"find_d90: d_start={start} is outside [d_min={d_min}, d_max={d_max}]")
-    if not factor > 1:
-        raise ValueError(f"find_d90: factor must be > 1, got {factor}")
-    if not 0 < rtol < 1:
-        raise ValueError(f"find_d90: rtol must be in (0, 1), got {rtol}")
-    if on_nan not in ("raise", "fail"):
-        raise ValueError(f"find_d90: on_nan must be 'raise' or 'fail', got {on_nan!r}")
-
-    cache: dict[tuple[int, int], tuple[float, str]] = {}
-    if prior is not None:
-        items = (
-            {(d_, s_): v_ for d_, s_, v_, _ in _rows(prior)}
-            if isinstance(prior, pd.DataFrame)
-            else {(int(d), int(s)): float(v) for (d, s), v in prior.items()}
-        )
-        cache.update({k: (v, "prior") for k, v in items.items()})
-    n_calls = 0
-
-    def mean_at(d: int, phase: str) -> float:
-        nonlocal n_calls
-        vals = []
-        for s in seeds:
-            if (d, s) not in cache:
-                v = _check_score(d, s, evaluate(d, s), on_nan)
-                n_calls += 1
-                cache[(d, s)] = (v, phase)
-            vals.append(cache[(d, s)][0])
-        m = seed_mean(vals)
-        if log is not None:
-            log(f"d={d}: mean {m:.4f} ({'pass' if m >= target else 'fail'}, target {target:.4f})")
-        return m
-
-    lo: int | None = None  # largest known failing d
-    hi: int | None = None  # smallest known passing d
-    d = start
-    if mean_at(d, "scan") >= target:
-        hi = d
-        while d > d_min:  # scan down while passing
-            d = max(d_min, math.floor(d / factor))
-            if mean_at(d, "scan") >= target:
-                hi = d
-            else:
-                lo = d
-                break
-    else:
-        lo = d
-        while True:
-            if d_max is not None and d >= d_max:
-                break
-            nd = max(d + 1, math.ceil(d * factor))
-            d = nd if d_max is None else min(nd, d_max)
-            if mean_at(d, "scan") >= target:
-                hi = d
-                break
-            lo = d
-    if hi is not None and lo is not None:
-        while hi - lo > 1 and (hi - lo) / hi > rtol:
-            mid = bisection_point(lo, hi)
-            if mean_at(mid, "bisect") >= target:
-                hi = mid
-            else:
-                lo = mid
-    df = pd.DataFrame(
-        [{"d": d_, "seed": s_, "score": v, "phase": ph} for (d_, s_), (v, ph) in cache.items()],
-        columns=["d", "seed", "score", "phase"],
-    )
-    res = analyze_d90(
-        df, base.runs if base.runs else base.value, threshold, baseline_kind=base.kind,
-        n_bootstrap=n_bootstrap, ci_level=ci_level, bootstrap_seed=bootstrap_seed, n_evaluations=n_calls,
-    )
-    if res.d90 is None and d_max is not None:
-        object.__setattr__(res, "message", f"no d <= d_max={d_max} reached the target: " + res.message)
-    return res
+__all__ = ["Baseline", "Crossing", "D90Result", "analyze_d90", "bisection_point", "crossing", "interpolate_log",
+           "make_baseline", "next_bisection", "seed_mean", "threshold_crossing"]
