@@ -203,6 +203,9 @@ class TrainSettings:
     schedule: Literal["constant", "linear", "cosine"] = field(default="constant", metadata=_help("lr decay"))
     warmup_steps: int = field(default=0, metadata=_help("linear warmup steps"))
     grad_clip: float | None = field(default=None, metadata=_help("clip the gradient norm (null: off)"))
+    precision: Literal["auto", "fp32", "tf32", "bf16-mixed", "bf16"] = field(
+        default="auto", metadata=_help("auto | fp32 | tf32 | bf16-mixed | bf16 (see idlab.training.TrainConfig)")
+    )
 
 
 @dataclass(frozen=True)
