@@ -216,7 +216,9 @@ class SlurmConfig:
     time_min: int = field(default=60, metadata=_help("time limit per run, minutes"))
     gpus_per_node: int = field(default=1, metadata=_help("GPUs per array task"))
     cpus_per_task: int = field(default=4, metadata=_help("CPUs per array task"))
-    mem_gb: int = field(default=32, metadata=_help("memory per array task, GB"))
+    mem_gb: int | None = field(
+        default=None, metadata=_help("host memory per array task, GB (null: the largest run's figure from idlab plan)")
+    )
     array_parallelism: int = field(default=16, metadata=_help("array tasks running at once"))
     account: str | None = field(default=None, metadata=_help("Slurm account"))
     qos: str | None = field(default=None, metadata=_help("Slurm QOS"))

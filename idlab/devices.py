@@ -25,14 +25,16 @@ from typing import Literal
 
 import torch
 
+from idlab.config import ConfigError
+
 Precision = Literal["auto", "fp32", "tf32", "bf16-mixed", "bf16"]
 #: Allowed values of ``train.precision``.
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "tf32", "bf16-mixed", "bf16")
 _LOW = (torch.bfloat16, torch.float16)
 
 
-class DeviceError(ValueError):
-    """A device, precision or CUDA_VISIBLE_DEVICES value this machine cannot honour."""
+class DeviceError(ConfigError):
+    """A device, precision or CUDA_VISIBLE_DEVICES value this machine cannot honour (a `ConfigError`)."""
 
 
 # --------------------------------------------------------------------------- devices
