@@ -431,7 +431,8 @@ def preflight(study: StudyConfig) -> str:
         workers = multigpu_workers(study)
         dev = torch.device("cpu" if study.device == "cpu" else "cuda:0")
         prec = resolve_precision(study.train.precision, dev, dtypes)
-        return f"executor multigpu: {len(workers)} worker(s) on CUDA_VISIBLE_DEVICES {workers}, precision {prec}"
+        where = "on the CPU (device: cpu)" if dev.type == "cpu" else f"on CUDA_VISIBLE_DEVICES {workers}"
+        return f"executor multigpu: {len(workers)} worker(s) {where}, precision {prec}"
     dev = resolve_device(study.device)
     return f"device {dev}, precision {resolve_precision(study.train.precision, dev, dtypes)}"
 
