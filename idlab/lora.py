@@ -316,13 +316,16 @@ def _active_adapter(model: nn.Module, adapter_name: str | None) -> str:
     return str(active)
 
 
-def lora_deltas(model: nn.Module, adapter_name: str | None = None) -> dict[str, LowRankDelta]:
+def lora_deltas(model: nn.Module, adapter_name: str | None = None,
+                with_base: bool = True) -> dict[str, LowRankDelta]:
     """One `LowRankDelta` per LoRA-adapted linear layer of a PEFT model.
 
     Delta W = scale * B @ A with B = ``lora_B.weight`` (d_out, r), A = ``lora_A.weight``
     (r, d_in) (detached copies), ``scale`` = PEFT's ``scaling[adapter]`` (alpha/r,
     alpha/sqrt(r) with rsLoRA, or the module's rank_pattern / alpha_pattern values) and
-    ``base_weight`` = W_0 (the frozen base weight, a detached view, laid out (d_out, d_in)).
+    ``base_weight`` = W_0 (the frozen base weight, a detached view on its device, laid out
+    (d_out, d_in); never copied), or None with ``with_base=False`` -- what a caller that moves the
+    deltas to the host passes, so that no W_0 (26 GB in float32 for Llama-2-7B all-linear) follows.
 
     Keys (and ``.name``) are the base model's qualified module names without PEFT's
     ``base_model.model.`` prefix, e.g. ``model.layers.0.self_attn.q_proj``.
@@ -347,8 +350,8 @@ def lora_deltas(model: nn.Module, adapter_name: str | None = None) -> dict[str, 
                              "call model.unmerge_adapter() first")
         if module.use_dora.get(adapter, False):
             raise ValueError(f"lora_deltas: {key!r} uses DoRA, whose update is not scale * B @ A")
-        base = module.get_base_layer().weight.detach()
-        if getattr(module, "fan_in_fan_out", False):
+        base = module.get_base_layer().weight.detach() if with_base else None
+        if base is not None and getattr(module, "fan_in_fan_out", False):
             base = base.T  # Conv1D stores (d_in, d_out)
         out[key] = LowRankDelta(
             B=module.lora_B[adapter].weight.detach().clone(),

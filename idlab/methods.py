@@ -3,7 +3,9 @@
 `prepare` turns (base model, run config) into the model to train:
 
 - ``full``: every parameter trainable; W_0 of every 2-D ``nn.Linear`` weight is
-  cloned before training and Delta W = W_ft - W_0 is extracted after.
+  copied to the host (as loaded) before training and Delta W = W_ft - W_0 is taken in
+  float32 after: exact under fp32 / tf32 / bf16-mixed (float32 master weights); under pure
+  ``bf16`` precision it is the difference of the bf16-rounded weights (rounded).
 - ``lora``: `idlab.lora.apply_lora` (a classification head goes to
   ``modules_to_save``, i.e. it is trained directly and counted); Delta W from
   `idlab.lora.lora_deltas`; the adapter is saved in PEFT format.
@@ -180,7 +182,7 @@ class Prepared:
         """Delta W per module name (Tensor (d_out, d_in) or LowRankDelta), on the CPU."""
         out = {}
         for k, v in self.extract().items():
-            out[k] = v.detach().float().cpu() if isinstance(v, Tensor) else v.to(dtype=torch.float32, device="cpu")
+            out[k] = v.detach().cpu().float() if isinstance(v, Tensor) else v.to(dtype=torch.float32, device="cpu")
         return out
 
 
@@ -202,10 +204,15 @@ def prepare(model: nn.Module, run: RunConfig) -> Prepared:
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
-        w0 = {n: w.detach().clone().cpu() for n, w in linear_weights(model).items()}
+        # theta_0 on the host, as loaded (a bf16 model's copy is exact at 2 B per entry)
+        w0 = {n: w.detach().to("cpu", copy=True) for n, w in linear_weights(model).items()}
 
         def extract_full() -> dict[str, Any]:
-            return {n: w.detach().cpu() - w0[n].to(w.dtype) for n, w in linear_weights(model).items()}
+            # Delta W = W_ft - W_0 in float32, against W_0 rounded to the dtype W trained in: exact for
+            # fp32 and bf16-mixed (fp32 master weights; a bf16 W_0 is exact in fp32); with pure bf16
+            # precision it is the exact difference of the bf16-rounded weights the run trained
+            return {n: w.detach().cpu().float() - w0[n].to(w.dtype).float()
+                    for n, w in linear_weights(model).items()}
 
         return Prepared(model, total, {"head": "train"}, extract_full)
     if method == "lora":
@@ -223,7 +230,7 @@ def prepare(model: nn.Module, run: RunConfig) -> Prepared:
             save_adapter(peft_model, d / "adapter")
 
         return Prepared(peft_model, total, {"head": "train" if head else "none", "head_module": head},
-                        lambda: dict(lora_deltas(peft_model)), save_lora)
+                        lambda: dict(lora_deltas(peft_model, with_base=False)), save_lora)
     if method == "subspace":
         from idlab.subspace import SubspaceModel
 
@@ -283,7 +290,8 @@ def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
             "status": status, "error": res.error, "metrics": res.metrics, "best": res.best, "curve": res.curve,
             "steps": res.steps, "trainable_parameters": res.trainable_parameters,
             "total_parameters": prep.total_parameters, "train_time_s": res.wall_time_s,
-            "peak_memory_bytes": res.peak_memory_bytes, "device": res.device, "task_info": task.describe(),
+            "peak_memory_bytes": res.peak_memory_bytes, "device": res.device, "precision": res.precision,
+            "task_info": task.describe(),
             "metric": task.metric, "higher_is_better": task.higher_is_better, "method_info": prep.info,
         })
         writer: Callable[[Path], None] | None = None

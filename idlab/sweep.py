@@ -12,10 +12,14 @@
   bisection points inside the bracket where the seed-mean performance crosses
   ``threshold x baseline``. The refinement points are a function of the stored
   results only, so a restarted sweep recomputes the same ones.
-- Executors: ``local`` (in-process), ``multigpu`` (one worker process per GPU,
-  ``CUDA_VISIBLE_DEVICES`` set per worker, runs pulled from a shared queue),
-  ``slurm`` (submitit job array, one run per task; ``slurm.backend=local|debug``
-  uses submitit's LocalExecutor / DebugExecutor, for offline tests).
+- Executors: ``local`` (in-process), ``multigpu`` (one worker process per device the
+  parent sees, each given the parent's own ``CUDA_VISIBLE_DEVICES`` entry -- index or
+  UUID -- for its device; runs pulled from a shared queue), ``slurm`` (submitit job
+  array, one run per task; ``slurm.backend=local|debug`` uses submitit's LocalExecutor /
+  DebugExecutor, for offline tests; ``slurm.mem_gb`` defaults to `idlab.plan`'s figure).
+- Device and precision (``device``, ``train.precision``, both ``auto`` by default) are
+  resolved where the runs execute: checked up front for ``local`` / ``multigpu``
+  (`preflight`, before anything is written), on each compute node for ``slurm``.
 """
 
 from __future__ import annotations
@@ -252,10 +256,15 @@ def _short(cfg: RunConfig) -> str:
     return cfg.label()
 
 
-def _gpu_worker(gpu: int, study_dir: str, study_name: str, retry_failed: bool, queue: Any, done: Any,
+def _gpu_worker(visible: str, study_dir: str, study_name: str, retry_failed: bool, queue: Any, done: Any,
                 device: str = "cuda:0") -> None:
-    """One worker process per GPU: pulls (run id, config) from ``queue`` until a None arrives."""
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before torch initialises CUDA in this process
+    """One worker process per GPU: pulls (run id, config) from ``queue`` until a None arrives.
+
+    ``visible`` is the parent's own ``CUDA_VISIBLE_DEVICES`` entry for this worker's device (an
+    index, a GPU-/MIG- UUID), set before torch initialises CUDA here: the worker sees that one
+    device, as ``cuda:0``.
+    """
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible
     while True:
         item = queue.get()
         if item is None:
@@ -268,29 +277,36 @@ def _gpu_worker(gpu: int, study_dir: str, study_name: str, retry_failed: bool, q
         done.put((rid, status))
 
 
+def multigpu_workers(study: StudyConfig) -> list[str]:
+    """The ``CUDA_VISIBLE_DEVICES`` value of each multigpu worker (`idlab.devices.worker_devices`).
+
+    ``device: cpu`` keeps the worker plumbing usable without GPUs (one CPU worker per ``gpus``
+    entry, default one). Raises `idlab.devices.DeviceError` when no GPU is visible.
+    """
+    if study.device == "cpu":
+        return [str(g) for g in (study.gpus if study.gpus is not None else (0,))]
+    from idlab.devices import worker_devices
+
+    return worker_devices(study.gpus)
+
+
 def _run_multigpu(study: StudyConfig, pending: Sequence[Run]) -> None:
     import multiprocessing as mp
 
-    gpus = list(study.gpus) if study.gpus is not None else None
-    if gpus is None:
-        import torch
-
-        gpus = list(range(torch.cuda.device_count()))
-    if not gpus:
-        raise RuntimeError("executor=multigpu: no CUDA device visible; use executor=local or set gpus=[0,1,...]")
+    workers = multigpu_workers(study)
     ctx = mp.get_context("spawn")
     queue, done = ctx.Queue(), ctx.Queue()
     for item in pending:
         queue.put(item)
-    for _ in gpus:
+    for _ in workers:
         queue.put(None)
-    # device=cpu keeps the worker plumbing testable on machines without GPUs
-    device = "cpu" if study.device == "cpu" else "cuda:0"
-    procs = [ctx.Process(target=_gpu_worker, args=(g, str(study.study_dir()), study.name, study.retry_failed,
-                                                    queue, done, device), daemon=False) for g in gpus]
+    device = "cpu" if study.device == "cpu" else "cuda:0"  # each worker sees its one GPU as cuda:0
+    procs = [ctx.Process(target=_gpu_worker, args=(w, str(study.study_dir()), study.name, study.retry_failed,
+                                                    queue, done, device), daemon=False) for w in workers]
     for p in procs:
         p.start()
-    bar = _progress(len(pending), f"{study.name} ({len(gpus)} GPUs)")
+    label = f"{len(workers)} CPU workers" if device == "cpu" else f"{len(workers)} GPUs: {','.join(workers)}"
+    bar = _progress(len(pending), f"{study.name} ({label})")
     finished = 0
     try:
         while finished < len(pending):
@@ -310,7 +326,40 @@ def _run_multigpu(study: StudyConfig, pending: Sequence[Run]) -> None:
             p.join(timeout=10)
 
 
-def _slurm_executor(study: StudyConfig) -> Any:
+def slurm_parameters(study: StudyConfig, mem_gb: int) -> dict[str, Any]:
+    """submitit ``AutoExecutor.update_parameters`` keywords for one array task per run."""
+    s = study.slurm
+    params: dict[str, Any] = {"timeout_min": s.time_min, "gpus_per_node": s.gpus_per_node,
+                              "cpus_per_task": s.cpus_per_task, "mem_gb": mem_gb,
+                              "slurm_array_parallelism": s.array_parallelism, "name": f"idlab-{study.name}"}
+    if s.partition:
+        params["slurm_partition"] = s.partition
+    extra = {k: v for k, v in (("account", s.account), ("qos", s.qos), ("constraint", s.constraint)) if v}
+    if extra:
+        params["slurm_additional_parameters"] = extra
+    return params
+
+
+def slurm_mem_gb(study: StudyConfig, pending: Sequence[Run]) -> tuple[int, str]:
+    """``slurm.mem_gb`` if set, else the largest host memory `idlab.plan` projects for ``pending``.
+
+    Returns (GB, where it came from). Raises ConfigError when the plan cannot be made.
+    """
+    if study.slurm.mem_gb is not None:
+        return int(study.slurm.mem_gb), "slurm.mem_gb"
+    from idlab.config import ConfigError
+    from idlab.plan import plan_runs
+
+    try:
+        plans = plan_runs(study, pending)
+    except Exception as e:
+        raise ConfigError(f"slurm.mem_gb is null (take it from `idlab plan`) but planning failed: "
+                          f"{type(e).__name__}: {e}; set slurm.mem_gb=<GB>") from None
+    worst = max(plans, key=lambda p: p.slurm_mem_gb)
+    return worst.slurm_mem_gb, f"idlab plan (largest run: {worst.label})"
+
+
+def _slurm_executor(study: StudyConfig, mem_gb: int | None = None) -> Any:
     import submitit
 
     s = study.slurm
@@ -323,24 +372,23 @@ def _slurm_executor(study: StudyConfig) -> Any:
         ex.update_parameters(timeout_min=s.time_min)
     else:
         ex = submitit.AutoExecutor(folder=folder)
-        params: dict[str, Any] = {"timeout_min": s.time_min, "gpus_per_node": s.gpus_per_node,
-                                  "cpus_per_task": s.cpus_per_task, "mem_gb": s.mem_gb,
-                                  "slurm_array_parallelism": s.array_parallelism, "name": f"idlab-{study.name}"}
-        if s.partition:
-            params["slurm_partition"] = s.partition
-        extra = {k: v for k, v in (("account", s.account), ("qos", s.qos), ("constraint", s.constraint)) if v}
-        if extra:
-            params["slurm_additional_parameters"] = extra
-        ex.update_parameters(**params)
+        ex.update_parameters(**slurm_parameters(study, int(mem_gb if mem_gb is not None else s.mem_gb or 0)))
     return ex
 
 
 def _run_slurm(study: StudyConfig, pending: Sequence[Run]) -> None:
-    ex = _slurm_executor(study)
+    mem_gb: int | None = None
+    if study.slurm.backend == "slurm":
+        mem_gb, source = slurm_mem_gb(study, pending)
+        print(f"slurm: mem_gb={mem_gb} per array task (from {source}), {study.slurm.gpus_per_node} GPU(s) per task",
+              file=sys.stderr)
+    print(f"slurm: device={study.device!r} and train.precision={study.train.precision!r} are resolved on each "
+          f"compute node ({_here()})", file=sys.stderr)
+    ex = _slurm_executor(study, mem_gb)
     n = len(pending)
     sd = str(Path(study.study_dir()).resolve())
     jobs = ex.map_array(run_one, [sd] * n, [study.name] * n, [rid for rid, _ in pending],
-                        [cfg for _, cfg in pending], ["auto"] * n, [study.retry_failed] * n)
+                        [cfg for _, cfg in pending], [study.device] * n, [study.retry_failed] * n)
     print(f"submitted {len(jobs)} array task(s) via submitit ({study.slurm.backend}); job ids "
           f"{jobs[0].job_id}..{jobs[-1].job_id}" if jobs else "nothing submitted", file=sys.stderr)
     bar = _progress(n, f"{study.name} (slurm)")
@@ -351,6 +399,39 @@ def _run_slurm(study: StudyConfig, pending: Sequence[Run]) -> None:
             bar.write(f"run {rid}: slurm task {job.job_id} failed: {type(e).__name__}: {str(e)[:300]}")
         bar.update(1)
     bar.close()
+
+
+def _here() -> str:
+    """What this (submitting) host would resolve, for the record."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"this host has {torch.cuda.device_count()} CUDA device(s)"
+    return "this host has no CUDA device: on a GPU node auto gives cuda and bf16-mixed where supported"
+
+
+def preflight(study: StudyConfig) -> str:
+    """Check what this host must honour before anything is written; returns a one-line summary.
+
+    ``local``: device and precision resolved here (`idlab.devices`). ``multigpu``: the workers'
+    devices (and precision on the first). ``slurm``: nothing to resolve here (the compute node
+    does). Raises `idlab.devices.DeviceError` (a ConfigError) naming the value and the fix.
+    """
+    import torch
+
+    from idlab.devices import resolve_device, resolve_precision
+
+    dtypes = [getattr(torch, study.model.dtype)]
+    if study.executor == "slurm":
+        return f"executor slurm: device={study.device} / precision={study.train.precision} resolved on the nodes"
+    if study.executor == "multigpu":
+        workers = multigpu_workers(study)
+        dev = torch.device("cpu" if study.device == "cpu" else "cuda:0")
+        prec = resolve_precision(study.train.precision, dev, dtypes)
+        where = "on the CPU (device: cpu)" if dev.type == "cpu" else f"on CUDA_VISIBLE_DEVICES {workers}"
+        return f"executor multigpu: {len(workers)} worker(s) {where}, precision {prec}"
+    dev = resolve_device(study.device)
+    return f"device {dev}, precision {resolve_precision(study.train.precision, dev, dtypes)}"
 
 
 EXECUTORS = {"local": _run_local, "multigpu": _run_multigpu, "slurm": _run_slurm}
@@ -401,6 +482,8 @@ def run_sweep(study: StudyConfig, dry_run: bool = False, out: Any = None) -> Swe
     check_study(study)  # task, model/task fit, model files: before anything is written (ConfigError)
     out = out or sys.stdout
     t0 = time.perf_counter()
+    resolved = preflight(study)  # before anything is written: a bad device / precision stops here
+    print(resolved, file=out)
     store = RunStore(study.study_dir())
     removed = store.clean_stale()
     if removed:
@@ -442,13 +525,35 @@ def run_sweep(study: StudyConfig, dry_run: bool = False, out: Any = None) -> Swe
     return summary
 
 
-def resolve_config_path(config: str) -> Path:
-    """``auto`` -> gpu_study.yaml with CUDA, else cpu_study.yaml; a bare name -> experiments/configs/<name>.yaml."""
+def auto_config(overrides: Sequence[str] = ()) -> tuple[str, str]:
+    """What ``CONFIG=auto`` means for runs that execute where the overrides send them: (name, why).
+
+    ``gpu_study`` when this host has CUDA, or when ``executor=slurm`` sends the runs to nodes with
+    ``slurm.gpus_per_node`` >= 1 (default 1) -- a login node without a GPU then still submits the
+    GPU study; else ``cpu_study``.
+    """
+    import torch
+
+    from idlab.config import SlurmConfig, parse_override
+
+    given = dict(parse_override(o) for o in overrides)
+    if torch.cuda.is_available():
+        return "gpu_study", f"this host has {torch.cuda.device_count()} CUDA device(s)"
+    gpus = given.get("slurm.gpus_per_node", SlurmConfig().gpus_per_node)
+    if given.get("executor") == "slurm" and isinstance(gpus, int) and gpus >= 1:
+        return "gpu_study", (f"executor=slurm with slurm.gpus_per_node={gpus}: the runs execute on GPU nodes "
+                             "(this host has no CUDA device)")
+    why = "no CUDA device on this host"
+    if given.get("executor") == "slurm":
+        why += f" and slurm.gpus_per_node={gpus}"
+    return "cpu_study", why
+
+
+def resolve_config_path(config: str, overrides: Sequence[str] = ()) -> Path:
+    """``auto`` -> `auto_config` (gpu_study or cpu_study); a bare name -> experiments/configs/<name>.yaml."""
     roots = [Path.cwd() / "experiments" / "configs", Path(__file__).resolve().parents[1] / "experiments" / "configs"]
     if config == "auto":
-        import torch
-
-        config = "gpu_study" if torch.cuda.is_available() else "cpu_study"
+        config = auto_config(overrides)[0]
     p = Path(config)
     if p.is_file():
         return p
@@ -462,12 +567,19 @@ def resolve_config_path(config: str) -> Path:
 def main_sweep(config: str, overrides: Iterable[str], dry_run: bool = False) -> SweepSummary:
     """Load (with overrides), validate and run a study; the body of ``idlab sweep``."""
     from idlab.config import load_study
+    from idlab.devices import cpu_torch_on_gpu_machine
 
-    path = resolve_config_path(config)
-    study = load_study(path, list(overrides))
-    print(f"config {path}", flush=True)
+    overrides = list(overrides)
+    warning = cpu_torch_on_gpu_machine()
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    path = resolve_config_path(config, overrides)
+    study = load_study(path, overrides)
+    why = f" (CONFIG=auto: {auto_config(overrides)[1]})" if config == "auto" else ""
+    print(f"config {path}{why}", flush=True)
     return run_sweep(study, dry_run=dry_run)
 
 
-__all__ = ["SweepSummary", "baseline_value", "expand", "main_sweep", "plan_table", "resolve_config_path",
-           "run_one", "run_score", "run_sweep"]
+__all__ = ["SweepSummary", "auto_config", "baseline_value", "expand", "main_sweep", "multigpu_workers",
+           "plan_table", "preflight", "resolve_config_path", "run_one", "run_score", "run_sweep", "slurm_mem_gb",
+           "slurm_parameters"]

@@ -6,16 +6,29 @@ fine-tuning, the adapters for LoRA, theta_d and lambda for a `SubspaceModel`).
 The loop optimises those, evaluates on the task's held-out split, tracks the
 best and final metric, and stops a run whose loss turns NaN/inf (``diverged``).
 
+Precision (``TrainConfig.precision``, resolved by `idlab.devices.resolve_precision` on the
+device the run trains on): ``fp32`` (TF32 off), ``tf32`` (CUDA tensor cores for float32
+matmuls), ``bf16-mixed`` (trainable parameters -- full-FT weights, LoRA adapters, theta_d,
+lambdas, directly trained heads -- their gradients and the optimiser state in float32; forward
+and loss under ``torch.autocast(dtype=bfloat16)``), ``bf16`` (pure bfloat16) or ``auto``.
+
+No host round trip per step: the logged loss is summed on the device and read at log points,
+and the NaN/inf check is a device-side record of the first bad step, read every
+`DIVERGENCE_CHECK_EVERY` steps, at every evaluation and at the end. A diverged run stops at the
+first such check (its steps count up to the first bad step; the weights it kept training may be
+non-finite, which is why a diverged run writes no Delta W).
+
 Same config and seed on the CPU give bit-identical metrics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -24,6 +37,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from idlab.data.base import Task, inputs_to
+from idlab.devices import Precision, check_precision, resolve_precision
+from idlab.devices import resolve_device as resolve_device
+
+#: Read the device-side divergence flag at least this often (steps); also at every evaluation.
+DIVERGENCE_CHECK_EVERY = 100
 
 
 def _help(text: str) -> dict[str, str]:
@@ -55,6 +73,11 @@ class TrainConfig:
     grad_clip: float | None = field(default=None, metadata=_help("clip the gradient norm to this"))
     seed: int = field(default=0, metadata=_help("seed for data order, dropout and initialisation"))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:1, ..."))
+    precision: Precision = field(
+        default="auto",
+        metadata=_help("auto | fp32 | tf32 | bf16-mixed (fp32 trainable parameters, bf16 autocast) | bf16 (pure); "
+                       "auto: bf16-mixed on CUDA GPUs with bfloat16 (and for bf16/fp16 models), else fp32"),
+    )
     progress: bool = field(default=True, metadata=_help("show a tqdm progress bar"))
 
     def __post_init__(self) -> None:
@@ -74,6 +97,7 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.schedule={self.schedule!r} is unknown; use constant, linear or cosine"
             )
+        check_precision(self.precision)
 
     def total_steps(self, num_train: int) -> int:
         """Optimizer steps this config runs on a training set of ``num_train`` examples."""
@@ -98,6 +122,7 @@ class TrainResult:
             run (Linux; elsewhere the process's peak RSS so far).
         trainable_parameters: entries of all parameters that the optimizer updated.
         device: where it ran.
+        precision: the precision it trained in (``auto`` resolved), see `TrainConfig.precision`.
     """
 
     metrics: dict[str, float]
@@ -110,16 +135,10 @@ class TrainResult:
     peak_memory_bytes: int
     trainable_parameters: int
     device: str
+    precision: str = "fp32"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> cuda if available else cpu; anything else as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -175,6 +194,61 @@ def _peak_memory(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
+@contextlib.contextmanager
+def float32_matmul(precision: str, device: torch.device) -> Iterator[None]:
+    """TF32 on for ``tf32``, off for every other precision, on CUDA; restored on exit.
+
+    PyTorch's own defaults differ between matmuls (TF32 off) and cuDNN convolutions (on);
+    here ``fp32`` means IEEE float32 everywhere. A no-op off CUDA.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    want = precision == "tf32"
+    mm, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(mm, "fp32_precision"):  # torch >= 2.9
+        conv = getattr(cudnn, "conv", None)
+        old = (mm.fp32_precision, conv.fp32_precision if conv is not None else None)
+        mm.fp32_precision = "tf32" if want else "ieee"
+        if conv is not None:
+            conv.fp32_precision = "tf32" if want else "ieee"
+        try:
+            yield
+        finally:
+            mm.fp32_precision = old[0]
+            if conv is not None and old[1] is not None:
+                conv.fp32_precision = old[1]
+        return
+    old_flags = (mm.allow_tf32, cudnn.allow_tf32)  # pragma: no cover - older torch
+    mm.allow_tf32 = cudnn.allow_tf32 = want
+    try:
+        yield
+    finally:
+        mm.allow_tf32, cudnn.allow_tf32 = old_flags
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast(bfloat16)`` for ``bf16-mixed`` / ``bf16``, a no-op context otherwise."""
+    if precision in ("bf16-mixed", "bf16"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def cast_for_precision(model: nn.Module, params: list[nn.Parameter], precision: str) -> None:
+    """Put parameters in the dtypes ``precision`` trains them in (in place, identity kept).
+
+    ``bf16``: every floating-point parameter in bfloat16. Otherwise: the trainable ones
+    (``params``) in float32 -- the master weights of ``bf16-mixed`` -- frozen ones as loaded.
+    """
+    if precision == "bf16":
+        targets, dtype = [p for p in model.parameters() if p.is_floating_point()], torch.bfloat16
+    else:
+        targets, dtype = params, torch.float32
+    for p in targets:
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> Any:
     """Endless stream of index batches: a fresh permutation every epoch."""
     while True:
@@ -208,6 +282,8 @@ def train(
     """
     cfg = cfg or TrainConfig()
     device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device,
+                                  [p.dtype for p in model.parameters() if p.is_floating_point()])
     torch.manual_seed(cfg.seed)
     model.to(device)
     params = trainable_parameters(model)
@@ -216,6 +292,7 @@ def train(
             "train: the model has no parameter with requires_grad=True; "
             "wrap it (SubspaceModel, apply_lora) or unfreeze what should be trained"
         )
+    cast_for_precision(model, params, precision)
     n_trainable = sum(p.numel() for p in params)
     opt = _optimizer(params, cfg)
     total = cfg.total_steps(task.num_train)
@@ -235,7 +312,8 @@ def train(
     def evaluate(step: int, train_loss: float) -> None:
         nonlocal metrics, best
         model.eval()
-        metrics = task.evaluate(model, cfg.eval_batch_size)
+        with autocast(precision, device):
+            metrics = task.evaluate(model, cfg.eval_batch_size)
         model.train()
         if task.metric not in metrics:
             raise KeyError(f"{type(task).__name__}.evaluate returned no {task.metric!r}: {metrics}")
@@ -244,40 +322,58 @@ def train(
         if not best or sign * v > sign * best[task.metric]:
             best = {task.metric: v, "step": float(step)}
 
-    t0 = time.perf_counter()
-    diverged, error, step, running, count = False, None, 0, 0.0, 0
-    if cfg.eval_at_start:
-        evaluate(0, float("nan"))
-    model.train()
-    bar = tqdm(total=total, desc=desc or task.name, disable=not cfg.progress, leave=False, dynamic_ncols=True)
-    try:
-        for step in range(1, total + 1):
-            x, y = task.train_batch(next(batches))
-            batch = (inputs_to(x, device), y.to(device))
-            loss = task.loss(model, batch)
-            if extra_loss is not None:
-                loss = loss + extra_loss()
-            if not torch.isfinite(loss):
-                diverged, error = True, f"loss became {float(loss.detach())} at step {step}"
-                step -= 1
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
-            running += float(loss.detach())
-            count += 1
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != total:
-                evaluate(step, running / count)
-                running, count = 0.0, 0
-                bar.set_postfix({task.metric: f"{metrics[task.metric]:.4g}"})
-            bar.update(1)
-    finally:
-        bar.close()
-    if not diverged or not curve:
-        evaluate(step, running / count if count else float("nan"))
+    # device-side bookkeeping, read only at log points (no host sync per step)
+    running = torch.zeros((), dtype=torch.float32, device=device)  # summed loss since the last log point
+    step_dev = torch.zeros((), dtype=torch.int64, device=device)
+    first_bad = torch.zeros((), dtype=torch.int64, device=device)  # first step with a NaN/inf loss (0: none)
+    bad_loss = torch.zeros((), dtype=torch.float32, device=device)  # that loss
+
+    with float32_matmul(precision, device):
+        t0 = time.perf_counter()
+        diverged, error, step, count = False, None, 0, 0
+        every = cfg.eval_every or 0
+        if cfg.eval_at_start:
+            evaluate(0, float("nan"))
+        model.train()
+        bar = tqdm(total=total, desc=desc or task.name, disable=not cfg.progress, leave=False, dynamic_ncols=True)
+        try:
+            for step in range(1, total + 1):
+                x, y = task.train_batch(next(batches))
+                batch = (inputs_to(x, device), y.to(device))
+                with autocast(precision, device):
+                    loss = task.loss(model, batch)
+                    if extra_loss is not None:
+                        loss = loss + extra_loss()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                sched.step()
+                lval = loss.detach().float()
+                step_dev += 1
+                newly_bad = (first_bad == 0) & ~torch.isfinite(lval)
+                first_bad = torch.where(newly_bad, step_dev, first_bad)
+                bad_loss = torch.where(newly_bad, lval, bad_loss)
+                running += lval
+                count += 1
+                evaluating = every > 0 and step % every == 0 and step != total
+                if evaluating or step % DIVERGENCE_CHECK_EVERY == 0 or step == total:
+                    fb = int(first_bad)
+                    if fb:
+                        diverged, error = True, f"loss became {float(bad_loss)} at step {fb}"
+                        step = fb - 1
+                        break
+                if evaluating:
+                    evaluate(step, float(running) / count)
+                    running.zero_()
+                    count = 0
+                    bar.set_postfix({task.metric: f"{metrics[task.metric]:.4g}"})
+                bar.update(1)
+        finally:
+            bar.close()
+        if not diverged or not curve:
+            evaluate(step, float(running) / count if count and not diverged else float("nan"))
     return TrainResult(
         metrics=metrics,
         best=best,
@@ -289,4 +385,5 @@ def train(
         peak_memory_bytes=_peak_memory(device),
         trainable_parameters=n_trainable,
         device=str(device),
+        precision=precision,
     )

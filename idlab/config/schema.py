@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from idlab.errors import ConfigError
 from idlab.training import TrainConfig
 
 
@@ -25,8 +26,6 @@ def _help(text: str) -> dict[str, str]:
     return {"help": text}
 
 
-class ConfigError(ValueError):
-    """An invalid study file, override or study; the message names the key, the value and the fix."""
 
 
 #: TrainConfig fields set per run, not in a study's ``train`` block: the key to use instead
@@ -200,7 +199,9 @@ class SlurmConfig:
     time_min: int = field(default=60, metadata=_help("time limit per run, minutes"))
     gpus_per_node: int = field(default=1, metadata=_help("GPUs per array task"))
     cpus_per_task: int = field(default=4, metadata=_help("CPUs per array task"))
-    mem_gb: int = field(default=32, metadata=_help("memory per array task, GB"))
+    mem_gb: int | None = field(
+        default=None, metadata=_help("host memory per array task, GB (null: the largest run's figure from idlab plan)")
+    )
     array_parallelism: int = field(default=16, metadata=_help("array tasks running at once"))
     account: str | None = field(default=None, metadata=_help("Slurm account"))
     qos: str | None = field(default=None, metadata=_help("Slurm QOS"))

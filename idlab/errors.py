@@ -1,0 +1,9 @@
+"""The error type every configuration check raises (a leaf module: anything may import it)."""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError"]
+
+
+class ConfigError(ValueError):
+    """An invalid study file, override or study; the message names the key, the value and the fix."""

@@ -1,0 +1,423 @@
+"""``idlab plan``: parameter counts and projected peak memory of every run of a study, from shapes.
+
+The model is built on the ``meta`` device (no weights are read or allocated: planning
+Llama-2-7B costs a config file), wrapped for its method (LoRA adapters through PEFT on meta,
+``requires_grad`` as the method trains), and one forward + loss runs on meta tensors of the
+step's shape (``train.batch_size`` x ``task.max_length`` tokens) under
+``torch.autograd.graph.saved_tensors_hooks``: the activations are the bytes autograd keeps for the
+backward pass, counted once per storage, parameters excluded. Then, in bytes
+(P: parameters, T: trainable ones, b(.) their bytes in the precision they train in):
+
+    weights     = b(P)                      (bf16-mixed: trainable in fp32, frozen as loaded;
+                                             bf16: all in bf16; autocast adds a bf16 copy of fp32
+                                             nn.Linear weights)
+    grads       = b(T)
+    optimizer   = 2 b(T) (adam, adamw)  or  b(T) (sgd with momentum)
+    method      = `subspace_memory` (subspace runs), else 0
+    activations = saved tensors of one forward (meta), + 2 x the largest of them (the backward's
+                  transient gradient buffers)
+    peak        = the sum                   (comparable to result.json peak_memory_bytes on CUDA)
+    device total= peak + runtime            (CPU: the interpreter with torch/transformers/peft
+                                             loaded, `CPU_RUNTIME_BYTES`; CUDA: `CUDA_CONTEXT_BYTES`)
+
+and the host memory a Slurm task needs (``mem_gb``): on a CUDA node the interpreter, the weights
+as loaded (``from_pretrained`` reads them on the host first), full FT's host copy of W_0, and
+Delta W in float32 (full / subspace: every 2-D linear weight; LoRA: the factors); on a CPU node the
+device total plus the same copies plus once more the activations: glibc's malloc keeps freed blocks
+(peak RSS of the probe models in tests/memory_probe.py exceeded live tensors by 0.3-1.3 x their
+activations; with ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` it does not, and the
+device total matches the measured peak RSS within 5%, tests/test_plan.py). ``mem_gb`` = that x `SLURM_HEADROOM`, in GiB, rounded up.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from idlab.config.run import RunConfig
+
+#: RSS of a fresh interpreter after ``import torch, transformers, peft, idlab.methods, idlab.training,
+#: idlab.data.text`` (398 MB measured on the 2-core CPU box with torch 2.13.0+cpu, transformers 5.24).
+CPU_RUNTIME_BYTES = 400 * 10**6
+#: CUDA context + cuBLAS/cuDNN workspaces beside the allocator's peak: an ASSUMPTION (~1 GB is typical),
+#: not yet measured here (the GPU run of issue 16 is pending).
+CUDA_CONTEXT_BYTES = 10**9
+#: Slurm asks for this much more host memory than the plan projects.
+SLURM_HEADROOM = 1.25
+
+_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float64: 8}
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What one run needs: parameter counts and projected memory in bytes (see the module doc)."""
+
+    run_id: str
+    label: str
+    method: str
+    device: str
+    precision: str
+    total_parameters: int
+    trainable_parameters: int
+    tokens_per_step: int
+    weights_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    method_bytes: int
+    activation_bytes: int
+    runtime_bytes: int
+    host_bytes: int
+
+    @property
+    def peak_bytes(self) -> int:
+        """Projected peak of tensors on the device (CUDA: comparable to max_memory_allocated)."""
+        return (self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.method_bytes
+                + self.activation_bytes)
+
+    @property
+    def device_total_bytes(self) -> int:
+        """Peak plus the runtime (CPU: the comparable of peak RSS; CUDA: what must fit on the GPU)."""
+        return self.peak_bytes + self.runtime_bytes
+
+    @property
+    def slurm_mem_gb(self) -> int:
+        """Host memory to ask Slurm for, GiB (`SLURM_HEADROOM` x the host projection, rounded up)."""
+        return max(1, math.ceil(SLURM_HEADROOM * self.host_bytes / 2**30))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "peak_bytes": self.peak_bytes, "device_total_bytes": self.device_total_bytes,
+                "slurm_mem_gb": self.slurm_mem_gb}
+
+
+# --------------------------------------------------------------------------- the terms
+
+
+def subspace_memory(D: int, largest: int, weight_bytes: int) -> int:
+    """Device bytes a subspace run adds on top of theta_0, its activations and theta_d's optimiser.
+
+    Models the O(weights) engine: one reparameterised copy theta_0 + P theta_d of the D projected
+    entries (in the weights' dtype, ``weight_bytes`` each), plus, per projected tensor in turn, its
+    float32 slice of the offset and that slice's gradient (2 x 4 B x the ``largest`` tensor); the
+    projection's own state and scratch are taken as negligible. Adjust here if the engine changes.
+    """
+    return D * weight_bytes + 2 * 4 * largest
+
+
+def _unique_params(model: nn.Module) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    out = []
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _train_dtype(p: nn.Parameter, loaded: torch.dtype, precision: str) -> torch.dtype:
+    if not p.is_floating_point():
+        return loaded
+    if precision == "bf16":
+        return torch.bfloat16
+    if p.requires_grad:
+        return torch.float32
+    return loaded
+
+
+def activation_bytes(model: nn.Module, inputs: Tensor | Mapping[str, Tensor], targets: Tensor,
+                     loss: Literal["classification", "causal-lm"] = "classification") -> tuple[int, int]:
+    """(total, largest) bytes autograd saves for the backward of one forward + loss on meta tensors.
+
+    ``model`` and the inputs must be on the ``meta`` device; parameters are excluded (counted as
+    weights), and each storage is counted once (a tensor several ops save, or views of it).
+    """
+    param_storages = {p.untyped_storage()._cdata for p in model.parameters()}
+    sizes: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        key = t.untyped_storage()._cdata
+        if key not in param_storages:
+            sizes[key] = max(sizes.get(key, 0), t.untyped_storage().nbytes())
+        return t
+
+    from idlab.data.base import call_model
+
+    model.train()  # as in the training loop: dropout masks count
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = call_model(model, dict(inputs) if isinstance(inputs, Mapping) else inputs)
+        if loss == "causal-lm":
+            v = logits.shape[-1]
+            tgt = F.pad(targets[:, 1:], (0, 1), value=-100)
+            F.cross_entropy(logits.reshape(-1, v).float(), tgt.reshape(-1), ignore_index=-100, reduction="sum")
+        else:
+            F.cross_entropy(logits.float(), targets)
+    return sum(sizes.values()), max(sizes.values(), default=0)
+
+
+def plan_memory(model: nn.Module, inputs: Tensor | Mapping[str, Tensor], targets: Tensor, *,
+                method: str, precision: str, device: str = "cpu", optimizer: str = "adamw",
+                loss: Literal["classification", "causal-lm"] = "classification",
+                subspace_dim: int = 0, head: str | None = None, run_id: str = "", label: str = "",
+                runtime_bytes: int | None = None) -> RunPlan:
+    """The `RunPlan` of ``model`` (on ``meta``, prepared for ``method``) for one step of ``inputs``.
+
+    Args:
+        model: on the meta device; for ``lora`` the PEFT-wrapped model; for ``full`` and
+            ``subspace`` the plain model (this function sets requires_grad as the method trains).
+        inputs, targets: one step's batch on meta (ids (B, T) or a dict of them; labels (B,)
+            for classification, ids (B, T) for causal-LM).
+        method: full, lora or subspace; subspace_dim: d; head: the module trained directly
+            beside theta_d (subspace, head: train), else None.
+        precision: fp32, tf32, bf16-mixed or bf16 (already resolved).
+        device: cpu or cuda (the runtime term and where the copies live).
+        runtime_bytes: overrides `CPU_RUNTIME_BYTES` / `CUDA_CONTEXT_BYTES`.
+    """
+    params = _unique_params(model)
+    orig = {id(p): p.dtype for p in params}  # as loaded (the forward below may run in bf16)
+    D, largest, head_numel = 0, 0, 0
+    if method in ("full", "subspace"):
+        for p in params:
+            p.requires_grad_(p.is_floating_point())
+    if precision in ("bf16", "bf16-mixed"):  # autocast: matmuls and what follows them in bf16
+        for p in params:
+            if p.is_floating_point():
+                p.data = p.data.to(torch.bfloat16)
+    act, act_largest = activation_bytes(model, inputs, targets, loss)
+    if method == "subspace":
+        head_ids = {id(p) for p in model.get_submodule(head).parameters()} if head else set()
+        for p in params:
+            if not p.is_floating_point():
+                continue
+            if id(p) in head_ids:
+                head_numel += p.numel()
+            else:
+                D += p.numel()
+                largest = max(largest, p.numel())
+                p.requires_grad_(False)
+    total = sum(p.numel() for p in params)
+    weights = sum(p.numel() * _BYTES.get(_train_dtype(p, orig[id(p)], precision), 4) for p in params)
+    trainable = [p for p in params if p.requires_grad]
+    t_bytes = sum(p.numel() * _BYTES.get(_train_dtype(p, orig[id(p)], precision), 4) for p in trainable)
+    n_trainable = sum(p.numel() for p in trainable)
+    method_bytes = 0
+    if method == "subspace":
+        n_trainable += subspace_dim
+        t_bytes += 4 * subspace_dim
+        wb = max((_BYTES.get(orig[id(p)], 4) for p in params if p.is_floating_point()), default=4)
+        method_bytes = subspace_memory(D, largest, 2 if precision == "bf16" else wb)
+    if precision == "bf16-mixed":  # autocast keeps a bf16 copy of every fp32 linear weight it casts
+        weights += sum(2 * m.weight.numel() for m in model.modules()
+                       if isinstance(m, nn.Linear) and orig.get(id(m.weight)) == torch.float32)
+    grads = t_bytes
+    opt = {"adam": 2, "adamw": 2, "sgd": 1}.get(optimizer, 2) * t_bytes
+    activations = act + 2 * act_largest
+    runtime = runtime_bytes if runtime_bytes is not None else (CUDA_CONTEXT_BYTES if device == "cuda"
+                                                               else CPU_RUNTIME_BYTES)
+    linear_numel = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    loaded = sum(p.numel() * _BYTES.get(orig[id(p)], 4) for p in params)
+    copies = 0
+    if method == "full":  # host copy of W_0 (as loaded) + Delta W in fp32
+        copies = sum(m.weight.numel() * _BYTES.get(orig.get(id(m.weight), torch.float32), 4)
+                     for m in model.modules() if isinstance(m, nn.Linear)) + 4 * linear_numel
+    elif method == "subspace":
+        copies = 4 * linear_numel
+    else:
+        copies = 4 * n_trainable
+    if device == "cuda":
+        host = CPU_RUNTIME_BYTES + loaded + copies
+    else:  # + glibc's retention of freed blocks (its mmap threshold grows): up to ~1.3 x the activations
+        host = weights + grads + opt + method_bytes + activations + runtime + copies + activations  # measured
+    tokens = int(math.prod(next(iter(inputs.values())).shape if isinstance(inputs, Mapping) else inputs.shape[:1]))
+    return RunPlan(run_id=run_id, label=label, method=method, device=device, precision=precision,
+                   total_parameters=total, trainable_parameters=n_trainable, tokens_per_step=tokens,
+                   weights_bytes=weights, grads_bytes=grads, optimizer_bytes=opt, method_bytes=method_bytes,
+                   activation_bytes=activations, runtime_bytes=runtime, host_bytes=host)
+
+
+# --------------------------------------------------------------------------- from a study
+
+
+def plan_precision(precision: str, device: str, model_dtype: str) -> str:
+    """``auto`` for a target device without asking that device (bf16-mixed on CUDA, as on any GPU with
+    bfloat16; on the CPU fp32, or bf16-mixed for a bf16/fp16 model), else as given."""
+    if precision != "auto":
+        return precision
+    return "bf16-mixed" if device == "cuda" or model_dtype in ("bfloat16", "float16") else "fp32"
+
+
+def target_device(study: Any, device: str | None = None) -> str:
+    """cpu or cuda: ``device`` if given, else the study's device, where ``auto`` is cuda when the runs go to
+    Slurm GPU nodes or this host has CUDA."""
+    dev = device or study.device
+    if dev != "auto":
+        return "cuda" if str(dev).startswith("cuda") else "cpu"
+    if study.executor == "slurm" and study.slurm.gpus_per_node >= 1:
+        return "cuda"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+#: Architecture of the recipes' hub models (their published config.json values), used only when the
+#: hub cannot be reached: planning then needs no network. The test checks the parameter counts.
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "meta-llama/Llama-2-7b-hf": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+                                 "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                                 "vocab_size": 32000, "max_position_embeddings": 4096},
+    "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T": {
+        "model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048},
+    "FacebookAI/roberta-large": {"model_type": "roberta", "hidden_size": 1024, "intermediate_size": 4096,
+                                 "num_hidden_layers": 24, "num_attention_heads": 16, "vocab_size": 50265,
+                                 "max_position_embeddings": 514, "type_vocab_size": 1, "pad_token_id": 1},
+}
+
+
+@functools.lru_cache(maxsize=16)
+def model_config(name: str) -> tuple[Any, str]:
+    """(transformers config, source) of a model name: its config.json (alias, folder, hub or cache), else
+    `KNOWN_CONFIGS` when the hub cannot be reached."""
+    from transformers import AutoConfig
+
+    from idlab.models import resolve_model_name
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model_name(name)), "config.json"
+    except (OSError, FileNotFoundError, ValueError):
+        if name not in KNOWN_CONFIGS:
+            raise
+    fields = dict(KNOWN_CONFIGS[name])
+    return AutoConfig.for_model(fields.pop("model_type"), **fields), "idlab.plan.KNOWN_CONFIGS (hub unreachable)"
+
+
+def _meta_pretrained(name: str, task: str, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from idlab.methods import GLUE_LABELS
+
+    config, _ = model_config(name)
+    with torch.device("meta"):
+        if task.startswith("glue/"):
+            config.num_labels = GLUE_LABELS.get(task.split("/", 1)[1].lower(), 2)
+            if getattr(config, "pad_token_id", None) is None:
+                config.pad_token_id = 0
+            model = AutoModelForSequenceClassification.from_config(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
+    return model.to(dtype)
+
+
+def plan_run(run: RunConfig, rid: str = "", device: str = "cpu") -> RunPlan:
+    """The `RunPlan` of one run (as `idlab.sweep.expand` yields) on ``device``."""
+    from idlab.methods import _dtype, build_task_and_model, head_module_name
+
+    tname, mname = run.task.name, run.model.name
+    bs = run.train.batch_size
+    model_dtype = run.model.dtype
+    loss: Literal["classification", "causal-lm"] = "classification"
+    if tname.startswith(("glue/", "text/")) and ":" not in mname:
+        model = _meta_pretrained(mname, tname, _dtype(model_dtype))
+        seq = run.task.max_length
+        inputs: Tensor | dict[str, Tensor] = {"input_ids": torch.ones(bs, seq, dtype=torch.long, device="meta")}
+        if tname.startswith("text/"):
+            loss, targets = "causal-lm", torch.ones(bs, seq, dtype=torch.long, device="meta")
+        else:
+            targets = torch.zeros(bs, dtype=torch.long, device="meta")
+    else:  # models built from scratch: small, built for real, then moved to meta with a real batch's shape
+        task, model = build_task_and_model(run)
+        x, y = task.train_batch(torch.arange(min(bs, task.num_train)))
+        model = model.to("meta")
+        inputs = {k: v.to("meta") for k, v in x.items()} if isinstance(x, dict) else x.to("meta")
+        targets = y.to("meta")
+        model_dtype = "float32"
+    precision = plan_precision(run.train.precision, device, model_dtype)
+    head = None
+    if run.method == "lora":
+        from idlab.methods import prepare
+
+        model = prepare(model, run).model
+    elif run.method == "subspace" and run.head == "train":
+        head = head_module_name(model)
+    return plan_memory(model, inputs, targets, method=run.method, precision=precision, device=device,
+                       optimizer=run.train.optimizer, loss=loss, subspace_dim=run.d or 0, head=head,
+                       run_id=rid, label=_label(run))
+
+
+def _label(run: RunConfig) -> str:
+    """The run's shape without lr and seed (plans are shared across those)."""
+    if run.method == "lora":
+        return f"lora r={run.r} {run.target_set or ''}".strip()
+    if run.method == "subspace":
+        return f"{'said' if run.said else 'did'} d={run.d} {run.projection or ''}".strip()
+    return "full"
+
+
+def plan_runs(study: Any, runs: Sequence[tuple[str, RunConfig]] | None = None,
+              device: str | None = None) -> list[RunPlan]:
+    """One `RunPlan` per run of ``study`` (or of ``runs``), on `target_device`; one per distinct shape
+    of run (seeds and learning rates share theirs)."""
+    from idlab.sweep import expand
+
+    runs = list(runs) if runs is not None else expand(study)
+    dev = target_device(study, device)
+    cache: dict[str, RunPlan] = {}
+    out = []
+    for rid, cfg in runs:
+        key = repr(sorted((k, repr(v)) for k, v in cfg.to_dict().items() if k not in ("seed", "lr")))
+        if key not in cache:
+            cache[key] = plan_run(cfg, rid, dev)
+        out.append(RunPlan(**{**asdict(cache[key]), "run_id": rid}))
+    return out
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f}"
+
+
+def plan_table(plans: Sequence[RunPlan]) -> str:
+    """One line per distinct run shape: counts, the memory terms (GB) and Slurm mem_gb."""
+    lines = [f"{'run':<28} {'runs':>4} {'params':>14} {'trainable':>12} {'prec':>10} {'weights':>7} {'grads':>6} "
+             f"{'optim':>6} {'method':>6} {'activ':>6} {'peak':>7} {'device':>7} {'host':>6} {'mem_gb':>6}"]
+    seen: dict[str, list[RunPlan]] = {}
+    for p in plans:
+        seen.setdefault(p.label, []).append(p)
+    for label, group in seen.items():
+        p = group[0]
+        lines.append(
+            f"{label:<28} {len(group):>4} {p.total_parameters:>14,} {p.trainable_parameters:>12,} {p.precision:>10} "
+            f"{_gb(p.weights_bytes):>7} {_gb(p.grads_bytes):>6} {_gb(p.optimizer_bytes):>6} {_gb(p.method_bytes):>6} "
+            f"{_gb(p.activation_bytes):>6} {_gb(p.peak_bytes):>7} {_gb(p.device_total_bytes):>7} "
+            f"{_gb(p.host_bytes):>6} {p.slurm_mem_gb:>6}")
+    if plans:
+        dev = plans[0].device
+        lines.append(f"(GB = 1e9 bytes; device {dev}: 'peak' = tensors, 'device' = peak + "
+                     f"{'CUDA context (assumed)' if dev == 'cuda' else 'interpreter RSS'}; 'host' = what a Slurm "
+                     f"task needs; mem_gb = {SLURM_HEADROOM} x host in GiB; tokens per step "
+                     f"{plans[0].tokens_per_step:,}, the padded maximum)")
+    return "\n".join(lines)
+
+
+def main_plan(config: str, overrides: Sequence[str], device: str | None = None, as_json: bool = False) -> str:
+    """The body of ``idlab plan``: the table (or JSON lines) for a study."""
+    import json
+
+    from idlab.config import load_study
+    from idlab.sweep import resolve_config_path
+
+    path = resolve_config_path(config, list(overrides))
+    study = load_study(path, list(overrides))
+    plans = plan_runs(study, device=device)
+    if as_json:
+        return "\n".join(json.dumps(p.to_dict()) for p in plans)
+    head = (f"plan {path}: study {study.name!r}, model {study.model.name} ({study.model.dtype}), "
+            f"{len(plans)} runs on {plans[0].device if plans else '?'}")
+    return head + "\n" + plan_table(plans)
+
+
+__all__ = ["CPU_RUNTIME_BYTES", "CUDA_CONTEXT_BYTES", "KNOWN_CONFIGS", "SLURM_HEADROOM", "RunPlan", "activation_bytes", "main_plan",
+           "model_config", "plan_memory", "plan_precision", "plan_run", "plan_runs", "plan_table", "subspace_memory",
+           "target_device"]

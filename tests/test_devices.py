@@ -1,0 +1,192 @@
+"""CUDA_VISIBLE_DEVICES parsing, one multigpu worker per visible device, CONFIG=auto, Slurm settings,
+and bad device input refused before anything is written."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from idlab.config import ConfigError, study_from_dict
+from idlab.devices import DeviceError, resolve_device, visible_devices, worker_devices
+from tests.test_sweep import FIXTURES, tiny_study
+
+UUID_A = "GPU-8f6d3c52-1a2b-4c3d-9e8f-0123456789ab"
+UUID_B = "GPU-0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9"
+MIG = "MIG-4b3a2c1d-0e9f-5a6b-8c7d-112233445566"
+
+
+@pytest.fixture(autouse=True)
+def _fixture_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FIXTURES), os.environ.get("PYTHONPATH", "")]))
+
+
+def test_visible_devices_parses_indices_uuids_and_mig() -> None:
+    assert visible_devices(None) is None
+    assert visible_devices("") == [] and visible_devices("-1") == []
+    assert visible_devices("4,5") == ["4", "5"]
+    assert visible_devices(f" {UUID_A} , {UUID_B}") == [UUID_A, UUID_B]
+    assert visible_devices(f"{MIG},MIG-GPU-{UUID_A[4:]}/1/0") == [MIG, f"MIG-GPU-{UUID_A[4:]}/1/0"]
+    assert visible_devices("GPU-8f6d3c52") == ["GPU-8f6d3c52"]  # a unique UUID prefix, as CUDA allows
+    with pytest.raises(DeviceError, match=r"entry 'gpu0' is neither.*hide it and every entry after it \(gpu0, 2\)"):
+        visible_devices("1,gpu0,2")
+    with pytest.raises(DeviceError, match=r"names \['1'\] more than once"):
+        visible_devices("1,1")
+
+
+def _env(value: str | None) -> dict[str, str]:
+    return {} if value is None else {"CUDA_VISIBLE_DEVICES": value}
+
+
+@pytest.mark.parametrize(("env", "count", "gpus", "expected"), [
+    (None, 3, None, ["0", "1", "2"]),               # nothing set: torch's indices are physical
+    ("4,5", 2, None, ["4", "5"]),                   # the bug: workers must get 4 and 5, not 0 and 1
+    ("4,5", 2, [1], ["5"]),                         # gpus index the parent's visible devices
+    (f"{UUID_A},{UUID_B}", 2, None, [UUID_A, UUID_B]),
+    ("6,2,7", 2, None, ["6", "2"]),                 # CUDA saw only the first two (7 does not exist)
+    (MIG, 1, None, [MIG]),
+])
+def test_one_worker_per_device_the_parent_sees(env: str | None, count: int, gpus: list[int] | None,
+                                                expected: list[str]) -> None:
+    assert worker_devices(gpus, env=_env(env), count=lambda: count) == expected
+
+
+def test_worker_devices_errors_name_the_value_and_the_fix() -> None:
+    with pytest.raises(DeviceError, match=r"CUDA_VISIBLE_DEVICES='' names no device.*executor=local"):
+        worker_devices(None, env=_env(""), count=lambda: 0)
+    with pytest.raises(DeviceError, match=r"CUDA_VISIBLE_DEVICES='9' names no device"):
+        worker_devices(None, env=_env("9"), count=lambda: 0)
+    with pytest.raises(DeviceError, match=r"sees no CUDA device.*executor=local"):
+        worker_devices(None, env=_env(None), count=lambda: 0)
+    with pytest.raises(DeviceError, match=r"gpus=\[0, 2\]: \[2\] out of range; this process sees 2"):
+        worker_devices([0, 2], env=_env("4,5"), count=lambda: 2)
+    with pytest.raises(DeviceError, match="repeats a device"):
+        worker_devices([1, 1], env=_env("4,5"), count=lambda: 2)
+
+
+def test_worker_gets_the_parents_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """_gpu_worker sets CUDA_VISIBLE_DEVICES to the entry it was given (a UUID stays a UUID)."""
+    import multiprocessing as mp
+
+    from idlab import sweep
+
+    seen: dict[str, Any] = {}
+
+    def fake_run_one(study_dir: str, study_name: str, rid: str, cfg: Any, device: str, retry: bool) -> str:
+        seen.update(env=os.environ["CUDA_VISIBLE_DEVICES"], device=device)
+        return "ok"
+
+    monkeypatch.setattr(sweep, "run_one", fake_run_one)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    q: Any = mp.get_context("spawn").SimpleQueue()
+    done: Any = mp.get_context("spawn").SimpleQueue()
+    q.put(("rid", {}))
+    q.put(None)
+    sweep._gpu_worker(UUID_B, "dir", "study", True, q, done)
+    assert seen == {"env": UUID_B, "device": "cuda:0"} and done.get() == ("rid", "ok")
+
+
+def test_multigpu_without_gpus_fails_before_anything_is_written(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from idlab.sweep import run_sweep
+
+    if torch.cuda.is_available():
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    study = study_from_dict(tiny_study(tmp_path, executor="multigpu", device="auto"))
+    with pytest.raises(DeviceError, match=r"executor=multigpu: .*no.*device"):
+        run_sweep(study)
+    assert not any(tmp_path.iterdir())  # no study.json, no run folder
+
+
+@pytest.mark.parametrize(("over", "match"), [
+    ({"device": "cuda"}, "device='cuda' but torch"),
+    ({"device": "gpu7"}, "device='gpu7' is not a device name"),
+    ({"train": {"steps": 2, "precision": "tf32"}}, "'tf32' needs a CUDA GPU"),
+    ({"model": {"name": "mlp", "dtype": "bfloat16"}, "train": {"steps": 2, "precision": "fp32"}},
+     "'fp32' with a model holding bfloat16"),
+])
+def test_bad_device_or_precision_fails_before_anything_is_written(tmp_path: Path, over: dict[str, Any],
+                                                                  match: str) -> None:
+    from idlab.sweep import run_sweep
+
+    if torch.cuda.is_available() and over.get("device") == "cuda":
+        pytest.skip("this machine has CUDA")
+    study = study_from_dict(tiny_study(tmp_path, **over))
+    with pytest.raises(ConfigError, match=match):
+        run_sweep(study)
+    assert not any(tmp_path.iterdir())
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --------------------------------------------------------------------------- CONFIG=auto, Slurm
+
+
+def test_config_auto_follows_where_the_runs_execute(monkeypatch: pytest.MonkeyPatch) -> None:
+    from idlab.sweep import auto_config, resolve_config_path
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert auto_config([])[0] == "cpu_study"
+    name, why = auto_config(["executor=slurm"])  # a login node without GPU submitting to GPU nodes
+    assert name == "gpu_study" and "slurm.gpus_per_node=1" in why and "no CUDA" in why
+    assert auto_config(["executor=slurm", "slurm.gpus_per_node=0"])[0] == "cpu_study"
+    assert resolve_config_path("auto", ["executor=slurm"]).name == "gpu_study.yaml"
+    assert resolve_config_path("auto").name == "cpu_study.yaml"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert auto_config([]) == ("gpu_study", "this host has 2 CUDA device(s)")
+
+
+def test_slurm_passes_the_study_device_and_the_planned_memory(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from idlab import sweep
+
+    calls: dict[str, Any] = {}
+
+    class FakeExecutor:
+        def map_array(self, fn: Any, *cols: Any) -> list[Any]:
+            calls["devices"] = cols[4]
+            return []
+
+    def fake_executor(study: Any, mem_gb: int | None = None) -> FakeExecutor:
+        calls["mem_gb"] = mem_gb
+        return FakeExecutor()
+
+    monkeypatch.setattr(sweep, "_slurm_executor", fake_executor)
+    raw = tiny_study(tmp_path, methods=["full"], seeds=[0], executor="slurm", device="cuda")
+    study = study_from_dict(raw)
+    pending = sweep.expand(study)
+    sweep._run_slurm(study, pending)
+    assert calls["devices"] == ["cuda"]  # not a hard-coded auto
+    mem, source = sweep.slurm_mem_gb(study, pending)
+    assert calls["mem_gb"] == mem >= 1 and source.startswith("idlab plan")
+    err = capsys.readouterr().err
+    assert f"mem_gb={mem}" in err and "resolved on each compute node" in err
+    fixed = study_from_dict({**raw, "slurm": {"mem_gb": 200}})
+    assert sweep.slurm_mem_gb(fixed, pending) == (200, "slurm.mem_gb")
+    params = sweep.slurm_parameters(fixed, 200)
+    assert params["mem_gb"] == 200 and params["gpus_per_node"] == 1
+
+
+def test_cpu_torch_on_a_gpu_machine_warns_with_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from idlab.devices import cpu_torch_on_gpu_machine
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1234)'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    msg = cpu_torch_on_gpu_machine()
+    assert msg is not None and "nvidia-smi lists 1 GPU" in msg and "CPU-only build" in msg
+    assert "make install TORCH=torch" in msg
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert cpu_torch_on_gpu_machine() is None
