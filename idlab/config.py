@@ -203,6 +203,12 @@ class TrainSettings:
     schedule: Literal["constant", "linear", "cosine"] = field(default="constant", metadata=_help("lr decay"))
     warmup_steps: int = field(default=0, metadata=_help("linear warmup steps"))
     grad_clip: float | None = field(default=None, metadata=_help("clip the gradient norm (null: off)"))
+    until: Literal["steps", "converged"] = field(
+        default="steps", metadata=_help("converged: stop by idlab.convergence's rule, steps/epochs being the cap")
+    )
+    patience: int | None = field(default=3, metadata=_help("evaluations without a tol gain that stop a run"))
+    tol: float = field(default=0.002, metadata=_help("smallest gain of the validation metric that counts"))
+    plateau_window: float = field(default=0.2, metadata=_help("plateau test: the last fraction of the steps"))
 
 
 @dataclass(frozen=True)
@@ -420,6 +426,13 @@ def _validate(cfg: StudyConfig, where: str) -> None:
         raise _fail(where, "train.batch_size", f"got {tr.batch_size}; must be >= 1")
     if tr.steps is None and tr.epochs <= 0:
         raise _fail(where, "train.epochs", f"got {tr.epochs}; must be > 0")
+    from idlab.convergence import ConvergenceRule, validate_until
+
+    try:
+        ConvergenceRule(tol=tr.tol, window=tr.plateau_window, patience=tr.patience)
+        validate_until(tr.until, tr.steps, tr.epochs, tr.eval_every)
+    except ValueError as e:
+        raise _fail(where, "train.until", str(e)) from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -285,6 +285,7 @@ def execute_run(run: Mapping[str, Any], rid: str, study: str, device: str = "aut
             "total_parameters": prep.total_parameters, "train_time_s": res.wall_time_s,
             "peak_memory_bytes": res.peak_memory_bytes, "device": res.device, "task_info": task.describe(),
             "metric": task.metric, "higher_is_better": task.higher_is_better, "method_info": prep.info,
+            "converged": res.converged, "convergence": res.convergence,
         })
         writer: Callable[[Path], None] | None = None
         if status == "ok":

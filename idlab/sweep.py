@@ -39,9 +39,12 @@ Run = tuple[str, dict[str, Any]]  # (run id, resolved run config)
 
 
 def _base(study: StudyConfig, method: str, seed: int, lr: float) -> dict[str, Any]:
-    model, task = to_dict(study.model), to_dict(study.task)
+    model, task, train = to_dict(study.model), to_dict(study.task), to_dict(study.train)
+    if train["until"] == "steps":  # the convergence fields only stop until=converged runs: recorded only
+        for k in ("until", "patience", "tol", "plateau_window"):  # then, so that existing run ids stay valid
+            train.pop(k)
     return {"model": model.pop("name"), "model_options": model, "task": task.pop("name"), "task_options": task,
-            "train": to_dict(study.train), "method": method, "seed": seed, "lr": lr}
+            "train": train, "method": method, "seed": seed, "lr": lr}
 
 
 def _subspace_cells(study: StudyConfig) -> list[dict[str, Any]]:

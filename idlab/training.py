@@ -23,6 +23,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from idlab.convergence import (
+    ConvergenceRule,
+    Until,
+    check_convergence,
+    patience_exhausted,
+    validate_until,
+)
 from idlab.data.base import Task, inputs_to
 
 
@@ -56,8 +63,19 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_help("seed for data order, dropout and initialisation"))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:1, ..."))
     progress: bool = field(default=True, metadata=_help("show a tqdm progress bar"))
+    until: Until = field(
+        default="steps",
+        metadata=_help("steps: run steps/epochs; converged: stop early by patience, steps/epochs is the cap"),
+    )
+    patience: int | None = field(
+        default=3, metadata=_help("evaluations without a tol improvement that stop an until=converged run")
+    )
+    tol: float = field(default=0.002, metadata=_help("smallest improvement of the metric that counts (absolute)"))
+    plateau_window: float = field(default=0.2, metadata=_help("plateau test: the last fraction of the steps"))
 
     def __post_init__(self) -> None:
+        self.convergence_rule()  # validates tol / window / patience
+        validate_until(self.until, self.steps, self.epochs, self.eval_every)
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr}")
         if self.batch_size <= 0:
@@ -74,6 +92,10 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.schedule={self.schedule!r} is unknown; use constant, linear or cosine"
             )
+
+    def convergence_rule(self) -> ConvergenceRule:
+        """The `ConvergenceRule` these fields describe."""
+        return ConvergenceRule(tol=self.tol, window=self.plateau_window, patience=self.patience)
 
     def total_steps(self, num_train: int) -> int:
         """Optimizer steps this config runs on a training set of ``num_train`` examples."""
@@ -98,6 +120,8 @@ class TrainResult:
             run (Linux; elsewhere the process's peak RSS so far).
         trainable_parameters: entries of all parameters that the optimizer updated.
         device: where it ran.
+        converged: the validation metric plateaued or the run stopped early on patience
+            (`idlab.convergence`); ``convergence`` holds the verdict's details.
     """
 
     metrics: dict[str, float]
@@ -110,6 +134,8 @@ class TrainResult:
     peak_memory_bytes: int
     trainable_parameters: int
     device: str
+    converged: bool = False
+    convergence: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -246,6 +272,7 @@ def train(
 
     t0 = time.perf_counter()
     diverged, error, step, running, count = False, None, 0, 0.0, 0
+    rule, stopped = cfg.convergence_rule(), False
     if cfg.eval_at_start:
         evaluate(0, float("nan"))
     model.train()
@@ -273,11 +300,15 @@ def train(
                 evaluate(step, running / count)
                 running, count = 0.0, 0
                 bar.set_postfix({task.metric: f"{metrics[task.metric]:.4g}"})
+                if cfg.until == "converged" and patience_exhausted(curve, task.metric, task.higher_is_better, rule):
+                    stopped = True
+                    break
             bar.update(1)
     finally:
         bar.close()
-    if not diverged or not curve:
+    if not stopped and (not diverged or not curve):
         evaluate(step, running / count if count else float("nan"))
+    verdict = check_convergence(curve, task.metric, task.higher_is_better, rule, early_stopped=stopped)
     return TrainResult(
         metrics=metrics,
         best=best,
@@ -289,4 +320,6 @@ def train(
         peak_memory_bytes=_peak_memory(device),
         trainable_parameters=n_trainable,
         device=str(device),
+        converged=verdict.converged and not diverged,
+        convergence=verdict.to_dict(),
     )
