@@ -168,6 +168,75 @@ def plot(out: Path) -> Path | None:
     return path
 
 
+def _at_epoch(curve: list[dict[str, float]], step: int) -> tuple[float, bool]:
+    """Accuracy of a run after ``step`` optimizer steps, read off its per-epoch curve, and whether
+    the run reached that step (else: its last evaluation, the run having stopped before)."""
+    pts = [c for c in curve if c["step"] <= step]
+    return (float(pts[-1]["accuracy"]) if pts else float("nan")), curve[-1]["step"] >= step
+
+
+def cut_table(out: Path, model_name: str, kind: str, cuts: tuple[int, ...] = (1, 5, 10, 20)) -> list[dict[str, Any]]:
+    """d90 had training been cut at ``cuts`` epochs, from the per-epoch curves of the converged runs.
+
+    With a constant learning rate and a fixed data order per seed, the first k epochs of a
+    longer run are the k-epoch run, so a cut needs no new training (exact while every run
+    reached the cut; otherwise the row says how many runs had already stopped, by the rule).
+    """
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob(f"{model_name}_*.json"))]
+    per_epoch = math.ceil(50_000 / 128)
+    rows = []
+    for k in (*cuts, None):
+        def score(r: dict[str, Any]) -> tuple[float, bool]:
+            if k is None:
+                return float(r["score"]), True
+            return _at_epoch(r["train"]["curve"], k * per_epoch)
+        direct = [score(r) for r in runs if r["method"] == "direct"]
+        sub = {(int(r["d"]), int(r["seed"])): score(r) for r in runs if r["method"] == f"subspace/{kind}"}
+        res = analyze_d90({key: v for key, (v, _) in sub.items()}, [v for v, _ in direct], 0.9, n_bootstrap=1000)
+        stopped = sum(not ok for _, ok in direct) + sum(not ok for _, ok in sub.values())
+        rows.append({"epochs": "converged (rule)" if k is None else k, "baseline": res.baseline,
+                     "d90": res.d90, "d90_interp": res.d90_interp, "ci": res.ci,
+                     "runs_stopped_before_cut": stopped, "n_runs": len(direct) + len(sub),
+                     "means": {int(d): float(m) for d, m in res.curve()[["d", "mean"]].itertuples(index=False)}})
+    return rows
+
+
+def plot_curves(out: Path, model_name: str, kind: str) -> Path | None:
+    """Validation accuracy against epoch for every run of one search (seed colour, d panel)."""
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob(f"{model_name}_*.json"))]
+    runs = [r for r in runs if r["method"] in ("direct", f"subspace/{kind}")]
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_epoch = math.ceil(50_000 / 128)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ds = sorted({int(r["d"]) for r in runs if r["method"] != "direct"})
+    colours = {d: f"C{i}" for i, d in enumerate(ds)}
+    for r in runs:
+        c = r["train"]["curve"]
+        x = [p["step"] / per_epoch for p in c]
+        y = [p["accuracy"] for p in c]
+        direct = r["method"] == "direct"
+        col = "k" if direct else colours[int(r["d"])]
+        lab = ("direct" if direct else f"d = {r['d']}") if int(r["seed"]) == 0 else None
+        ax.plot(x, y, color=col, lw=1, alpha=0.8, label=lab)
+        ax.plot(x[-1:], y[-1:], "o" if r.get("converged") else "x", color=col, ms=4)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.set_ylim(0.5, 1.0)
+    ax.set_title(f"MNIST {model_name} / {kind}: every run (3 seeds), o = converged by the rule, x = cap")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = out / f"curves_{model_name}_{kind}.png"
+    atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke test: 2k train images, 0.2 epoch, 2 seeds")
@@ -204,6 +273,15 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     if args.plot_only:
         print(plot(out))
+        for f in sorted(out.glob("*_*.json")):
+            m, kind = f.stem.split("_", 1)
+            print(plot_curves(out, m, kind))
+            table = cut_table(out, m, kind)
+            write_json(out / "cuts" / f"{m}_{kind}.json", table)
+            for row in table:
+                print(f"[li2018] {m}/{kind} cut {row['epochs']}: d90 {row['d90']} (interp {row['d90_interp']}, "
+                      f"ci {row['ci']}), baseline {row['baseline']:.4f}, stopped before cut "
+                      f"{row['runs_stopped_before_cut']}/{row['n_runs']}; means {row['means']}")
         return
     if args.quick:
         args.epochs, args.seeds = min(args.epochs, 0.2), args.seeds[:2]

@@ -191,8 +191,8 @@ def validate_until(until: str, cap_steps: int | None, epochs: float | None, eval
 def run_converged(record: Mapping[str, Any]) -> bool | None:
     """The ``converged`` flag of a result.json record (top level or under ``train``); None if absent."""
     for src in (record, record.get("train") or {}, record.get("result") or {}):
-        if isinstance(src, Mapping) and "converged" in src and src["converged"] is not None:
-            return bool(src["converged"])
+        if isinstance(src, Mapping) and _flag(src.get("converged")) is not None:
+            return _flag(src["converged"])
     return None
 
 
@@ -220,6 +220,63 @@ def mark_unconverged(value: Any, point: tuple[str, Any], flagged: Mapping[tuple[
     """``value`` as text, with a trailing ``†`` when ``point`` rests on an unconverged run."""
     text = str(value)
     return f"{text} †" if point in flagged else text
+
+
+def _flag(value: Any) -> bool | None:
+    """A converged flag as True / False, or None when absent (None, NaN, pandas NA)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    try:
+        return bool(value)
+    except TypeError:  # pandas NA
+        return None
+
+
+def _number(value: Any) -> float | None:
+    """A grid value as float, or None when absent (None, NaN, pandas NA)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(x) else x
+
+
+def unconverged_crossings(
+    crossings: Sequence[tuple[Mapping[str, Mapping[str, Any]], str]], rows: Iterable[Mapping[str, Any]]
+) -> list[str]:
+    """d90 / r90 values resting on runs that did not converge (the report's warning lines).
+
+    A crossing rests on the runs at its grid value and at the grid point just below it
+    (the interpolation bracket). The counterpart of `idlab.report.thin_crossings` for seeds.
+
+    Args:
+        crossings: ``[(results, axis)]``, ``results = {variant: crossing}`` with ``value`` (grid
+            value or None) and ``grid`` (axis values searched), as `idlab.report.threshold_crossing`
+            returns; ``axis`` = ``"d"`` (d90) or ``"r"`` (r90).
+        rows: run rows with ``variant``, the axis column, ``seed`` and ``converged`` (True /
+            False / None = not recorded, not counted).
+
+    Returns:
+        One line per flagged variant, e.g. ``"SAID: d=8000 seeds [0, 2] unconverged"``, sorted.
+    """
+    rows = list(rows)
+    out: set[str] = set()
+    for results, axis in crossings:
+        for v, res in results.items():
+            value = res.get("value")
+            if value is None:
+                continue
+            below = [g for g in res.get("grid", []) if g < value]
+            points = {float(value), *([float(max(below))] if below else [])}
+            bad: dict[float, list[int]] = {}
+            for r in rows:
+                x = _number(r.get(axis))
+                if r.get("variant") != v or x not in points or _flag(r.get("converged")) is not False:
+                    continue
+                bad.setdefault(x, []).append(int(r.get("seed", -1)))
+            if bad:
+                out.add(f"{v}: " + ", ".join(f"{axis}={x:g} seeds {sorted(s)} unconverged" for x, s in sorted(bad.items())))
+    return sorted(out)
 
 
 UNCONVERGED_NOTE = "† rests on at least one run whose validation metric had not plateaued (idlab.convergence)"

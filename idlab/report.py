@@ -83,6 +83,7 @@ def _row(path: Path, res: Mapping[str, Any]) -> dict[str, Any]:
         "higher_is_better": res.get("higher_is_better", True),
         "score_final": metrics.get(metric),
         "score_best": best.get(metric),
+        "converged": res.get("converged"),
         "best_step": best.get("step"),
         "steps": res.get("steps"),
         "trainable_parameters": res.get("trainable_parameters"),
@@ -891,6 +892,14 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
             if thin:
                 lines += ["**Warning: some crossings rest on fewer seeds than the rest of their curve:** "
                           + "; ".join(thin) + ". Run the missing seeds at that point before quoting them.", ""]
+            from idlab.convergence import unconverged_crossings
+
+            unconv = unconverged_crossings([(d90, "d"), (r90, "r"), *(((chance["d90"], "d"), (chance["r90"], "r"))
+                                                                     if chance else ())], sel_runs.to_dict("records"))
+            if unconv:
+                lines += ["**Warning: some crossings rest on runs whose validation metric had not plateaued "
+                          "(idlab.convergence):** " + "; ".join(unconv) + ". Train them longer "
+                          "(`train.until: converged`) before quoting them.", ""]
     # figures
     lines += ["### Figures", ""]
     for caption, paths in figs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,3 +154,40 @@ def test_unconverged_points_and_marks() -> None:
     assert run_converged(rows[4]) is None and run_converged(rows[2]) is True
     assert mark_unconverged(4, ("lora", 4), flagged) == "4 †"
     assert mark_unconverged(8, ("lora", 8), flagged) == "8"
+
+
+def test_unconverged_crossings_marks_the_bracket_only() -> None:
+    import pandas as pd
+
+    from idlab.convergence import unconverged_crossings
+
+    d90 = {"SAID": {"value": 8000, "grid": [1000, 2000, 8000, 16000]},
+           "DID": {"value": None, "grid": [1000, 2000]}}
+    r90 = {"LoRA qv": {"value": 4, "grid": [1, 2, 4, 8]}}
+    rows = pd.DataFrame([
+        {"variant": "SAID", "d": 8000, "seed": 0, "converged": False},  # at the grid value
+        {"variant": "SAID", "d": 2000, "seed": 2, "converged": False},  # the bracket below
+        {"variant": "SAID", "d": 1000, "seed": 1, "converged": False},  # outside the bracket: ignored
+        {"variant": "SAID", "d": 16000, "seed": 1, "converged": False},  # above: ignored
+        {"variant": "DID", "d": 1000, "seed": 0, "converged": False},  # no crossing: nothing to mark
+        {"variant": "LoRA qv", "r": 4, "seed": 0, "converged": True},
+        {"variant": "LoRA qv", "r": 2, "seed": 1, "converged": None},  # not recorded: not counted
+    ])
+    got = unconverged_crossings([(d90, "d"), (r90, "r")], rows.to_dict("records"))
+    assert got == ["SAID: d=2000 seeds [2] unconverged, d=8000 seeds [0] unconverged"]
+    rows.loc[5, "converged"] = False
+    got = unconverged_crossings([(d90, "d"), (r90, "r")], rows.to_dict("records"))
+    assert got[0] == "LoRA qv: r=4 seeds [0] unconverged" and len(got) == 2
+
+
+def test_report_rows_carry_the_flag(tmp_path: Path) -> None:
+    import json
+
+    from idlab.report import load_results
+
+    d = tmp_path / "study" / "runs" / "abc"
+    d.mkdir(parents=True)
+    (d / "result.json").write_text(json.dumps({"run_id": "abc", "status": "ok", "converged": False,
+                                               "config": {"method": "lora", "r": 4, "seed": 0}}))
+    df = load_results(tmp_path / "study")
+    assert list(df["converged"]) == [False]
