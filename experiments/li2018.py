@@ -186,7 +186,7 @@ def cut_table(out: Path, model_name: str, kind: str, cuts: tuple[int, ...] = (1,
     per_epoch = math.ceil(50_000 / 128)
     rows = []
     for k in (*cuts, None):
-        def score(r: dict[str, Any]) -> tuple[float, bool]:
+        def score(r: dict[str, Any], k: int | None = k) -> tuple[float, bool]:
             if k is None:
                 return float(r["score"]), True
             return _at_epoch(r["train"]["curve"], k * per_epoch)

@@ -242,7 +242,7 @@ def _number(value: Any) -> float | None:
 
 
 def unconverged_crossings(
-    crossings: Sequence[tuple[Mapping[str, Mapping[str, Any]], str]], rows: Iterable[Mapping[str, Any]]
+    crossings: Sequence[tuple[Mapping[str, Mapping[str, Any]], str]], rows: Iterable[Mapping[Any, Any]]
 ) -> list[str]:
     """d90 / r90 values resting on runs that did not converge (the report's warning lines).
 
