@@ -20,7 +20,7 @@ split. The paper trains far longer; ``--epochs`` sets the cut (default 1). With
 `idlab.convergence` (patience ``--patience`` epochs without a ``--tol`` gain), ``--epochs``
 being the cap; each run JSON records ``converged`` and its curve, and each summary lists
 the runs that hit the cap unconverged. ``--paper-training`` = ``--until converged --epochs 100
---d-start fc=700,lenet=400 --rtol 0.2 --projections fastfood --out results/li2018_converged``.
+--d-start fc=700,lenet=290 --rtol 0.2 --projections fastfood --out results/li2018_converged``.
 """
 
 from __future__ import annotations
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="results/li2018")
     args = ap.parse_args(argv)
     if args.paper_training:
-        defaults = {"until": "converged", "epochs": 100.0, "d_start": "fc=700,lenet=400", "rtol": 0.2,
+        defaults = {"until": "converged", "epochs": 100.0, "d_start": "fc=700,lenet=290", "rtol": 0.2,
                     "projections": "fastfood", "out": "results/li2018_converged"}
         for k, v in defaults.items():
             if getattr(args, k) == ap.get_default(k):
