@@ -1,36 +1,41 @@
-"""Reproduce Hu et al. 2021 (LoRA), Section 7.2 / 7.3, on our SmolLM2-135M LoRA runs.
+"""Reproduce Hu et al. 2021 (LoRA), Section 7.2 / 7.3, on the LoRA query+value runs of a study.
 
-    python -m experiments.hu2021_section7 --results results/lora_rank_grid [--layer 15]
-                                          [--out results/hu2021_section7]
+    python -m experiments.hu2021_section7 --results results/hu2021_section7_minilm [--layers all]
+                                          [--rank-pair 8,64] [--out results/hu2021_section7]
 
-Reads the LoRA runs on target set q+v (``config.method == "lora"``, ``config.target_modules``
-== [q_proj, v_proj]) of a study folder (``<results>/runs/<run_id>/{result.json,
-delta.safetensors}``, written by ``idlab sweep experiments/configs/lora_rank_grid.yaml``), and for
-``q_proj`` and ``v_proj`` of one layer (default 15 of 30) computes
+Works by module ROLE, not by name: the query and value projections are ``q_proj`` / ``v_proj``
+in Llama-style models (target set ``qv``) and ``query`` / ``value`` in BERT and RoBERTa
+(target set ``bert-qv``). Reads the LoRA runs of a study folder whose targets are exactly
+the query and value projections (``<results>/runs/<run_id>/{result.json, delta.safetensors}``,
+written by ``idlab sweep``) and, for every layer found (or those asked) and both roles:
 
 - Section 7.2, subspace similarity phi (``idlab.analysis.subspace_similarity``) of the right
-  singular vectors of Delta W (the A side, the paper's choice; singular vectors of Delta W itself,
-  ``subspace_of(source="update")``, so invariant to the B/A gauge): r=8 vs r=64 at seed 0, and
-  seed 0 vs seed 1 at r=64; i <= 8, j <= 64. Beside every number the random-subspace baseline
-  E[phi(i, j)] = max(i, j) / k, k = d_in = 576. Heatmaps (phi | baseline) as PNG.
-- Section 7.3, amplification (``idlab.analysis.weight_alignment``) at r=4, r=8 and r=64 (seed 0):
-  ||U^T W_0 V^T||_F for Delta W's top-r directions, W_0's own top-r directions and random ones,
-  ||W_0||_F, ||Delta W||_F and ||Delta W||_F / ||U^T W_0 V^T||_F, with alpha / r folded into
-  Delta W (the update the model applies).
+  singular vectors of Delta W (the A side; singular vectors of Delta W itself, so invariant to
+  the B/A gauge): r_lo vs r_hi (default 8 vs 64) at every seed present, and seed s vs seed t at
+  r_hi for every pair of seeds present; i <= 8, j <= r_hi. Beside every number the random-
+  subspace baseline E[phi(i, j)] = max(i, j) / k, k = d_in.
+- Section 7.3, amplification (``idlab.analysis.weight_alignment``) at r = 4, r_lo, r_hi (seed
+  0, those present): ||U^T W_0 V^T||_F for Delta W's top-r directions, W_0's own top-r and
+  random orthonormal ones, ||W_0||_F, ||Delta W||_F and the amplification ||Delta W||_F /
+  ||U^T W_0 V^T||_F, alpha / r folded into Delta W. Two controls beside it: the same ratio
+  with random directions (``||Delta W||_F / random projection``) and the amplification of a
+  random rank-r Delta W of the same Frobenius norm (Gaussian factors, seeded).
 
 W_0 is the pretrained projection weight, from ``idlab.models.load_model(model, task=
-"classification")`` (the projections do not depend on the classification head). Writes
-``<out>/section7.md`` and ``<out>/section7.json`` atomically and the figures beside them. Runs
-that are missing (or failed, or have no delta file) are named and the rest is still written.
+"classification")``. Writes ``<out>/section7.md`` and ``<out>/section7.json`` atomically
+(`idlab.atomic`) and phi heatmaps of one focus layer (``--focus-layer``, default the middle one).
+A folder with no usable LoRA query+value run of the asked ranks raises a ValueError naming
+what is missing; other missing runs are named in the report and the rest is still written.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
-import os
-import tempfile
+import re
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,20 +52,18 @@ from idlab.analysis import (
     subspace_similarity,
     weight_alignment,
 )
+from idlab.atomic import atomic_file, atomic_write_text
 from idlab.lowrank import LowRankDelta
 
-MODULES = ("q_proj", "v_proj")
-ALIGN_RANKS = (4, 8, 64)  # r=8 is reported when present; 4 and 64 are Hu et al.'s Table 7
-PHI_MAX_I, PHI_MAX_J = 8, 64
-# (label, (r, seed) of run 1, (r, seed) of run 2): Figure 3 (rank) and Figure 4 (seed)
-PAIRS = (
-    ("rank", (8, 0), (64, 0)),
-    ("seed", (64, 0), (64, 1)),
-)
-NEEDED = ((4, 0), (8, 0), (64, 0), (64, 1))
-# Criteria used for the verdict (stated in the report)
+ROLES = ("query", "value")
+ROLE_NAMES: dict[str, tuple[str, ...]] = {"query": ("q_proj", "query"), "value": ("v_proj", "value")}
+"""Module names of each role: Llama/Mistral/SmolLM (q_proj, v_proj), BERT/RoBERTa (query, value)."""
+QV_TARGET_SETS = ("qv", "bert-qv")
+ALIGN_RANKS = (4,)  # Hu et al.'s Table 7 uses r = 4 and 64; r_lo and r_hi are added
+PHI_MAX_I = 8
 TOP_FACTOR = 10.0  # phi(1,1) "well above" baseline: at least this many times 1/k
 OTHER_FACTOR = 2.0  # other directions "near baseline": mean overlap at most this many times j/k
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)\.")
 
 PAPER = {
     "model": "GPT-3 175B, layer 48 of 96, W_q",
@@ -89,19 +92,33 @@ class Run:
     num_labels: int
     finished_at: str
     has_delta: bool
+    converged: bool | None
 
 
-def _is_qv(cfg: Mapping[str, Any]) -> bool:
+def module_role(name: str) -> tuple[int, str] | None:
+    """``(layer, role)`` of a module name such as ``model.layers.3.self_attn.q_proj`` or
+    ``bert.encoder.layer.3.attention.self.query``; None if it is no query/value projection."""
+    last = name.rsplit(".", 1)[-1]
+    role = next((r for r, names in ROLE_NAMES.items() if last in names), None)
+    m = _LAYER_RE.search(name)
+    if role is None or m is None:
+        return None
+    return int(m.group(1)), role
+
+
+def is_query_value(cfg: Mapping[str, Any]) -> bool:
+    """True when a run config's LoRA targets are exactly one query and one value projection."""
     tm = cfg.get("target_modules")
     if isinstance(tm, str):
         tm = [tm]
-    if tm is not None and sorted(tm) == ["q_proj", "v_proj"]:
-        return True
-    return tm is None and cfg.get("target_set") == "qv"
+    if tm is None:
+        return cfg.get("target_set") in QV_TARGET_SETS
+    roles = [next((r for r, names in ROLE_NAMES.items() if t in names), None) for t in tm]
+    return sorted(str(r) for r in roles) == sorted(ROLES)
 
 
 def find_runs(results: Path) -> list[Run]:
-    """Every LoRA q+v run under ``results/runs`` (or ``results`` itself if it holds run dirs)."""
+    """Every LoRA query+value run under ``results/runs`` (or ``results`` itself if it holds run dirs)."""
     root = results / "runs" if (results / "runs").is_dir() else results
     runs = []
     for rj in sorted(root.glob("*/result.json")):
@@ -110,9 +127,10 @@ def find_runs(results: Path) -> list[Run]:
         except (OSError, json.JSONDecodeError):
             continue  # being written; atomic writers make this rare
         cfg = res.get("config", {})
-        if cfg.get("method") != "lora" or not _is_qv(cfg):
+        if cfg.get("method") != "lora" or not is_query_value(cfg):
             continue
         task_info = res.get("task_info") or {}
+        conv = res.get("converged")
         runs.append(
             Run(
                 run_id=str(res.get("run_id", rj.parent.name)),
@@ -125,6 +143,7 @@ def find_runs(results: Path) -> list[Run]:
                 num_labels=int(task_info.get("num_classes", 2)),
                 finished_at=str(res.get("finished_at", "")),
                 has_delta=(rj.parent / "delta.safetensors").is_file(),
+                converged=None if conv is None else bool(conv),
             )
         )
     return runs
@@ -152,18 +171,22 @@ def select_runs(runs: Sequence[Run]) -> tuple[dict[tuple[int, int], Run], list[s
     return chosen, notes
 
 
-def smollm2_base_weights(model_name: str, names: Sequence[str], num_labels: int = 2) -> dict[str, Tensor]:
+def pretrained_base_weights(model_name: str, names: Sequence[str], num_labels: int = 2) -> dict[str, Tensor]:
     """W_0 of ``names`` from the pretrained model (sequence-classification wrapper, as trained)."""
     from idlab.models import load_model
 
     model, _ = load_model(model_name, task="classification", num_labels=num_labels)
     mods = dict(model.named_modules())
+    missing = [n for n in names if n not in mods]
+    if missing:
+        raise ValueError(f"{model_name} has no module {missing[0]!r} (of {len(missing)} asked); "
+                         "the delta file and the model disagree on module names")
     out = {n: mods[n].weight.detach().float().cpu().clone() for n in names}
     del model, mods
     return out
 
 
-def _phi_summary(phi: Tensor, k: int) -> dict[str, float]:
+def _phi_summary(phi: Tensor, k: int) -> dict[str, Any]:
     """Summary numbers of a phi map (p1, p2) and their random baselines."""
     p1, p2 = phi.shape
     base = random_baseline_map(p1, p2, k)
@@ -185,8 +208,6 @@ def _phi_summary(phi: Tensor, k: int) -> dict[str, float]:
         "base_mean_8x8": float(base[:i8, :j8].mean()),
         "phi_full": float(phi[p1 - 1, J - 1]),
         "base_full": random_baseline(p1, J, k),
-        "mean_map": float(phi.mean()),
-        "base_mean_map": float(base.mean()),
         "others_mean_1J": float(sum(others) / len(others)) if others else math.nan,
         "single_overlaps": single,
         "J": J,
@@ -212,16 +233,10 @@ def _heatmap(path: Path, phi: Tensor, k: int, title: str, ylabel: str, xlabel: s
         ax.set_ylabel(ylabel)
         fig.colorbar(im, ax=ax, label="phi(i, j)")
     fig.suptitle(title, fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _fmt(x: float | None, nd: int = 4) -> str:
@@ -232,176 +247,238 @@ def _fmt(x: float | None, nd: int = 4) -> str:
     return f"{x:.{nd}g}"
 
 
+def _random_delta_like(delta: LowRankDelta | Tensor, r: int, seed: int) -> LowRankDelta:
+    """A random rank-r Delta W (Gaussian factors, seeded) with the Frobenius norm of ``delta``."""
+    d_out, d_in = (delta.shape if isinstance(delta, LowRankDelta) else tuple(delta.shape))
+    g = torch.Generator().manual_seed(seed)
+    B = torch.randn(d_out, r, generator=g, dtype=torch.float64)
+    A = torch.randn(r, d_in, generator=g, dtype=torch.float64)
+    dense = delta.dense(torch.float64) if isinstance(delta, LowRankDelta) else delta.double()
+    target = float(torch.linalg.norm(dense))
+    scale = target / float(torch.linalg.norm(B @ A))
+    return LowRankDelta(B, A, scale)
+
+
+def _pairs(chosen: Mapping[tuple[int, int], Run], r_lo: int, r_hi: int) -> list[tuple[str, tuple[int, int], tuple[int, int]]]:
+    """(label, run 1, run 2): the rank pair at every seed, the seed pairs at r_hi."""
+    seeds = sorted({s for (_, s) in chosen})
+    out = [("rank", (r_lo, s), (r_hi, s)) for s in seeds if (r_lo, s) in chosen and (r_hi, s) in chosen]
+    hi_seeds = [s for s in seeds if (r_hi, s) in chosen]
+    out += [("seed", (r_hi, a), (r_hi, b)) for a, b in itertools.combinations(hi_seeds, 2)]
+    return out
+
+
 def analyse(
     results: str | Path,
-    layer: int = 15,
+    layers: str | int | Sequence[int] = "all",
     out: str | Path | None = None,
     base_weights: BaseWeights | None = None,
     figures: bool = True,
+    *,
+    rank_pair: tuple[int, int] = (8, 64),
+    focus_layer: int | None = None,
 ) -> dict[str, Any]:
     """Run the Section 7 analysis; returns the numbers (also written to ``out`` if given).
 
-    ``base_weights(model_name, module_names)`` supplies W_0 (default: the pretrained model via
-    `idlab.models.load_model`); tests pass a function returning small tensors.
+    Args:
+        results: a study folder holding LoRA query+value runs.
+        layers: "all" (every layer in the delta files), one index, or a list.
+        out: output folder (None: nothing written).
+        base_weights: ``base_weights(model_name, module_names)`` supplying W_0 (default: the
+            pretrained model via `idlab.models.load_model`); tests pass small tensors.
+        figures: write the phi heatmaps of the focus layer.
+        rank_pair: (r_lo, r_hi) of the rank comparison (Hu et al.: 8 and 64).
+        focus_layer: layer of the heatmaps and the detailed tables (default: the middle one).
+
+    Raises:
+        ValueError: no usable query+value run at r_lo or r_hi (naming the missing ranks and
+            the ranks found), or an asked layer that is not in the delta files.
     """
     results = Path(results)
+    r_lo, r_hi = rank_pair
     runs = find_runs(results)
     chosen, notes = select_runs(runs)
-    missing = [f"q+v r={r} seed={s}" for (r, s) in NEEDED if (r, s) not in chosen]
-    # r=64 seed 0 missing: stand in the largest rank > 8 at seed 0 (said in the notes)
-    wanted = list(NEEDED)
-    pairs = list(PAIRS)
-    align_ranks = list(ALIGN_RANKS)
-    if (64, 0) not in chosen:
-        sub = max((r for (r, s) in chosen if s == 0 and 8 < r < 64), default=None)
-        if sub is not None:
-            notes.append(f"r=64 seed=0 missing: r={sub} seed=0 stands in for it in the rank pair "
-                         "and as the high rank of the amplification table")
-            wanted.append((sub, 0))
-            pairs[0] = ("rank", (8, 0), (sub, 0))
-            align_ranks.append(sub)
-    names = {m: f"model.layers.{layer}.self_attn.{m}" for m in MODULES}
-    deltas: dict[tuple[int, int], dict[str, Any]] = {}
-    for key, run in chosen.items():
-        if key not in wanted:
-            continue
-        d = load_deltas(run.path / "delta.safetensors")
-        got = {m: d[n] for m, n in names.items() if n in d}
-        for n in names.values():
-            if n not in d:
-                notes.append(f"run {run.run_id} has no delta for {n}")
+    have_ranks = sorted({r for (r, _) in chosen})
+    absent = [r for r in (r_lo, r_hi) if not any(rr == r for (rr, _) in chosen)]
+    if absent:
+        found = f"usable ranks found: {have_ranks}" if have_ranks else "no usable LoRA query+value run at all"
+        raise ValueError(
+            f"{results}: no usable LoRA query+value run (target set {' or '.join(QV_TARGET_SETS)}, status ok, "
+            f"with delta.safetensors) at r={', r='.join(map(str, absent))}; {found} among {len(runs)} "
+            "LoRA query+value runs. Run e.g. `idlab sweep experiments/configs/hu2021_section7_minilm.yaml` "
+            "or pass rank_pair / --rank-pair with ranks that exist."
+        )
+    seeds = sorted({s for (_, s) in chosen})
+    missing = [f"query+value r={r} seed={s}" for r in (r_lo, r_hi) for s in seeds if (r, s) not in chosen]
+    if len([s for s in seeds if (r_hi, s) in chosen]) < 2:
+        missing.append(f"query+value r={r_hi} at a second seed (for the seed pair)")
+    align_ranks = sorted({r for r in (*ALIGN_RANKS, r_lo, r_hi) if (r, 0) in chosen})
+    pairs = _pairs(chosen, r_lo, r_hi)
+    wanted = {k for _, a, b in pairs for k in (a, b)} | {(r, 0) for r in align_ranks}
+
+    deltas: dict[tuple[int, int], dict[tuple[int, str], Any]] = {}
+    names: dict[tuple[int, str], str] = {}
+    for key in sorted(wanted):
+        d = load_deltas(chosen[key].path / "delta.safetensors")
+        got: dict[tuple[int, str], Any] = {}
+        for n, v in d.items():
+            lr = module_role(n)
+            if lr is not None:
+                got[lr] = v
+                names.setdefault(lr, n)
         deltas[key] = got
-    ref = next(iter(chosen.values()), None)
-    meta = {
-        "model": ref.model if ref else "?",
-        "task": ref.task if ref else "?",
-        "layer": layer,
-        "results": str(results),
-    }
+    all_layers = sorted({layer for (layer, _) in names})
+    if layers == "all":
+        use_layers = all_layers
+    else:
+        use_layers = [int(layers)] if isinstance(layers, (int, str)) else [int(x) for x in layers]
+        bad = [x for x in use_layers if x not in all_layers]
+        if bad:
+            raise ValueError(f"layers {bad} are not in the delta files; layers present: {all_layers}")
+    focus = focus_layer if focus_layer is not None else (all_layers[len(all_layers) // 2] if all_layers else None)
+    ref = chosen[(r_hi, seeds[0])] if (r_hi, seeds[0]) in chosen else next(iter(chosen.values()))
+    meta = {"model": ref.model, "task": ref.task, "layers": use_layers, "focus_layer": focus,
+            "results": str(results), "rank_pair": [r_lo, r_hi],
+            "module_names": {f"{layer}/{role}": names[(layer, role)] for (layer, role) in sorted(names)}}
     out_dir = Path(out) if out is not None else None
+    used = sorted(wanted)
     report: dict[str, Any] = {
         "meta": meta,
-        "runs_used": {f"r={r} seed={s}": chosen[(r, s)].run_id for (r, s) in wanted if (r, s) in chosen},
+        "runs_used": {f"r={r} seed={s}": chosen[(r, s)].run_id for (r, s) in used},
+        "runs_converged": {f"r={r} seed={s}": chosen[(r, s)].converged for (r, s) in used},
         "runs_found": len(runs),
         "missing": missing,
         "notes": notes,
-        "phi": {},
-        "alignment": {},
+        "phi": {},  # phi[layer][role][label] = list of summaries (one per pair)
+        "alignment": {},  # alignment[layer][role][r] = row
         "figures": [],
     }
 
     # ---- Section 7.2: phi maps
-    for label, k1, k2 in pairs:
-        if k1 not in deltas or k2 not in deltas:
-            continue
-        for m in MODULES:
-            if m not in deltas[k1] or m not in deltas[k2]:
-                continue
-            d1, d2 = deltas[k1][m], deltas[k2][m]
-            U1 = subspace_of(d1, side="right")
-            U2 = subspace_of(d2, side="right")
-            p1, p2 = min(PHI_MAX_I, U1.shape[1]), min(PHI_MAX_J, U2.shape[1])
-            phi = subspace_similarity(U1[:, :p1], U2[:, :p2])
-            k = int(U1.shape[0])
-            summ = _phi_summary(phi, k)
-            r1, s1 = k1
-            r2, s2 = k2
-            summ["runs"] = [chosen[k1].run_id, chosen[k2].run_id]
-            summ["desc"] = f"r={r1} s={s1} vs r={r2} s={s2}"
-            summ["map"] = phi.tolist()
-            if figures and out_dir is not None:
-                fig = out_dir / f"phi_{label}_layer{layer}_{m}.png"
-                title = (
-                    f"Hu et al. 7.2 phi, {meta['model']} on {meta['task']}, layer {layer} {m}, "
-                    f"right singular vectors (A side): "
-                    f"{chosen[k1].run_id} (r={r1}, seed {s1}) vs {chosen[k2].run_id} (r={r2}, seed {s2})"
-                )
-                _heatmap(fig, phi, k, title,
-                         f"i (top-i directions, r={r1} seed {s1})",
-                         f"j (top-j directions, r={r2} seed {s2})")
-                summ["figure"] = str(fig)
-                report["figures"].append(str(fig))
-            report["phi"].setdefault(label, {})[m] = summ
+    for layer in use_layers:
+        for role in ROLES:
+            lr = (layer, role)
+            for label, k1, k2 in pairs:
+                if lr not in deltas[k1] or lr not in deltas[k2]:
+                    continue
+                U1 = subspace_of(deltas[k1][lr], side="right")
+                U2 = subspace_of(deltas[k2][lr], side="right")
+                p1, p2 = min(PHI_MAX_I, U1.shape[1]), U2.shape[1]
+                phi = subspace_similarity(U1[:, :p1], U2[:, :p2])
+                k = int(U1.shape[0])
+                summ = _phi_summary(phi, k)
+                summ["runs"] = [chosen[k1].run_id, chosen[k2].run_id]
+                summ["desc"] = f"r={k1[0]} s={k1[1]} vs r={k2[0]} s={k2[1]}"
+                summ["map"] = phi.tolist()
+                first = not report["phi"].get(layer, {}).get(role, {}).get(label)
+                if figures and out_dir is not None and layer == focus and first:
+                    fig = out_dir / f"phi_{label}_layer{layer}_{role}.png"
+                    title = (f"Hu et al. 7.2 phi, {meta['model']} on {meta['task']}, layer {layer} "
+                             f"{names[lr]}, right singular vectors: {summ['desc']}")
+                    _heatmap(fig, phi, k, title, f"i (top-i directions, {summ['desc'].split(' vs ')[0]})",
+                             f"j (top-j directions, {summ['desc'].split(' vs ')[1]})")
+                    summ["figure"] = str(fig)
+                    report["figures"].append(str(fig))
+                report["phi"].setdefault(layer, {}).setdefault(role, {}).setdefault(label, []).append(summ)
 
-    # ---- Section 7.3: amplification
-    have = sorted(r for r in align_ranks if (r, 0) in deltas)
-    if have:
-        need = [names[m] for m in MODULES if any(m in deltas[(r, 0)] for r in have)]
+    # ---- Section 7.3: amplification, with the random controls
+    if align_ranks:
+        need = sorted({names[(layer, role)] for layer in use_layers for role in ROLES if (layer, role) in names})
         if base_weights is None:
-            run0 = chosen[(have[0], 0)]
-            W0 = smollm2_base_weights(run0.model, need, run0.num_labels)
+            run0 = chosen[(align_ranks[0], 0)]
+            W0 = pretrained_base_weights(run0.model, need, run0.num_labels)
         else:
             W0 = dict(base_weights(meta["model"], need))
-        for m in MODULES:
-            n = names[m]
-            if n not in W0:
-                notes.append(f"no base weight for {n}; amplification skipped")
-                continue
-            for r in have:
-                delta = deltas[(r, 0)].get(m)
-                if delta is None:
+        for layer in use_layers:
+            for role in ROLES:
+                n = names.get((layer, role))
+                if n is None or n not in W0:
+                    notes.append(f"no base weight for layer {layer} {role}; amplification skipped")
                     continue
-                res = weight_alignment(delta, W0[n], r=r)
-                row = res.as_dict()
-                row["run_id"] = chosen[(r, 0)].run_id
-                row["scale"] = float(delta.scale) if isinstance(delta, LowRankDelta) else 1.0
-                pr = res.proj_random
-                row["amplification_random"] = res.delta_fro / pr if pr > 0 else math.inf
-                row["delta_over_random"] = res.proj_delta / pr if pr > 0 else math.inf
-                report["alignment"].setdefault(m, {})[r] = row
+                for r in align_ranks:
+                    delta = deltas[(r, 0)].get((layer, role))
+                    if delta is None:
+                        continue
+                    res = weight_alignment(delta, W0[n], r=r)
+                    ctrl = weight_alignment(_random_delta_like(delta, r, seed=1000 + layer), W0[n], r=r)
+                    row: dict[str, Any] = dict(res.as_dict())
+                    row["run_id"] = chosen[(r, 0)].run_id
+                    row["scale"] = float(delta.scale) if isinstance(delta, LowRankDelta) else 1.0
+                    pr = res.proj_random
+                    row["amplification_random"] = res.delta_fro / pr if pr > 0 else math.inf
+                    row["delta_over_random"] = res.proj_delta / pr if pr > 0 else math.inf
+                    row["amplification_random_delta"] = ctrl.amplification
+                    report["alignment"].setdefault(layer, {}).setdefault(role, {})[r] = row
 
-    report["verdict"] = _verdict(report)
+    report["verdict"] = _verdict(report, r_hi)
     md = render_markdown(report)
     report["markdown"] = md
     if out_dir is not None:
-        _atomic_text(out_dir / "section7.md", md)
-        _atomic_text(out_dir / "section7.json",
-                     json.dumps({k: v for k, v in report.items() if k != "markdown"}, indent=1, default=str))
+        atomic_write_text(out_dir / "section7.md", md)
+        atomic_write_text(out_dir / "section7.json",
+                          json.dumps({k: v for k, v in report.items() if k != "markdown"}, indent=1, default=str))
     return report
 
 
-def _verdict(report: Mapping[str, Any]) -> dict[str, Any]:
-    """Per module and criterion: True / False / None (not computable) -- from the numbers."""
+def _mean(xs: Sequence[float]) -> float:
+    return float(statistics.fmean(xs)) if xs else math.nan
+
+
+def _layer_checks(rep: Mapping[str, Any], layer: int, role: str, r_hi: int) -> dict[str, bool | None]:
+    """The criteria on one (layer, role): True / False / None (not computable)."""
+    v: dict[str, bool | None] = {}
+    al = rep["alignment"].get(layer, {}).get(role, {})
+    hi = max(al) if al else None
+    low = min(al) if al else None
+    v["amplification_larger_at_low_rank"] = (
+        al[low]["amplification"] > al[hi]["amplification"] if low is not None and hi is not None and hi > low else None
+    )
+    v["amplification_above_1_at_low_rank"] = None if low is None else al[low]["amplification"] > 1.0
+    v["amplification_above_random_delta_at_low_rank"] = (
+        None if low is None else al[low]["amplification"] > al[low]["amplification_random_delta"]
+    )
+    v["dW_dirs_above_random_at_low_rank"] = (
+        None if low is None else al[low]["proj_delta"] > 2.0 * al[low]["proj_random"]
+    )
+    for label in ("rank", "seed"):
+        ps = rep["phi"].get(layer, {}).get(role, {}).get(label, [])
+        if not ps:
+            v[f"{label}_top_well_above_baseline"] = v[f"{label}_top_above_0.5"] = None
+            v[f"{label}_others_near_baseline"] = None
+            continue
+        top = _mean([p["phi_11"] for p in ps])
+        v[f"{label}_top_well_above_baseline"] = top >= TOP_FACTOR * ps[0]["base_11"]
+        v[f"{label}_top_above_0.5"] = top > 0.5
+        oth = _mean([p["others_mean_1J"] for p in ps if not math.isnan(p["others_mean_1J"])])
+        v[f"{label}_others_near_baseline"] = None if math.isnan(oth) else oth <= OTHER_FACTOR * ps[0]["base_1J"]
+    return v
+
+
+def _verdict(report: Mapping[str, Any], r_hi: int) -> dict[str, Any]:
+    """Per role and criterion, the layers where it holds, as ``{"holds": k, "of": n}`` (n = computable)."""
     out: dict[str, Any] = {}
-    for m in MODULES:
-        v: dict[str, Any] = {}
-        al = report["alignment"].get(m, {})
-        hi = max(al) if al else None
-        if 4 in al and hi is not None and hi > 8:
-            v["amplification_larger_at_low_rank"] = al[4]["amplification"] > al[hi]["amplification"]
-        else:
-            v["amplification_larger_at_low_rank"] = None
-        low = 4 if 4 in al else (min(al) if al else None)
-        # controls: the paper's amplification is > 1 (21.5) and Delta W's directions project W
-        # far more than random ones do (0.32 vs 0.02); a random Delta W also gives
-        # amplification(r=4) > amplification(r=64), so the rank trend alone is not the finding
-        v["amplification_above_1_at_low_rank"] = (
-            None if low is None else al[low]["amplification"] > 1.0
-        )
-        v["dW_dirs_above_random_at_low_rank"] = (
-            None if low is None else al[low]["proj_delta"] > 2.0 * al[low]["proj_random"]
-        )
-        for label in ("rank", "seed"):
-            p = report["phi"].get(label, {}).get(m)
-            if p is None:
-                v[f"{label}_top_well_above_baseline"] = None
-                v[f"{label}_top_above_0.5"] = None
-                v[f"{label}_others_near_baseline"] = None
-                continue
-            v[f"{label}_top_well_above_baseline"] = p["phi_11"] >= TOP_FACTOR * p["base_11"]
-            v[f"{label}_top_above_0.5"] = p["phi_11"] > 0.5
-            v[f"{label}_others_near_baseline"] = (
-                None if math.isnan(p["others_mean_1J"])
-                else p["others_mean_1J"] <= OTHER_FACTOR * p["base_1J"]
-            )
-        out[m] = v
-    pattern_keys = ("amplification_larger_at_low_rank", "rank_top_well_above_baseline",
-                    "rank_others_near_baseline")
-    vals = [out[m][k] for m in MODULES for k in pattern_keys]
-    if any(x is None for x in vals):
-        overall = "incomplete (some runs missing)" if not all(x is None for x in vals) else "not computable"
-        if any(x is False for x in vals):
-            overall = "does not reproduce (on the criteria computable so far)"
+    per: dict[str, dict[str, list[bool]]] = {role: {} for role in ROLES}
+    for layer in report["meta"]["layers"]:
+        for role in ROLES:
+            for k, x in _layer_checks(report, layer, role, r_hi).items():
+                lst = per[role].setdefault(k, [])
+                if x is not None:
+                    lst.append(x)
+    for role in ROLES:
+        out[role] = {k: {"holds": sum(v), "of": len(v)} for k, v in per[role].items()}
+    pattern = ("amplification_larger_at_low_rank", "rank_top_well_above_baseline", "rank_others_near_baseline")
+
+    def majority(k: str) -> bool | None:
+        cells = [out[role].get(k, {"holds": 0, "of": 0}) for role in ROLES]
+        if any(c["of"] == 0 for c in cells):
+            return None
+        return all(c["holds"] * 2 > c["of"] for c in cells)
+
+    vals = [majority(k) for k in pattern]
+    if all(x is None for x in vals):
+        overall = "not computable"
+    elif any(x is None for x in vals):
+        overall = "incomplete (some runs missing)"
     elif all(vals):
         overall = "reproduces"
     elif any(vals):
@@ -409,94 +486,106 @@ def _verdict(report: Mapping[str, Any]) -> dict[str, Any]:
     else:
         overall = "does not reproduce"
     out["overall"] = overall
-    ctrl = [out[m][k] for m in MODULES
-            for k in ("amplification_above_1_at_low_rank", "dW_dirs_above_random_at_low_rank")]
+    ctrl = [majority(k) for k in ("amplification_above_1_at_low_rank", "dW_dirs_above_random_at_low_rank",
+                                  "amplification_above_random_delta_at_low_rank")]
     out["controls"] = ("not computable" if all(x is None for x in ctrl)
                        else "hold" if all(x is True for x in ctrl)
                        else "fail" if all(x is False for x in ctrl) else "mixed")
     return out
 
 
-def _paper_derived(key: str) -> tuple[float, float]:
-    """The control rows computed from the paper's Table 7 numbers."""
-    pd_, pr, df = PAPER["proj_delta"], PAPER["proj_random"], PAPER["delta_fro"]
-    assert isinstance(pd_, dict) and isinstance(pr, dict) and isinstance(df, dict)
-    if key == "amplification_random":
-        return df[4] / pr[4], df[64] / pr[64]
-    return pd_[4] / pr[4], pd_[64] / pr[64]
-
-
 def _yn(x: bool | None) -> str:
     return "–" if x is None else ("yes" if x else "no")
 
 
+def _spread(xs: Sequence[float]) -> str:
+    if not xs:
+        return "–"
+    if len(xs) == 1:
+        return _fmt(xs[0], 3)
+    return f"{_fmt(_mean(xs), 3)} ({_fmt(min(xs), 3)}-{_fmt(max(xs), 3)}, n={len(xs)})"
+
+
 def render_markdown(rep: Mapping[str, Any]) -> str:
+    """The report as Markdown: runs, a per-layer table, the focus layer's Table 7, the verdict."""
     meta = rep["meta"]
+    r_lo, r_hi = meta["rank_pair"]
     L: list[str] = []
-    L.append(f"# Hu et al. 2021 Section 7 on {meta['model']} ({meta['task']}), layer {meta['layer']}")
+    L.append(f"# Hu et al. 2021 Section 7 on {meta['model']} ({meta['task']}), layers {meta['layers']}")
     L.append("")
-    L.append(
-        f"Source: `{meta['results']}` ({rep['runs_found']} LoRA q+v runs found). Generated by "
-        "`python -m experiments.hu2021_section7`."
-    )
+    L.append(f"Source: `{meta['results']}` ({rep['runs_found']} LoRA query+value runs found). Generated by "
+             "`python -m experiments.hu2021_section7`.")
     L.append("")
     L.append("## Runs")
     L.append("")
     for k, v in rep["runs_used"].items():
-        L.append(f"- {k}: `{v}`")
+        conv = rep["runs_converged"].get(k)
+        L.append(f"- {k}: `{v}` (converged: {'unknown' if conv is None else _yn(conv)})")
     if rep["missing"]:
         L.append(f"- **missing** (not found, failed or without delta): {', '.join(rep['missing'])}")
     for n in rep["notes"]:
         L.append(f"- note: {n}")
     L.append("")
-
-    L.append("## 7.2 Subspace similarity phi (right singular vectors of Delta W, the A side)")
+    L.append("## Every layer")
     L.append("")
     L.append(
-        "phi(i, j) = ‖U1[:, :i]^T U2[:, :j]‖_F^2 / min(i, j); random baseline max(i, j)/k with "
-        "k = d_in. `others` = mean over i = 2..8 of the overlap of run 1's i-th direction alone "
-        "with run 2's top-J subspace (baseline J/k). Paper: phi(1,1) " + PAPER["phi_top"] + "."
+        f"phi(1,1) of the right singular vectors of Delta W (random baseline 1/k, k = d_in): r={r_lo} vs "
+        f"r={r_hi} (mean, range over seeds) and seed vs seed at r={r_hi} (over seed pairs). Amplification "
+        "||ΔW||_F / ||U^T W_0 V^T||_F at seed 0 beside its controls: random directions (ΔW's norm over "
+        "W_0's projection on random orthonormal U, V) and a random rank-r ΔW of the same norm. "
+        f"Paper (GPT-3, W_q, layer 48): phi(1,1) {PAPER['phi_top']}; amplification 21.5 (r=4), 2.0 (r=64)."
     )
     L.append("")
-    L.append("| pair | module | phi(1,1) | base | phi(1,J) | base | mean i,j<=8 | base | "
-             "phi(8,J) | base | mean map | base | others | base |")
-    L.append("|" + "---|" * 14)
-    for label in ("rank", "seed"):
-        for m in MODULES:
-            p = rep["phi"].get(label, {}).get(m)
-            if p is None:
-                continue
-            L.append(
-                f"| {p['desc']} (J={p['J']}) | {m} | {_fmt(p['phi_11'])} | {_fmt(p['base_11'])} | "
-                f"{_fmt(p['phi_1J'])} | {_fmt(p['base_1J'])} | {_fmt(p['mean_8x8'])} | "
-                f"{_fmt(p['base_mean_8x8'])} | {_fmt(p['phi_full'])} | {_fmt(p['base_full'])} | "
-                f"{_fmt(p['mean_map'])} | {_fmt(p['base_mean_map'])} | {_fmt(p['others_mean_1J'])} | "
-                f"{_fmt(p['base_1J'])} |"
+    al_ranks = sorted({r for lay in rep["alignment"].values() for row in lay.values() for r in row})
+    hdr = " | ".join(f"amp r={r} (rand dirs / rand ΔW)" for r in al_ranks)
+    L.append(f"| layer | role | module | phi(1,1) rank pair | phi(1,1) seed pairs | base 1/k | {hdr} |")
+    L.append("|---|---|---|---|---|---|" + "---|" * len(al_ranks))
+    for layer in meta["layers"]:
+        for role in ROLES:
+            ph = rep["phi"].get(layer, {}).get(role, {})
+            rank = [p["phi_11"] for p in ph.get("rank", [])]
+            seed = [p["phi_11"] for p in ph.get("seed", [])]
+            base = next((p["base_11"] for lst in ph.values() for p in lst), None)
+            al = rep["alignment"].get(layer, {}).get(role, {})
+            amps = " | ".join(
+                f"{_fmt(al[r]['amplification'], 3)} ({_fmt(al[r]['amplification_random'], 3)} / "
+                f"{_fmt(al[r]['amplification_random_delta'], 3)})" if r in al else "–"
+                for r in al_ranks
             )
-    if not any(rep["phi"].values()):
-        L.append("| (no pair available) |" + " |" * 13)
+            name = meta["module_names"].get(f"{layer}/{role}", "?")
+            L.append(f"| {layer} | {role} | `{name}` | {_spread(rank)} | {_spread(seed)} | {_fmt(base, 3)} | {amps} |")
     L.append("")
 
-    L.append("## 7.3 Amplification (Table 7 layout)")
+    focus = meta["focus_layer"]
+    L.append(f"## 7.2 in detail, layer {focus}")
     L.append("")
-    L.append(
-        "‖U^T W_0 V^T‖_F with U, V the top-r left/right singular vectors of Delta W (row 1), of "
-        "W_0 (row 2), random orthonormal (row 3, seed 0). Delta W = (alpha/r) B A: the LoRA scale "
-        "alpha/r is folded into Delta W. W_0 = pretrained weight of the module. "
-        f"Paper: {PAPER['model']}."
-    )
+    L.append("phi(i, j) = ‖U1[:, :i]^T U2[:, :j]‖_F^2 / min(i, j); random baseline max(i, j)/k. `others` = mean "
+             "over i = 2..8 of the overlap of run 1's i-th direction alone with run 2's top-J subspace (baseline J/k).")
     L.append("")
-    for m in MODULES:
-        al = rep["alignment"].get(m, {})
+    L.append("| pair | role | phi(1,1) | base | phi(1,J) | base | mean i,j<=8 | base | phi(8,J) | base | others | base |")
+    L.append("|" + "---|" * 12)
+    for role in ROLES:
+        for label in ("rank", "seed"):
+            for p in rep["phi"].get(focus, {}).get(role, {}).get(label, []):
+                L.append(
+                    f"| {p['desc']} (J={p['J']}) | {role} | {_fmt(p['phi_11'])} | {_fmt(p['base_11'])} | "
+                    f"{_fmt(p['phi_1J'])} | {_fmt(p['base_1J'])} | {_fmt(p['mean_8x8'])} | "
+                    f"{_fmt(p['base_mean_8x8'])} | {_fmt(p['phi_full'])} | {_fmt(p['base_full'])} | "
+                    f"{_fmt(p['others_mean_1J'])} | {_fmt(p['base_1J'])} |"
+                )
+    L.append("")
+    L.append(f"## 7.3 in detail, layer {focus} (Table 7 layout, seed 0)")
+    L.append("")
+    for role in ROLES:
+        al = rep["alignment"].get(focus, {}).get(role, {})
         if not al:
-            L.append(f"{m}: no runs for the amplification table.")
+            L.append(f"{role}: no runs for the amplification table.")
             L.append("")
             continue
         ranks = sorted(al)
-        hdr = " | ".join(f"ours r={r}" for r in ranks)
-        L.append(f"**{m}** (layer {meta['layer']})")
+        L.append(f"**{role}** (`{meta['module_names'].get(f'{focus}/{role}', '?')}`)")
         L.append("")
-        L.append(f"| | {hdr} | paper r=4 | paper r=64 |")
+        L.append(f"| | {' | '.join(f'ours r={r}' for r in ranks)} | paper r=4 | paper r=64 |")
         L.append("|---|" + "---|" * (len(ranks) + 2))
         rows = (
             ("‖U^T W V^T‖_F, ΔW directions", "proj_delta"),
@@ -506,47 +595,50 @@ def render_markdown(rep: Mapping[str, Any]) -> str:
             ("‖ΔW‖_F", "delta_fro"),
             ("amplification ‖ΔW‖_F / ‖U^T W V^T‖_F", "amplification"),
             ("control: ‖ΔW‖_F / random projection", "amplification_random"),
+            ("control: amplification of a random ΔW, same norm", "amplification_random_delta"),
             ("ΔW-direction / random projection", "delta_over_random"),
         )
         for lab, key in rows:
             ours = " | ".join(_fmt(al[r][key]) for r in ranks)
             pv = PAPER.get(key)
-            if pv is None:
-                p4, p64 = _paper_derived(key)
+            if isinstance(pv, dict):
+                p4, p64 = _fmt(pv[4]), _fmt(pv[64])
+            elif isinstance(pv, float):
+                p4 = p64 = _fmt(pv)
+            elif key == "amplification_random":
+                p4, p64 = _fmt(6.91 / 0.02), _fmt(3.57 / 0.33)
+            elif key == "delta_over_random":
+                p4, p64 = _fmt(0.32 / 0.02), _fmt(1.90 / 0.33)
             else:
-                p4, p64 = (pv[4], pv[64]) if isinstance(pv, dict) else (pv, pv)
-            L.append(f"| {lab} | {ours} | {_fmt(p4)} | {_fmt(p64)} |")
+                p4 = p64 = "–"
+            L.append(f"| {lab} | {ours} | {p4} | {p64} |")
         L.append("| alpha/r | " + " | ".join(_fmt(al[r]["scale"]) for r in ranks) + " | | |")
-        L.append("| run | " + " | ".join(f"`{al[r]['run_id']}`" for r in ranks) + " | | |")
         L.append("")
 
     L.append("## Does the pattern reproduce?")
     L.append("")
     L.append(
-        f"Criteria (computed): amplification(r=4) > amplification(r=64, or the highest rank "
-        "present above 8 when r=64 is missing); top direction phi(1,1) "
-        f">= {TOP_FACTOR:g} x its baseline 1/k (and, separately, > 0.5 as in the paper); other "
-        f"directions: mean single-direction overlap (i = 2..8 against top-J) <= {OTHER_FACTOR:g} x "
-        "baseline J/k."
+        f"Per layer and role: amplification larger at the lowest rank than at the highest; top direction "
+        f"phi(1,1) (mean over pairs) >= {TOP_FACTOR:g} x its baseline 1/k (and, separately, > 0.5 as in the "
+        f"paper); other directions: mean single-direction overlap (i = 2..8 against top-J) <= "
+        f"{OTHER_FACTOR:g} x baseline J/k. Counted over layers: `holds / computable`. A criterion holds for "
+        "the model when it holds in more than half of the layers, for both roles."
     )
     L.append("")
     v = rep["verdict"]
-    keys = [k for k in v[MODULES[0]]]
-    L.append("| criterion | " + " | ".join(MODULES) + " |")
-    L.append("|---|" + "---|" * len(MODULES))
+    keys = list(v[ROLES[0]])
+    L.append("| criterion | " + " | ".join(ROLES) + " |")
+    L.append("|---|" + "---|" * len(ROLES))
     for k in keys:
-        L.append(f"| {k} | " + " | ".join(_yn(v[m][k]) for m in MODULES) + " |")
+        cells = [v[role].get(k, {"holds": 0, "of": 0}) for role in ROLES]
+        L.append(f"| {k} | " + " | ".join(f"{c['holds']}/{c['of']}" if c["of"] else "–" for c in cells) + " |")
     L.append("")
-    L.append(
-        "**Pattern as stated (amplification larger at r=4 than r=64; rank-pair top direction well "
-        f"above baseline; other directions near baseline; both modules): {v['overall']}.**"
-    )
+    L.append("**Pattern as stated (amplification larger at low rank; rank-pair top direction well above "
+             f"baseline; other directions near baseline; both roles): {v['overall']}.**")
     L.append("")
-    L.append(
-        "Controls (a random Delta W also shows a larger amplification at low rank, because a "
-        "random r-dim projection of W grows with r): amplification > 1 at the lowest rank, and "
-        f"Delta W's directions projecting W > 2 x the random directions: **{v['controls']}**."
-    )
+    L.append("Controls (a random ΔW also shows a larger amplification at low rank, because a random r-dim "
+             "projection of W grows with r): amplification > 1, ΔW's directions projecting W > 2 x random "
+             f"ones, amplification above that of a random ΔW of the same norm, at the lowest rank: **{v['controls']}**.")
     L.append("")
     if rep["figures"]:
         L.append("## Figures")
@@ -557,29 +649,21 @@ def render_markdown(rep: Mapping[str, Any]) -> str:
     return "\n".join(L)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    ap.add_argument("--results", required=True, help="study folder, e.g. results/lora_rank_grid")
-    ap.add_argument("--layer", type=int, default=15, help="layer index (default 15 of 30)")
+    ap.add_argument("--results", required=True, help="study folder, e.g. results/hu2021_section7_minilm")
+    ap.add_argument("--layers", default="all", help="'all' (default) or comma-separated layer indices")
+    ap.add_argument("--rank-pair", default="8,64", help="r_lo,r_hi of the rank comparison (default 8,64)")
+    ap.add_argument("--focus-layer", type=int, default=None, help="layer of the heatmaps (default: middle)")
     ap.add_argument("--out", default="results/hu2021_section7", help="output folder")
     ap.add_argument("--no-figures", action="store_true", help="skip the PNG heatmaps")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rep = analyse(args.results, args.layer, args.out, figures=not args.no_figures)
+    layers: str | list[int] = "all" if args.layers == "all" else [int(x) for x in args.layers.split(",")]
+    lo, hi = (int(x) for x in args.rank_pair.split(","))
+    rep = analyse(args.results, layers, args.out, figures=not args.no_figures, rank_pair=(lo, hi),
+                  focus_layer=args.focus_layer)
     print(rep["markdown"])
     if rep["missing"]:
         print(f"missing runs: {', '.join(rep['missing'])}")

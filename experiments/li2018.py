@@ -3,6 +3,8 @@ and LeNet (D = 44,426) networks, Fastfood and dense projections, 3 seeds, seed b
 
     python -m experiments.li2018 [--quick] [--models fc,lenet] [--projections fastfood,dense]
                                  [--seeds 0,1,2] [--epochs N] [--out results/li2018]
+                                 [--until converged --patience 3 --tol 0.002]
+    python -m experiments.li2018 --paper-training     # Table 1 at the paper's training, one command
 
 Per (model, projection): the direct-training runs (one per seed) give the local
 baseline (their mean validation accuracy); `idlab.d90.find_d90` searches d with
@@ -13,13 +15,19 @@ and the figure to ``<out>/li2018.png``.
 
 Training (the authors' scripts): Adam lr 1e-3, betas (0.9, 0.99), batch 128, L2 on
 theta_D (``--l2``, default 1e-5), performance = accuracy on the 10k MNIST validation
-split. The paper trains far longer; ``--epochs`` sets the cut (default 1).
+split. The paper trains far longer; ``--epochs`` sets the cut (default 1). With
+``--until converged`` every run is evaluated once per epoch and stops by the rule of
+`idlab.convergence` (patience ``--patience`` epochs without a ``--tol`` gain), ``--epochs``
+being the cap; each run JSON records ``converged`` and its curve, and each summary lists
+the runs that hit the cap unconverged. ``--paper-training`` = ``--until converged --epochs 100
+--d-start fc=700,lenet=290 --rtol 0.2 --projections fastfood --out results/li2018_converged``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,8 +70,9 @@ def run_once(out: Path, tag: str, build: Callable[[], tuple[nn.Module, int]], ta
     res = train(model, task, cfg, extra_loss=extra, desc=tag)
     score = float("nan") if res.diverged else res.metrics["accuracy"]
     write_json(path, {"tag": tag, "score": score, "d": d, **meta, "wall_time_s": time.perf_counter() - t0,
-                      "train": res.to_dict(), "config": {**cfg.__dict__, "l2": l2}})
-    print(f"[li2018] {tag}: val acc {score:.4f} ({time.perf_counter() - t0:.1f}s)", flush=True)
+                      "converged": res.converged, "train": res.to_dict(), "config": {**cfg.__dict__, "l2": l2}})
+    print(f"[li2018] {tag}: val acc {score:.4f}, {res.steps} steps, converged {res.converged} "
+          f"({time.perf_counter() - t0:.1f}s)", flush=True)
     return score
 
 
@@ -72,9 +81,13 @@ def measure(model_name: str, kind: str, args: argparse.Namespace, task: Classifi
     t_start = time.perf_counter()
     fn = MODELS[model_name]
 
+    per_epoch = math.ceil(task.num_train / 128)
+
     def cfg(seed: int) -> TrainConfig:
+        conv = {"until": "converged", "eval_every": per_epoch, "patience": args.patience, "tol": args.tol}
         return TrainConfig(optimizer="adam", lr=1e-3, betas=(0.9, 0.99), batch_size=128, epochs=args.epochs,
-                           seed=seed, device="cpu", progress=False, eval_batch_size=1000)
+                           seed=seed, device="cpu", progress=False, eval_batch_size=1000,
+                           **(conv if args.until == "converged" else {}))
 
     def direct(seed: int) -> float:
         def build() -> tuple[nn.Module, int]:
@@ -98,10 +111,15 @@ def measure(model_name: str, kind: str, args: argparse.Namespace, task: Classifi
                    on_nan="fail", n_bootstrap=1000,
                    log=lambda s: print(f"[li2018] {model_name}/{kind} {s}", flush=True))
     glob = analyze_d90(res.evaluations, 1.0, 0.9, n_bootstrap=1000)
+    records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob(f"{model_name}_*.json"))]
+    records = [r for r in records if r["method"] in ("direct", f"subspace/{kind}")]
+    unconverged = [r["tag"] for r in records if r.get("converged") is False]
     summary = {
         "model": model_name, "projection": kind, "D": PAPER[model_name]["D"], "paper": PAPER[model_name],
         "local": res.to_dict(), "global": {k: v for k, v in glob.to_dict().items() if k != "evaluations"},
-        "epochs": args.epochs, "l2": args.l2, "seeds": list(args.seeds),
+        "epochs": args.epochs, "l2": args.l2, "seeds": list(args.seeds), "until": args.until,
+        "patience": args.patience, "tol": args.tol, "unconverged_runs": unconverged,
+        "training_wall_time_s": sum(float(r["wall_time_s"]) for r in records),
         "n_training_runs": len(res.evaluations) + len(baseline),
         "wall_time_s_this_invocation": time.perf_counter() - t_start,
     }
@@ -141,11 +159,80 @@ def plot(out: Path) -> Path | None:
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel("subspace dimension d")
         ax.set_ylabel("validation accuracy")
-        ax.set_title(f"MNIST {s['model']} / {s['projection']} ({s['epochs']} epoch(s))")
+        ax.set_title(f"MNIST {s['model']} / {s['projection']} ({s.get('until', 'steps')}, {s['epochs']:g} epoch cap)")
         ax.legend(fontsize=7, loc="upper left", framealpha=0.9)
     fig.tight_layout()
     path = out / "li2018.png"
     atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+    return path
+
+
+def _at_epoch(curve: list[dict[str, float]], step: int) -> tuple[float, bool]:
+    """Accuracy of a run after ``step`` optimizer steps, read off its per-epoch curve, and whether
+    the run reached that step (else: its last evaluation, the run having stopped before)."""
+    pts = [c for c in curve if c["step"] <= step]
+    return (float(pts[-1]["accuracy"]) if pts else float("nan")), curve[-1]["step"] >= step
+
+
+def cut_table(out: Path, model_name: str, kind: str, cuts: tuple[int, ...] = (1, 5, 10, 20)) -> list[dict[str, Any]]:
+    """d90 had training been cut at ``cuts`` epochs, from the per-epoch curves of the converged runs.
+
+    With a constant learning rate and a fixed data order per seed, the first k epochs of a
+    longer run are the k-epoch run, so a cut needs no new training (exact while every run
+    reached the cut; otherwise the row says how many runs had already stopped, by the rule).
+    """
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob(f"{model_name}_*.json"))]
+    per_epoch = math.ceil(50_000 / 128)
+    rows = []
+    for k in (*cuts, None):
+        def score(r: dict[str, Any], k: int | None = k) -> tuple[float, bool]:
+            if k is None:
+                return float(r["score"]), True
+            return _at_epoch(r["train"]["curve"], k * per_epoch)
+        direct = [score(r) for r in runs if r["method"] == "direct"]
+        sub = {(int(r["d"]), int(r["seed"])): score(r) for r in runs if r["method"] == f"subspace/{kind}"}
+        res = analyze_d90({key: v for key, (v, _) in sub.items()}, [v for v, _ in direct], 0.9, n_bootstrap=1000)
+        stopped = sum(not ok for _, ok in direct) + sum(not ok for _, ok in sub.values())
+        rows.append({"epochs": "converged (rule)" if k is None else k, "baseline": res.baseline,
+                     "d90": res.d90, "d90_interp": res.d90_interp, "ci": res.ci,
+                     "runs_stopped_before_cut": stopped, "n_runs": len(direct) + len(sub),
+                     "means": {int(d): float(m) for d, m in res.curve()[["d", "mean"]].itertuples(index=False)}})
+    return rows
+
+
+def plot_curves(out: Path, model_name: str, kind: str) -> Path | None:
+    """Validation accuracy against epoch for every run of one search (seed colour, d panel)."""
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob(f"{model_name}_*.json"))]
+    runs = [r for r in runs if r["method"] in ("direct", f"subspace/{kind}")]
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_epoch = math.ceil(50_000 / 128)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ds = sorted({int(r["d"]) for r in runs if r["method"] != "direct"})
+    colours = {d: f"C{i}" for i, d in enumerate(ds)}
+    for r in runs:
+        c = r["train"]["curve"]
+        x = [p["step"] / per_epoch for p in c]
+        y = [p["accuracy"] for p in c]
+        direct = r["method"] == "direct"
+        col = "k" if direct else colours[int(r["d"])]
+        lab = ("direct" if direct else f"d = {r['d']}") if int(r["seed"]) == 0 else None
+        ax.plot(x, y, color=col, lw=1, alpha=0.8, label=lab)
+        ax.plot(x[-1:], y[-1:], "o" if r.get("converged") else "x", color=col, ms=4)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.set_ylim(0.5, 1.0)
+    ax.set_title(f"MNIST {model_name} / {kind}: every run (3 seeds), o = converged by the rule, x = cap")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = out / f"curves_{model_name}_{kind}.png"
+    atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
 
@@ -156,7 +243,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", default="fc,lenet")
     ap.add_argument("--projections", default="fastfood,dense")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--epochs", type=float, default=1.0, help="epochs (the cap with --until converged)")
+    ap.add_argument("--until", choices=("steps", "converged"), default="steps",
+                    help="converged: evaluate every epoch and stop by idlab.convergence's rule")
+    ap.add_argument("--patience", type=int, default=3, help="epochs without a --tol gain that stop a run")
+    ap.add_argument("--tol", type=float, default=0.002, help="smallest validation-accuracy gain that counts")
+    ap.add_argument("--paper-training", action="store_true",
+                    help="Table 1 at the paper's training: until converged, 100-epoch cap, Fastfood")
     ap.add_argument("--l2", type=float, default=1e-5, help="L2 on theta_D (Li et al.: 1e-4 or 1e-5)")
     ap.add_argument("--rtol", type=float, default=0.1, help="bisection tolerance (hi - lo) / hi")
     ap.add_argument("--d-min", type=int, default=10)
@@ -168,12 +261,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plot-only", action="store_true")
     ap.add_argument("--out", default="results/li2018")
     args = ap.parse_args(argv)
+    if args.paper_training:
+        defaults = {"until": "converged", "epochs": 100.0, "d_start": "fc=700,lenet=290", "rtol": 0.2,
+                    "projections": "fastfood", "out": "results/li2018_converged"}
+        for k, v in defaults.items():
+            if getattr(args, k) == ap.get_default(k):
+                setattr(args, k, v)
     args.seeds = tuple(int(s) for s in args.seeds.split(","))
     args.d_start = {k: int(v) for k, v in (kv.split("=") for kv in args.d_start.split(",") if kv)}
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     if args.plot_only:
         print(plot(out))
+        for f in sorted(out.glob("*_*.json")):
+            m, kind = f.stem.split("_", 1)
+            print(plot_curves(out, m, kind))
+            table = cut_table(out, m, kind)
+            write_json(out / "cuts" / f"{m}_{kind}.json", table)
+            for row in table:
+                print(f"[li2018] {m}/{kind} cut {row['epochs']}: d90 {row['d90']} (interp {row['d90_interp']}, "
+                      f"ci {row['ci']}), baseline {row['baseline']:.4f}, stopped before cut "
+                      f"{row['runs_stopped_before_cut']}/{row['n_runs']}; means {row['means']}")
         return
     if args.quick:
         args.epochs, args.seeds = min(args.epochs, 0.2), args.seeds[:2]

@@ -293,6 +293,7 @@ def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
             "peak_memory_bytes": res.peak_memory_bytes, "device": res.device, "precision": res.precision,
             "task_info": task.describe(),
             "metric": task.metric, "higher_is_better": task.higher_is_better, "method_info": prep.info,
+            "converged": res.converged, "convergence": res.convergence,
         })
         writer: Callable[[Path], None] | None = None
         if status == "ok":

@@ -36,6 +36,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from idlab.convergence import (
+    ConvergenceRule,
+    Until,
+    check_convergence,
+    patience_exhausted,
+    validate_until,
+)
 from idlab.data.base import Task, inputs_to
 from idlab.devices import Precision, check_precision, resolve_precision
 from idlab.devices import resolve_device as resolve_device
@@ -79,8 +86,19 @@ class TrainConfig:
                        "auto: bf16-mixed on CUDA GPUs with bfloat16 (and for bf16/fp16 models), else fp32"),
     )
     progress: bool = field(default=True, metadata=_help("show a tqdm progress bar"))
+    until: Until = field(
+        default="steps",
+        metadata=_help("steps: run steps/epochs; converged: stop early by patience, steps/epochs is the cap"),
+    )
+    patience: int | None = field(
+        default=3, metadata=_help("evaluations without a tol improvement that stop an until=converged run")
+    )
+    tol: float = field(default=0.002, metadata=_help("smallest improvement of the metric that counts (absolute)"))
+    plateau_window: float = field(default=0.2, metadata=_help("plateau test: the last fraction of the steps"))
 
     def __post_init__(self) -> None:
+        self.convergence_rule()  # validates tol / window / patience
+        validate_until(self.until, self.steps, self.epochs, self.eval_every)
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr}")
         if self.batch_size <= 0:
@@ -98,6 +116,10 @@ class TrainConfig:
                 f"TrainConfig.schedule={self.schedule!r} is unknown; use constant, linear or cosine"
             )
         check_precision(self.precision)
+
+    def convergence_rule(self) -> ConvergenceRule:
+        """The `ConvergenceRule` these fields describe."""
+        return ConvergenceRule(tol=self.tol, window=self.plateau_window, patience=self.patience)
 
     def total_steps(self, num_train: int) -> int:
         """Optimizer steps this config runs on a training set of ``num_train`` examples."""
@@ -123,6 +145,8 @@ class TrainResult:
         trainable_parameters: entries of all parameters that the optimizer updated.
         device: where it ran.
         precision: the precision it trained in (``auto`` resolved), see `TrainConfig.precision`.
+        converged: the validation metric plateaued or the run stopped early on patience
+            (`idlab.convergence`); ``convergence`` holds the verdict's details.
     """
 
     metrics: dict[str, float]
@@ -136,6 +160,8 @@ class TrainResult:
     trainable_parameters: int
     device: str
     precision: str = "fp32"
+    converged: bool = False
+    convergence: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -331,6 +357,7 @@ def train(
     with float32_matmul(precision, device):
         t0 = time.perf_counter()
         diverged, error, step, count = False, None, 0, 0
+        rule, stopped = cfg.convergence_rule(), False
         every = cfg.eval_every or 0
         if cfg.eval_at_start:
             evaluate(0, float("nan"))
@@ -369,11 +396,16 @@ def train(
                     running.zero_()
                     count = 0
                     bar.set_postfix({task.metric: f"{metrics[task.metric]:.4g}"})
+                    if cfg.until == "converged" and patience_exhausted(curve, task.metric, task.higher_is_better,
+                                                                       rule):
+                        stopped = True
+                        break
                 bar.update(1)
         finally:
             bar.close()
-        if not diverged or not curve:
+        if not stopped and (not diverged or not curve):
             evaluate(step, float(running) / count if count and not diverged else float("nan"))
+    verdict = check_convergence(curve, task.metric, task.higher_is_better, rule, early_stopped=stopped)
     return TrainResult(
         metrics=metrics,
         best=best,
@@ -386,4 +418,6 @@ def train(
         trainable_parameters=n_trainable,
         device=str(device),
         precision=precision,
+        converged=verdict.converged and not diverged,
+        convergence=verdict.to_dict(),
     )

@@ -58,6 +58,7 @@ def _row(path: Path, res: Mapping[str, Any]) -> dict[str, Any]:
         "higher_is_better": res.get("higher_is_better", True),
         "score_final": metrics.get(metric),
         "score_best": best.get(metric),
+        "converged": res.get("converged"),
         "best_step": best.get("step"),
         "steps": res.get("steps"),
         "trainable_parameters": res.get("trainable_parameters"),

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from idlab.convergence import unconverged_crossings
 from idlab.report import figures
 from idlab.report.figures import (
     fig_curves,
@@ -200,6 +201,12 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
             if thin:
                 lines += ["**Warning: some crossings rest on fewer seeds than the rest of their curve:** "
                           + "; ".join(thin) + ". Run the missing seeds at that point before quoting them.", ""]
+            unconv = unconverged_crossings([(d90, "d"), (r90, "r"), *(((chance["d90"], "d"), (chance["r90"], "r"))
+                                                                     if chance else ())], sel_runs.to_dict("records"))
+            if unconv:
+                lines += ["**Warning: some crossings rest on runs whose validation metric had not plateaued "
+                          "(idlab.convergence):** " + "; ".join(unconv) + ". Train them longer "
+                          "(`train.until: converged`) before quoting them.", ""]
     # figures
     lines += ["### Figures", ""]
     for caption, paths in figs:
