@@ -4,7 +4,8 @@
 
 Measures, in one run, and writes markdown to bench/results/projections.md (atomically):
 
-1. Fastfood forward+backward (d = 1000) at D = 2^20, 2^22, 2^24 against the floor (``copy_``
+1. Fastfood forward+backward (d = 1000) at D = 2^20, 2^22, 2^24, layouts "blocks" (C++ and
+   torch kernels) and "global", against the floor (``copy_``
    of D floats into a preallocated buffer) and against a naive pure-torch Fastfood (radix-2
    butterflies one stage at a time, materialised padding, autograd through everything --
    what common reimplementations do). min / median / max over repeats.
@@ -33,8 +34,8 @@ from torch import Tensor
 
 from bench.common import machine
 from idlab.atomic import atomic_write_text
-from idlab.hadamard import wht_pingpong
-from idlab.projections import FastfoodProjection, make_projection, next_pow2
+from idlab.fastfood import FastfoodProjection
+from idlab.projections import make_projection
 
 RESULTS = Path(__file__).resolve().parent / "results" / "projections.md"
 
@@ -107,13 +108,31 @@ def _fwd_bwd(fn: Callable[[Tensor], Tensor], d: int, g: Tensor) -> Callable[[], 
 # ----------------------------------------------------------------------------- sections
 
 
+def _timeit_kernel(name: str, fn: Callable[[], object], repeats: int) -> list[float]:
+    """`_timeit` with the Walsh-Hadamard kernel ``name`` forced (then back to "auto")."""
+    from idlab.hadamard import set_backend
+
+    set_backend(name)
+    try:
+        return _timeit(fn, repeats)
+    finally:
+        set_backend("auto")
+
+
 def bench_fastfood_speed(quick: bool) -> tuple[list[str], dict[int, float]]:
+    from idlab.hadamard import backend
+
     d = 1000
     sizes = [1 << 18, 1 << 20] if quick else [1 << 20, 1 << 22, 1 << 24]
+    kernel = backend()
     rows = [
-        "| D | copy_ floor | two H_L alone | ours fwd+bwd | ours, cache_state='index' "
-        "| ours, cache_state=False | naive fwd+bwd | two H_L/copy | ours/copy | naive/ours |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"Layout 'blocks' (default; blocks of 2^20, hashed B, Pi, G) with the C++ kernel (`backend()` = "
+        f"{kernel!r}) and with the plain-torch one; layout 'global' (Li et al.'s single block, plain torch, "
+        "fastfood_state 'all' / 'index' / 'none').",
+        "",
+        "| D | copy_ floor | blocks fwd+bwd | blocks, torch kernel | global fwd+bwd | global 'index' "
+        "| global 'none' | naive fwd+bwd | blocks/copy | global/copy | naive/blocks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ratios: dict[int, float] = {}
     for D in sizes:
@@ -122,24 +141,20 @@ def bench_fastfood_speed(quick: bool) -> tuple[list[str], dict[int, float]]:
         g = torch.randn(D)
         buf = torch.empty(D)
         t_copy = _timeit(lambda: buf.copy_(g), reps * 3)  # noqa: B023
-        # the two full Walsh-Hadamard transforms that any forward + backward of H G Pi H B
-        # needs (the first H acts on b entries only), in preallocated buffers
-        L = next_pow2(D)
-        x, w1, w2 = torch.randn(1, L), torch.empty(1, L), torch.empty(1, L)
-        t_wht = _timeit(
-            lambda: (wht_pingpong(w1, w2, src=x), wht_pingpong(w1, w2, src=x)),  # noqa: B023
-            reps,
-        )
-        ours = make_projection("fastfood", D, d, seed=0)
+        blocks = make_projection("fastfood", D, d, seed=0)
+        t_blocks = _timeit(_fwd_bwd(blocks, d, g), reps)
+        t_btorch = _timeit_kernel("torch", _fwd_bwd(blocks, d, g), max(2, reps // 2))
+        del blocks
+        ours = make_projection("fastfood", D, d, seed=0, layout="global")
         assert isinstance(ours, FastfoodProjection)
         t_ours = _timeit(_fwd_bwd(ours, d, g), reps)
-        idx_mode = make_projection("fastfood", D, d, seed=0, cache_state="index")
+        idx_mode = make_projection("fastfood", D, d, seed=0, layout="global", fastfood_state="index")
         t_index = _timeit(_fwd_bwd(idx_mode, d, g), reps)
         del idx_mode
         if quick:
             nocache = "skipped (--quick)"
         else:
-            lean = make_projection("fastfood", D, d, seed=0, cache_state=False)
+            lean = make_projection("fastfood", D, d, seed=0, layout="global", fastfood_state="none")
             nocache = _fmt(_timeit(_fwd_bwd(lean, d, g), 2 if D >= (1 << 22) else 3, warmup=0))
             del lean
         naive = NaiveFastfood(ours)
@@ -148,13 +163,12 @@ def bench_fastfood_speed(quick: bool) -> tuple[list[str], dict[int, float]]:
         )
         del naive
         med = statistics.median
-        r_copy = med(t_ours) / med(t_copy)
-        r_naive = med(t_naive) / med(t_ours)
+        r_copy = med(t_blocks) / med(t_copy)
         ratios[D] = r_copy
         rows.append(
-            f"| 2^{D.bit_length() - 1} | {_fmt(t_copy)} | {_fmt(t_wht)} | {_fmt(t_ours)} | {_fmt(t_index)} "
-            f"| {nocache} "
-            f"| {_fmt(t_naive)} | {med(t_wht) / med(t_copy):.1f}x | {r_copy:.1f}x | {r_naive:.1f}x |"
+            f"| 2^{D.bit_length() - 1} | {_fmt(t_copy)} | {_fmt(t_blocks)} | {_fmt(t_btorch)} | {_fmt(t_ours)} "
+            f"| {_fmt(t_index)} | {nocache} | {_fmt(t_naive)} | {r_copy:.1f}x | {med(t_ours) / med(t_copy):.1f}x "
+            f"| {med(t_naive) / med(t_blocks):.1f}x |"
         )
         del ours
     return rows, ratios
@@ -162,7 +176,7 @@ def bench_fastfood_speed(quick: bool) -> tuple[list[str], dict[int, float]]:
 
 def bench_exactness(quick: bool) -> list[str]:
     D, d = ((1 << 18) + 12345, 1000) if quick else ((1 << 20) + 12345, 1000)
-    p = make_projection("fastfood", D, d, seed=1)
+    p = make_projection("fastfood", D, d, seed=1, layout="global")
     assert isinstance(p, FastfoodProjection)
     ref = NaiveFastfood(p, dtype=torch.float64)
     theta = torch.randn(d, dtype=torch.float64)
@@ -176,14 +190,26 @@ def bench_exactness(quick: bool) -> list[str]:
     assert t32.grad is not None and t64.grad is not None
     ey = float((y32.detach().double() - y64.detach()).abs().max() / y64.detach().abs().max())
     eg = float((t32.grad.double() - t64.grad).abs().max() / t64.grad.abs().max())
+    # blocks: float32 (C++ kernel when built) against the same P in float64
+    bl32 = make_projection("fastfood", D, d, seed=1)
+    bl64 = make_projection("fastfood", D, d, seed=1, dtype=torch.float64)
+    b32 = theta.float().requires_grad_()
+    yb32 = bl32(b32)
+    yb32.backward(gy.float())
+    b64 = theta.clone().requires_grad_()
+    yb64 = bl64(b64)
+    yb64.backward(gy)
+    assert b32.grad is not None and b64.grad is not None
+    eby = float((yb32.detach().double() - yb64.detach()).abs().max() / yb64.detach().abs().max())
+    ebg = float((b32.grad.double() - b64.grad).abs().max() / b64.grad.abs().max())
     return [
-        f"D = {D} (L = 2^{p.L.bit_length() - 1}), d = {d}; float32 ours vs float64 naive reference with "
-        "the same B, Pi, G; error = max|ours - ref| / max|ref|.",
+        f"D = {D} (L = 2^{p.L.bit_length() - 1}), d = {d}; global: float32 ours vs float64 naive reference with "
+        "the same B, Pi, G; blocks: float32 vs the same blocks in float64; error = max|ours - ref| / max|ref|.",
         "",
-        "| quantity | relative max error | target |",
-        "|---|---|---|",
-        f"| forward y (D,) | {ey:.2e} | <= 1e-5 |",
-        f"| backward P^T g (d,) | {eg:.2e} | <= 1e-5 |",
+        "| quantity | global | blocks | target |",
+        "|---|---|---|---|",
+        f"| forward y (D,) | {ey:.2e} | {eby:.2e} | <= 1e-5 |",
+        f"| backward P^T g (d,) | {eg:.2e} | {ebg:.2e} | <= 1e-5 |",
     ]
 
 
@@ -196,20 +222,21 @@ def bench_state(quick: bool) -> list[str]:
         "| projection | state bytes | bytes / parameter |",
         "|---|---|---|",
     ]
-    ff = make_projection("fastfood", D, d)
+    ff = make_projection("fastfood", D, d, layout="global")
     assert isinstance(ff, FastfoodProjection)
     ff(torch.zeros(d, requires_grad=True)).sum().backward()
     items: list[tuple[str, int]] = [
-        ("fastfood (packed idx+G int32 word)", ff.state_bytes()),
+        ("fastfood blocks (default; one float64 scale per 2^20 block)", make_projection("fastfood", D, d).state_bytes()),
+        ("fastfood global (packed idx+G int32 word)", ff.state_bytes()),
         (
-            "fastfood cache_state='index' (idx int16; G redrawn per call)",
-            make_projection("fastfood", D, d, cache_state="index").state_bytes(),
+            "fastfood global, fastfood_state='index' (idx int16; G redrawn per call)",
+            make_projection("fastfood", D, d, layout="global", fastfood_state="index").state_bytes(),
         ),
         (
-            "fastfood cache_state=False",
-            make_projection("fastfood", D, d, cache_state=False).state_bytes(),
+            "fastfood global, fastfood_state='none'",
+            make_projection("fastfood", D, d, layout="global", fastfood_state="none").state_bytes(),
         ),
-        ("fastfood scratch (keep_workspace, not state)", ff.workspace_bytes()),
+        ("fastfood global scratch (keep_workspace, not state)", ff.workspace_bytes()),
         ("naive fastfood (B, G float32; Pi int64)", NaiveFastfood(ff).state_bytes()),
         (
             "dense (regenerated blocks; d column norms)",
@@ -221,25 +248,8 @@ def bench_state(quick: bool) -> list[str]:
         rows.append(f"| {name} | {b:,} | {b / D:.3f} |")
     rows.append("| Li et al. code (3 length-L vectors, float/int64) | - | ~24 (SCIENCE.md) |")
     rows.append("| Aghajanyan et al. code (BERT-base) | - | ~34 (SCIENCE.md) |")
-    if quick:
-        return rows
-    # the study models' D are far from powers of two: state is per *padded* coordinate
-    rows += [
-        "",
-        "At the study models' D (d = 1000; all float parameters, tied embeddings once):",
-        "",
-        "| D | L | cache_state | state bytes | bytes / parameter |",
-        "|---|---|---|---|---|",
-    ]
-    for name, big in (("MiniLM-L6", 22_713_986), ("SmolLM2-135M", 134_515_008)):
-        for mode in (True, "index"):
-            pb = make_projection("fastfood", big, d, cache_state=mode)
-            assert isinstance(pb, FastfoodProjection)
-            b = pb.state_bytes()
-            rows.append(
-                f"| {big:,} ({name}) | 2^{pb.L.bit_length() - 1} | {mode!r} | {b:,} | {b / big:.3f} |"
-            )
-            del pb
+    rows.append("")
+    rows.append("The study models' D for each layout: see the memory benchmark (bench/bench_memory.py).")
     return rows
 
 
@@ -310,9 +320,10 @@ def main(quick: bool = False) -> str:
         "",
         "## Fastfood forward + backward, d = 1000",
         "",
-        "ours = `make_projection('fastfood', D, 1000)` (packed state, reused scratch); naive = radix-2 "
-        "butterflies per stage, materialised padding, autograd through everything (this file). "
-        "Targets at 2^24: ours/copy <= 20x, naive/ours >= 25x.",
+        "blocks = `make_projection('fastfood', D, 1000)` (the default layout); global = "
+        "`make_projection('fastfood', D, 1000, layout='global')` (packed state, reused scratch); naive = radix-2 "
+        "butterflies per stage over the global layout's B, Pi, G, materialised padding, autograd through "
+        "everything (this file). Target at 2^24 (issue 13): blocks/copy <= 20x.",
         "",
         *speed,
         "",

@@ -19,7 +19,7 @@ from pathlib import Path
 from bench.common import machine
 from idlab.atomic import atomic_write_text
 
-BENCHES = ["projections", "subspace", "lora", "analysis"]
+BENCHES = ["projections", "subspace", "memory", "lora", "analysis"]
 ROOT = Path(__file__).resolve().parents[1]
 
 HEADER = """# Benchmarks

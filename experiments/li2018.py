@@ -101,7 +101,9 @@ def measure(model_name: str, kind: str, args: argparse.Namespace, task: Classifi
         def build() -> tuple[nn.Module, int]:
             torch.manual_seed(seed)
             opts = {"dense_cache_limit": args.dense_cache_mb << 18} if kind == "dense" else {}
-            return SubspaceModel(fn(), dim=d, projection=kind, seed=seed, projection_options=opts), d
+            # layout "global": Li et al.'s single Fastfood block, as in the paper's code
+            return SubspaceModel(fn(), dim=d, projection=kind, seed=seed, projection_options=opts,
+                                 layout="global"), d
         return run_once(out, f"{model_name}_{kind}_d{d}_s{seed}", build, task, cfg(seed), args.l2,
                         {"model": model_name, "method": f"subspace/{kind}", "seed": seed})
 

@@ -18,6 +18,10 @@ et al. 2021 scaled it and got gradients off by a factor of L).
 
 from __future__ import annotations
 
+import os
+import warnings
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -145,3 +149,99 @@ def hadamard(x: Tensor) -> Tensor:
         )
     out: Tensor = _Hadamard.apply(x)
     return out
+
+
+# ----------------------------------------------------------------------------- fast path
+
+KERNELS = ("auto", "cpp", "torch")
+_KERNEL_ENV = "IDLAB_KERNEL"
+_requested: str | None = None  # None: read the environment on first use
+_resolved: str | None = None
+_module: object | None = None
+_warned = False
+
+
+def _check_kernel(name: object) -> str:
+    if not isinstance(name, str) or name not in KERNELS:
+        raise ValueError(
+            f"unknown Walsh-Hadamard kernel {name!r} (from set_backend or ${_KERNEL_ENV}); allowed: "
+            f"{', '.join(KERNELS)} ('auto' builds the C++ fast path and falls back to 'torch')"
+        )
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Choose the transform's kernel: "auto" (default: C++ if it builds, else torch), "cpp"
+    (the compiled CPU fast path; raises if it cannot build) or "torch" (the plain reference).
+
+    The environment variable IDLAB_KERNEL sets the same choice before first use.
+    """
+    global _requested, _resolved
+    _requested = _check_kernel(name)
+    _resolved = None
+
+
+def _build_module() -> object:
+    from idlab import _kernels
+
+    return _kernels.build()
+
+
+def backend() -> str:
+    """The kernel in use for CPU tensors: "cpp" or "torch" (builds the fast path on first call).
+
+    Recorded in every result.json (``environment()``). With "auto" a failed build warns once
+    and falls back to "torch"; CUDA tensors always use the torch code.
+    """
+    global _requested, _resolved, _module, _warned
+    if _resolved is not None:
+        return _resolved
+    if _requested is None:
+        _requested = _check_kernel(os.environ.get(_KERNEL_ENV, "auto"))
+    if _requested == "torch":
+        _resolved = "torch"
+        return _resolved
+    try:
+        _module = _build_module()
+        _resolved = "cpp"
+    except Exception as e:
+        if _requested == "cpp":
+            raise RuntimeError(
+                f"the C++ Walsh-Hadamard kernel (kernel 'cpp') failed to build: {type(e).__name__}: {e}; "
+                f"install gcc and ninja, or use kernel 'auto' / 'torch' (${_KERNEL_ENV}=torch)"
+            ) from e
+        if not _warned:
+            warnings.warn(
+                f"idlab: the C++ Walsh-Hadamard kernel could not be built ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); using the plain-torch transform "
+                f"(slower, same numbers). Set {_KERNEL_ENV}=torch to silence this.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            _warned = True
+        _module = None
+        _resolved = "torch"
+    return _resolved
+
+
+def fast_module(x: Tensor) -> Any | None:
+    """The compiled module when it applies to x (CPU, float32/float64, contiguous), else None."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous():
+        return None
+    return _module if backend() == "cpp" else None
+
+
+def wht_(x: Tensor) -> Tensor:
+    """H_n x in place over the last dimension (x contiguous (..., n), n a power of two); returns x.
+
+    Uses the compiled kernel when `backend()` is "cpp" and x is a CPU float32/float64 tensor,
+    else the plain-torch `wht` (same numbers to rounding; tested within 1e-6 relative).
+    """
+    n = x.shape[-1]
+    if not is_power_of_two(n):
+        raise ValueError(f"Walsh-Hadamard transform needs a power-of-two last dimension, got {n}")
+    mod = fast_module(x)
+    if mod is not None:
+        mod.wht_(x)
+        return x
+    return x.copy_(wht(x))

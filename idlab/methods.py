@@ -41,11 +41,6 @@ from idlab.config.schema import ModelConfig, TaskConfig
 from idlab.data.base import ClassificationTask, Task, index_inputs
 from idlab.models import head_module_name
 
-#: make_projection's keyword for what a Fastfood projection keeps (study option ``fastfood_state``).
-#: Today's projections call it ``cache_state``; the issue-13 engine renames it ``fastfood_state``
-#: (then this constant becomes "fastfood_state" and nothing else changes).
-FASTFOOD_STATE_KEYWORD = "cache_state"
-
 #: Number of labels of the GLUE classification tasks (default 2).
 GLUE_LABELS = {"mnli": 3, "mnli-mm": 3, "ax": 3}
 
@@ -189,12 +184,12 @@ class Prepared:
 def projection_options(run: RunConfig) -> dict[str, Any] | None:
     """The speed/memory keywords of `idlab.projections.make_projection` for a run (the one place they are mapped).
 
-    ``fastfood_state`` keeps its study-file name up to here; the projection keyword it maps to
-    is `FASTFOOD_STATE_KEYWORD`.
+    ``fastfood_state`` keeps its study-file name all the way to the projection; "auto" is the
+    projection's own default and is not passed.
     """
-    if run.projection != "fastfood" or run.fastfood_state == "all":
+    if run.projection != "fastfood" or run.fastfood_state == "auto":
         return None
-    return {FASTFOOD_STATE_KEYWORD: run.fastfood_state}
+    return {"fastfood_state": run.fastfood_state}
 
 
 def prepare(model: nn.Module, run: RunConfig) -> Prepared:
@@ -236,10 +231,12 @@ def prepare(model: nn.Module, run: RunConfig) -> Prepared:
 
         head = head_module_name(model) if run.head == "train" else None
         linear = linear_weights(model)
+        from idlab.hadamard import backend
+
         assert run.d is not None and run.projection is not None  # RunConfig checks a subspace run has them
         sm = SubspaceModel(model, run.d, projection=run.projection, said=run.said,
                            seed=run.seed, exclude=[head] if head else None, train_excluded=bool(head),
-                           projection_options=projection_options(run))
+                           projection_options=projection_options(run), layout=run.layout)
 
         def extract_sub() -> dict[str, Any]:
             return {m: dt for m, dt in sm.delta(by_module=True).items() if m in linear}
@@ -249,11 +246,12 @@ def prepare(model: nn.Module, run: RunConfig) -> Prepared:
 
             tensors = {n: p.detach().cpu().contiguous().clone() for n, p in sm.named_parameters() if p.requires_grad}
             save_file(tensors, str(d / "subspace.safetensors"), metadata={
-                "d": str(run.d), "projection": str(run.projection), "said": str(run.said),
-                "seed": str(run.seed), "head": str(head)})
+                "d": str(run.d), "projection": str(run.projection), "layout": run.layout,
+                "said": str(run.said), "seed": str(run.seed), "head": str(head)})
 
         mode = "train" if head else ("project" if run.head == "project" else "none")
-        return Prepared(sm, total, {"head": mode, "head_module": head}, extract_sub, save_sub)
+        info = {"head": mode, "head_module": head, "layout": run.layout, "kernel": backend()}
+        return Prepared(sm, total, info, extract_sub, save_sub)
     raise ValueError(f"unknown method {method!r}; allowed values: full, lora, subspace")
 
 
@@ -313,5 +311,5 @@ def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
     return result, writer
 
 
-__all__ = ["FASTFOOD_STATE_KEYWORD", "Prepared", "build_task_and_model", "environment", "execute_run",
+__all__ = ["Prepared", "build_task_and_model", "environment", "execute_run",
            "linear_weights", "prepare", "projection_options"]

@@ -10,8 +10,8 @@ with the reparameterised tensors
     SAID:  theta_i = theta_0,i + lambda_i * (P theta_{d-m})[s_i]       (2)
 
 where P is a frozen random D x d' projection (`idlab.projections.make_projection`,
-every column unit length over all D projected entries together), s_i the slice of
-the flat length-D offset that belongs to tensor i (reshaped to its shape), m the
+every column unit length over all D projected entries together), (P theta)[s_i] the
+rows of P that belong to tensor i (reshaped to its shape), m the
 number of projected tensors, lambda (m,) one scalar per tensor initialised to 1,
 and d' = d (DID) or d - m (SAID) so that the trainable count is exactly ``dim``.
 theta_d starts at zero, so training starts exactly at theta_0.
@@ -26,9 +26,17 @@ Excluded tensors are frozen, or trained directly with ``train_excluded=True``
 ``classifier`` for BERT). Tied tensors (Hugging Face tied embeddings) are
 projected once.
 
-Memory: the wrapper holds the projection's state, theta_d and lambda; theta_0 is
-the wrapped model's own storage (no copy). The length-D offset and the m
-reparameterised tensors are transient (rebuilt every forward).
+Engine (docs/ENGINE.md). With the default Fastfood layout "blocks" the projection is
+*streamed*: each tensor's rows P_i theta are computed on their own (`idlab.fastfood`,
+O(2^20) scratch), added to theta_0,i in one fused op, and dropped; in the backward, one
+autograd node per tensor turns that tensor's gradient g_i into P_i^T g_i (and
+<g_i, P_i theta> = <P_i^T g_i, theta> for lambda_i) as soon as g_i exists, so no length-D
+offset, gradient or scratch is ever held. Other kinds and layout "global" build the whole
+length-D offset P theta each forward and split it (the old path).
+
+Memory: the wrapper holds the projection's state (near zero for "blocks"), theta_d and
+lambda; theta_0 is the wrapped model's own storage (no copy). The m reparameterised
+tensors are transient (rebuilt every forward, kept by autograd like any weight).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
 __all__ = ["SubspaceModel"]
@@ -82,7 +91,8 @@ def _matches(names: Sequence[str], pattern: str) -> bool:
 
 
 # make_projection keywords that change speed or memory, never the projection P itself.
-_PROJECTION_OPTIONS = frozenset({"cache_state", "keep_workspace", "dense_cache_limit"})
+_PROJECTION_OPTIONS = frozenset({"fastfood_state", "keep_workspace", "dense_cache_limit"})
+_RENAMED_OPTIONS = {"cache_state": "fastfood_state (string values: 'auto', 'all', 'index', 'none')"}
 
 
 class SubspaceModel(nn.Module):
@@ -96,6 +106,10 @@ class SubspaceModel(nn.Module):
         dim: the trainable count d (>= 1). With ``said=True``, d - m coordinates are
             projected and m lambdas are trained (d must exceed m).
         projection: ``"fastfood"`` (default; needs d' <= D), ``"dense"`` or ``"sparse"``.
+        layout: Fastfood layout, ``"blocks"`` (default: stacked hashed blocks, one segment per
+            projected tensor, streamed, near-zero state) or ``"global"`` (Li et al.'s single
+            block over next_pow2(D), as in idlab before; the Li reproduction uses it). Dense and
+            sparse accept either (their P does not depend on it).
         said: structure-aware reparameterisation (2), one lambda per projected tensor.
         seed: seed of the projection P (P is a pure function of kind, D, d', seed).
         include: glob(s) choosing the projected tensors (default: every float parameter).
@@ -104,7 +118,7 @@ class SubspaceModel(nn.Module):
         device, dtype: where / in which precision the projection and theta_d live
             (default: the device of the model's first projected tensor, float32).
         projection_options: extra keyword arguments for `make_projection` that change speed
-            or memory but never P itself (``cache_state``, ``keep_workspace``,
+            or memory but never P itself (``fastfood_state``, ``keep_workspace``,
             ``dense_cache_limit``).
 
     Raises:
@@ -141,6 +155,8 @@ class SubspaceModel(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
         projection_options: Mapping[str, Any] | None = None,
+        *,
+        layout: str = "blocks",
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -157,12 +173,14 @@ class SubspaceModel(nn.Module):
         self.include = _as_patterns(include, "include")
         self.exclude = _as_patterns(exclude, "exclude")
         self.train_excluded = bool(train_excluded)
+        self.layout = layout
         self.projection_options = dict(projection_options or {})
         unknown = set(self.projection_options) - _PROJECTION_OPTIONS
         if unknown:
+            renamed = [f"{k} is now {_RENAMED_OPTIONS[k]}" for k in sorted(unknown) if k in _RENAMED_OPTIONS]
             raise ValueError(
                 f"SubspaceModel: unknown projection_options {sorted(unknown)}; "
-                f"allowed: {sorted(_PROJECTION_OPTIONS)}"
+                f"allowed: {sorted(_PROJECTION_OPTIONS)}" + (f" ({'; '.join(renamed)})" if renamed else "")
             )
 
         # Group aliases of tied tensors: id(tensor) -> names, first name first.
@@ -246,8 +264,16 @@ class SubspaceModel(nn.Module):
     def _make_projection(self, seed: int) -> nn.Module:
         from idlab.projections import make_projection
 
+        segments = self._sizes if self.kind == "fastfood" and self.layout == "blocks" else None
         return make_projection(self.kind, self.D, self.d_proj, seed=seed, device=self._device, dtype=self._dtype,
-                               **self.projection_options)
+                               layout=self.layout, segments=segments, **self.projection_options)
+
+    @property
+    def streamed(self) -> bool:
+        """True when each tensor's offset is computed on its own (Fastfood layout "blocks")."""
+        from idlab.fastfood import BlockFastfoodProjection
+
+        return isinstance(self.projection, BlockFastfoodProjection)
 
     def _theta0(self) -> list[Tensor]:
         params = dict(self.model.named_parameters(remove_duplicate=False))
@@ -258,11 +284,17 @@ class SubspaceModel(nn.Module):
         return (self.theta_d._version, lam)
 
     def offset(self) -> Tensor:
-        """The flat offset P theta_d' of length D (before the SAID lambdas)."""
+        """The flat offset P theta_d' of length D (before the SAID lambdas; materialises D)."""
         return self.projection(self.theta_d)
 
     def _reparameterised(self) -> list[Tensor]:
         """theta_i for every projected tensor, eq. (1)/(2): one add (addcmul) per tensor."""
+        if self.streamed:
+            lam_s = self.lambdas.unbind() if self.lambdas is not None else None
+            return [
+                _StreamedTensor.apply(self.theta_d, None if lam_s is None else lam_s[i], t0, self.projection, i)
+                for i, t0 in enumerate(self._theta0())
+            ]
         pieces = self.offset().split(self._sizes)  # views; backward is a single cat
         lams = self.lambdas.unbind() if self.lambdas is not None else None
         out: list[Tensor] = []
@@ -321,16 +353,29 @@ class SubspaceModel(nn.Module):
         return lambda: self.l2_penalty(l2)
 
     @torch.no_grad()
-    def delta(self, by_module: bool = False) -> dict[str, Tensor]:
-        """Delta W = theta_i - theta_0,i for every projected tensor (full shape, detached).
+    def _offsets(self) -> list[Tensor]:
+        """lambda_i * (P theta)[s_i] per projected tensor, in theta_d's dtype (float32 by default)."""
+        theta = self.theta_d.detach()
+        if self.streamed:
+            proj = self.projection
+            raw = [proj.segment_forward(theta, i) for i in range(self.m)]  # type: ignore[operator]
+        else:
+            raw = list(self.projection(theta).split(self._sizes))
+        lam = self.lambdas.detach() if self.lambdas is not None else None
+        return [(r if lam is None else r * lam[i]).view(s.shape) for i, (s, r) in enumerate(zip(self._slots, raw))]
 
+    @torch.no_grad()
+    def delta(self, by_module: bool = False) -> dict[str, Tensor]:
+        """Delta W = lambda_i (P theta_d)[s_i] for every projected tensor (full shape, detached).
+
+        Exact whatever the model's dtype: the projection's own offset, computed in theta_d's
+        dtype (float32 by default), not the difference of two rounded (e.g. bf16) weights.
         Keys are parameter names (``net.0.weight``). With ``by_module=True`` only
         2-D ``.weight`` tensors are returned, keyed by their module's name (``net.0``),
         the convention of `idlab.analysis.io.save_deltas`.
         """
         out: dict[str, Tensor] = {}
-        for slot, t0, t in zip(self._slots, self._theta0(), self._reparameterised()):
-            dw = (t - t0).detach()
+        for slot, dw in zip(self._slots, self._offsets()):
             if not by_module:
                 out[slot.name] = dw
             elif slot.name.endswith(".weight") and dw.ndim == 2:
@@ -356,6 +401,7 @@ class SubspaceModel(nn.Module):
             "version": _STATE_VERSION,
             "dim": self.dim,
             "projection": self.kind,
+            "layout": self.layout,
             "said": self.said,
             "seed": self.seed,
             "D": self.D,
@@ -376,12 +422,16 @@ class SubspaceModel(nn.Module):
         if not isinstance(state, dict) or "seed" not in state:
             raise ValueError(f"SubspaceModel: unrecognised extra state {state!r}")
         mine = self.config()
-        for key in ("dim", "projection", "said", "D", "d_proj", "projected", "trained_excluded"):
+        keys = ["dim", "projection", "said", "D", "d_proj", "projected", "trained_excluded"]
+        if self.kind == "fastfood":  # states saved before layouts existed used the global one
+            state = {**state, "layout": state.get("layout", "global")}
+            keys.append("layout")
+        for key in keys:
             if state.get(key) != mine[key]:
                 raise ValueError(
                     f"SubspaceModel.load_state_dict: saved {key}={_short(state.get(key))} but this wrapper "
                     f"has {key}={_short(mine[key])}; wrap the same base model with the same dim, "
-                    "projection, said, include/exclude and train_excluded"
+                    "projection, layout, said, include/exclude and train_excluded"
                 )
         if int(state["seed"]) != self.seed:
             self.seed = int(state["seed"])
@@ -389,9 +439,43 @@ class SubspaceModel(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"dim={self.dim}, projection={self.kind!r}, said={self.said}, seed={self.seed}, "
+            f"dim={self.dim}, projection={self.kind!r}, layout={self.layout!r}, said={self.said}, seed={self.seed}, "
             f"D={self.D}, m={self.m}, trainable={self.num_trainable}"
         )
+
+
+class _StreamedTensor(torch.autograd.Function):
+    """theta_i = theta_0,i + lambda_i P_i theta for one tensor (lambda_i = 1 for DID).
+
+    Forward: P_i theta in theta's dtype (float32), scaled, added to theta_0,i and rounded once
+    to the model's dtype. Backward (as soon as g_i exists): a = P_i^T g_i (d',), then
+    d theta = lambda_i a and d lambda_i = <g_i, P_i theta> = <a, theta>. Nothing of length D_i
+    is saved for the backward (only theta and lambda_i).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, theta: Tensor, lam: Tensor | None, t0: Tensor, proj: Any, i: int) -> Tensor:
+        ctx.proj, ctx.i, ctx.has_lam = proj, i, lam is not None
+        y = proj.segment_forward(theta.detach(), i)  # (D_i,) theta's dtype
+        if lam is not None:
+            y.mul_(lam.detach().to(y.dtype))
+        flat = t0.detach().reshape(-1)
+        if flat.dtype == y.dtype:
+            out = y.add_(flat)
+        else:
+            out = y.add_(flat.to(y.dtype)).to(t0.dtype)
+        ctx.save_for_backward(theta, lam if lam is not None else theta.new_empty(0))
+        return out.view(t0.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+        theta, lam = ctx.saved_tensors
+        a = ctx.proj.segment_adjoint(g.reshape(-1).to(theta.dtype), ctx.i)  # (d',) P_i^T g_i
+        if not ctx.has_lam:
+            return a, None, None, None, None
+        g_lam = torch.dot(a, theta.detach()).to(lam.dtype) if ctx.needs_input_grad[1] else None
+        return a.mul_(lam.to(a.dtype)), g_lam, None, None, None
 
 
 def _short(v: Any) -> str:

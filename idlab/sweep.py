@@ -53,7 +53,9 @@ def _base(study: StudyConfig, method: str, seed: int, lr: float, **axes: Any) ->
 
 def _subspace_cells(study: StudyConfig) -> list[dict[str, Any]]:
     s = study.subspace
-    return [{"projection": p, "said": said, "head": s.head, "fastfood_state": s.fastfood_state}
+    # layout and fastfood_state are Fastfood's only (RunConfig.to_dict records them when not the defaults)
+    ff = {"layout": s.layout, "fastfood_state": s.fastfood_state}
+    return [{"projection": p, "said": said, "head": s.head, **(ff if p == "fastfood" else {})}
             for p in s.projection for said in s.said]
 
 

@@ -97,3 +97,68 @@ def test_integer_dtype_raises() -> None:
 def test_cuda_matches_cpu() -> None:
     x = torch.randn(3, 1 << 14, dtype=torch.float64)
     torch.testing.assert_close(hadamard(x.cuda()).cpu(), hadamard(x))
+
+
+# ----------------------------------------------------------------------------- fast path
+
+
+@pytest.fixture
+def fresh_backend(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    import idlab.hadamard as h
+
+    monkeypatch.setattr(h, "_requested", None)
+    monkeypatch.setattr(h, "_resolved", None)
+    monkeypatch.setattr(h, "_warned", False)
+    yield h
+    h.set_backend("auto")
+
+
+@pytest.mark.parametrize("L,dtype", [(1, torch.float32), (8, torch.float64), (1 << 12, torch.float32),
+                                     (1 << 15, torch.float64), (1 << 18, torch.float32), (1 << 19, torch.float32)])
+def test_cpp_kernel_matches_torch_reference(L: int, dtype: torch.dtype) -> None:
+    from idlab.hadamard import backend, set_backend, wht_
+
+    set_backend("cpp")
+    assert backend() == "cpp"
+    x = torch.randn(2, L, dtype=dtype)
+    ref = wht(x)
+    y = wht_(x.clone())
+    err = ((y - ref).abs().max() / ref.abs().max()).item()
+    assert err < 1e-6
+    set_backend("auto")
+
+
+def test_unknown_kernel_is_a_clear_error(fresh_backend, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=r"unknown Walsh-Hadamard kernel 'avx9'.*allowed: auto, cpp, torch"):
+        fresh_backend.set_backend("avx9")
+    monkeypatch.setenv("IDLAB_KERNEL", "gpu")
+    with pytest.raises(ValueError, match=r"'gpu' \(from set_backend or \$IDLAB_KERNEL\)"):
+        fresh_backend.backend()
+
+
+def test_failed_build_falls_back_with_one_warning(fresh_backend, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    import warnings
+
+    def broken() -> object:
+        raise OSError("gcc: command not found")
+
+    monkeypatch.setattr(fresh_backend, "_build_module", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert fresh_backend.backend() == "torch"
+        assert fresh_backend.backend() == "torch"
+        fresh_backend.set_backend("auto")  # a second resolution does not warn again
+        assert fresh_backend.backend() == "torch"
+        x = torch.randn(64, dtype=torch.float64)
+        torch.testing.assert_close(fresh_backend.wht_(x.clone()), wht(x))
+    msgs = [str(w.message) for w in caught if "could not be built" in str(w.message)]
+    assert len(msgs) == 1 and "gcc: command not found" in msgs[0] and "IDLAB_KERNEL=torch" in msgs[0]
+    fresh_backend.set_backend("cpp")  # asked for explicitly: an error naming the fix
+    with pytest.raises(RuntimeError, match=r"kernel 'cpp'\) failed to build.*install gcc and ninja"):
+        fresh_backend.backend()
+
+
+def test_torch_backend_skips_the_build(fresh_backend, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(fresh_backend, "_build_module", lambda: (_ for _ in ()).throw(AssertionError("built")))
+    monkeypatch.setenv("IDLAB_KERNEL", "torch")
+    assert fresh_backend.backend() == "torch"

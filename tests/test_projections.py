@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
+from idlab.fastfood import LAYOUTS, BlockFastfoodProjection, FastfoodProjection
 from idlab.hadamard import wht
 from idlab.projections import (
     KINDS,
     DenseProjection,
-    FastfoodProjection,
     Projection,
     SparseProjection,
     make_projection,
@@ -45,24 +45,26 @@ def _all_projections(D: int = 300, d: int = 7, seed: int = 0) -> list[Projection
         make_projection("dense", D, d, seed, dtype=F64),
         DenseProjection(D, d, seed, None, F64, cache_limit=0),  # regenerated blocks
         make_projection("sparse", D, d, seed, dtype=F64),
-        make_projection("fastfood", D, d, seed, dtype=F64),
-        make_projection("fastfood", D, d, seed, dtype=F64, cache_state=False),
-        make_projection("fastfood", D, d, seed, dtype=F64, cache_state="index"),
-        make_projection("fastfood", D, d, seed, dtype=F64, keep_workspace=False),
+        make_projection("fastfood", D, d, seed, dtype=F64, layout="global"),
+        make_projection("fastfood", D, d, seed, dtype=F64, layout="global", fastfood_state="none"),
+        make_projection("fastfood", D, d, seed, dtype=F64, layout="global", fastfood_state="index"),
+        make_projection("fastfood", D, d, seed, dtype=F64, layout="global", keep_workspace=False),
+        make_projection("fastfood", D, d, seed, dtype=F64),  # blocks, one segment
+        make_projection("fastfood", D, d, seed, dtype=F64, segments=(D - 3 - D // 3, 3, D // 3), block_size=8),
     ]
 
 
 def _ids() -> list[str]:
     return [
         "dense", "dense-regen", "sparse", "fastfood", "fastfood-nocache", "fastfood-index",
-        "fastfood-nows",
+        "fastfood-nows", "blocks", "blocks-small-pieces",
     ]
 
 
 @pytest.mark.parametrize("D,d", [(300, 7), (512, 7), (1000, 1000), (1, 1)])
 def test_fastfood_equals_li_formula(D: int, d: int) -> None:
-    for cache in (True, "index", False):
-        p = make_projection("fastfood", D, d, seed=3, dtype=F64, cache_state=cache)
+    for cache in ("all", "index", "none"):
+        p = make_projection("fastfood", D, d, seed=3, dtype=F64, layout="global", fastfood_state=cache)
         assert isinstance(p, FastfoodProjection)
         ref = _fastfood_reference(p)
         torch.testing.assert_close(p.explicit(), ref, rtol=1e-10, atol=1e-12)
@@ -70,7 +72,7 @@ def test_fastfood_equals_li_formula(D: int, d: int) -> None:
 
 def test_fastfood_unpacked_wide_b_equals_formula() -> None:
     # d = 9000 -> b = 2^14 > 2^13: idx and G stored separately (no packing)
-    p = make_projection("fastfood", 9000, 9000, seed=1, dtype=F64)
+    p = make_projection("fastfood", 9000, 9000, seed=1, dtype=F64, layout="global")
     assert isinstance(p, FastfoodProjection) and not p.packed
     x = torch.randn(9000, dtype=F64)
     b_full, perm, g = p.factors()
@@ -153,22 +155,22 @@ def test_gradcheck(idx: int) -> None:
     assert torch.autograd.gradcheck(p, (x,))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_unit_columns_at_2_16(kind: str) -> None:
+@pytest.mark.parametrize("kind,layout", [(k, "global") for k in KINDS] + [("fastfood", "blocks")])
+def test_unit_columns_at_2_16(kind: str, layout: str) -> None:
     # D just below 2^16 so Fastfood truncates L = 2^16 to D (at D = L its columns are exactly unit)
     D, d = (1 << 16) - 1000, 24
-    p = make_projection(kind, D, d, seed=0)
+    p = make_projection(kind, D, d, seed=0, layout=layout)
     norms = p.explicit(F64).norm(dim=0)  # (d,)
     assert abs(norms.mean().item() - 1) < 0.01
     assert (norms - 1).abs().max().item() < 0.05
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_determinism(kind: str) -> None:
+@pytest.mark.parametrize("kind,layout", [(k, "global") for k in KINDS] + [("fastfood", "blocks")])
+def test_determinism(kind: str, layout: str) -> None:
     x = torch.randn(7)
-    a = make_projection(kind, 300, 7, seed=11)(x)
-    b = make_projection(kind, 300, 7, seed=11)(x)
-    c = make_projection(kind, 300, 7, seed=12)(x)
+    a = make_projection(kind, 300, 7, seed=11, layout=layout)(x)
+    b = make_projection(kind, 300, 7, seed=11, layout=layout)(x)
+    c = make_projection(kind, 300, 7, seed=12, layout=layout)(x)
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
     assert a.shape == (300,)
@@ -176,16 +178,16 @@ def test_determinism(kind: str) -> None:
 
 def test_fastfood_state_bytes() -> None:
     D, d = 1 << 16, 100
-    p = make_projection("fastfood", D, d)
+    p = make_projection("fastfood", D, d, layout="global")
     assert p.state_bytes() == 4 * D + 4 * d  # packed word (L,) int32 + B[:d] float32
-    q = make_projection("fastfood", D, d, cache_state=False)
+    q = make_projection("fastfood", D, d, layout="global", fastfood_state="none")
     assert q.state_bytes() == 4 * d
     x = torch.randn(d)
     torch.testing.assert_close(p(x), q(x))
 
 
 def test_fastfood_workspace_reused_and_released() -> None:
-    p = make_projection("fastfood", 4096, 10)
+    p = make_projection("fastfood", 4096, 10, layout="global")
     assert isinstance(p, FastfoodProjection)
     x = torch.randn(10, requires_grad=True)
     y1 = p(x)
@@ -197,9 +199,10 @@ def test_fastfood_workspace_reused_and_released() -> None:
     assert p.workspace_bytes() == 0
 
 
-def test_fastfood_d_greater_than_D_raises() -> None:
-    with pytest.raises(ValueError, match=r"d=20 > D=10"):
-        make_projection("fastfood", 10, 20)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fastfood_d_greater_than_D_raises(layout: str) -> None:
+    with pytest.raises(ValueError, match=rf"layout '{layout}'.*d=20 > D=10.*use d <= 10"):
+        make_projection("fastfood", 10, 20, layout=layout)
 
 
 def test_argument_errors() -> None:
@@ -215,6 +218,7 @@ def test_argument_errors() -> None:
 
 
 def test_float32_outputs_and_attributes() -> None:
+    assert isinstance(make_projection("fastfood", 100, 4), BlockFastfoodProjection)  # the default layout
     for kind in KINDS:
         p = make_projection(kind, 100, 4, seed=9)
         assert (p.kind, p.D, p.d, p.seed) == (kind, 100, 4, 9)
@@ -223,11 +227,11 @@ def test_float32_outputs_and_attributes() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kind", KINDS)
-def test_cuda_matches_cpu(kind: str) -> None:
+@pytest.mark.parametrize("kind,layout", [(k, "global") for k in KINDS] + [("fastfood", "blocks")])
+def test_cuda_matches_cpu(kind: str, layout: str) -> None:
     x = torch.randn(50, dtype=F64)
-    cpu = make_projection(kind, 5000, 50, seed=4, dtype=F64)
-    gpu = make_projection(kind, 5000, 50, seed=4, dtype=F64, device="cuda")
+    cpu = make_projection(kind, 5000, 50, seed=4, dtype=F64, layout=layout)
+    gpu = make_projection(kind, 5000, 50, seed=4, dtype=F64, device="cuda", layout=layout)
     torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x))
 
 
@@ -246,14 +250,14 @@ def test_fastfood_chunked_index_passes_match_explicit(
     monkeypatch: pytest.MonkeyPatch, packed: bool
 ) -> None:
     """Many index chunks of several rows give the same P and P^T as the explicit matrix."""
-    import idlab.projections as projections
+    import idlab.fastfood as projections
 
     monkeypatch.setattr(projections, "FASTFOOD_CHUNK", 32)
     monkeypatch.setattr(projections, "FASTFOOD_ROWS", 4)
     if not packed:
         monkeypatch.setattr(projections, "FASTFOOD_PACK_MAX_BITS", 2)
     D, d = 300, 12  # L = 512: 16 chunks of 4 x 8
-    p = make_projection("fastfood", D, d, seed=3, dtype=F64)
+    p = make_projection("fastfood", D, d, seed=3, dtype=F64, layout="global")
     assert isinstance(p, FastfoodProjection) and p.packed is packed
     m = _fastfood_reference(p)  # (D, d) from dense H, G, Pi, B
     torch.testing.assert_close(p.explicit(), m, rtol=1e-10, atol=1e-12)
@@ -272,8 +276,8 @@ def test_fastfood_state_modes_same_p_bit_for_bit(d: int) -> None:
     x = torch.randn(d)
     g = torch.randn(D)
     outs = []
-    for mode in (True, "index", False):
-        p = make_projection("fastfood", D, d, seed=5, cache_state=mode)
+    for mode in ("all", "index", "none"):
+        p = make_projection("fastfood", D, d, seed=5, layout="global", fastfood_state=mode)
         xx = x.clone().requires_grad_(True)
         y = p(xx)
         y.backward(g)
@@ -285,16 +289,24 @@ def test_fastfood_state_modes_same_p_bit_for_bit(d: int) -> None:
 
 @pytest.mark.parametrize("D", [2**16 + 1, 3 * 2**15, 2**16])
 def test_fastfood_index_state_under_4_bytes_per_parameter(D: int) -> None:
-    p = make_projection("fastfood", D, 1000, cache_state="index")
+    p = make_projection("fastfood", D, 1000, layout="global", fastfood_state="index")
     assert isinstance(p, FastfoodProjection)
     assert p.idx.dtype == torch.int16
     gen_state = torch.Generator().get_state().numel()  # CPU generator state (bytes)
     assert p.state_bytes() == 2 * p.L + gen_state + 4 * 1000
     assert (p.state_bytes() - gen_state) / D < 4.07  # 2 L / D < 4, plus B's first d signs
-    full = make_projection("fastfood", D, 1000)
+    full = make_projection("fastfood", D, 1000, layout="global")
     assert full.state_bytes() > p.state_bytes()
 
 
-def test_fastfood_bad_cache_state() -> None:
-    with pytest.raises(ValueError, match="cache_state must be"):
-        make_projection("fastfood", 100, 10, cache_state="idx")
+def test_fastfood_bad_state_and_layout() -> None:
+    with pytest.raises(ValueError, match=r"fastfood_state='idx' is not allowed with layout 'global'.*all, index, none"):
+        make_projection("fastfood", 100, 10, layout="global", fastfood_state="idx")
+    with pytest.raises(ValueError, match=r"fastfood_state=True"):  # no bool aliases any more
+        make_projection("fastfood", 100, 10, layout="global", fastfood_state=True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"'all' is not allowed with layout 'blocks'.*layout='global'"):
+        make_projection("fastfood", 100, 10, fastfood_state="all")
+    with pytest.raises(ValueError, match=r"unknown projection layout 'tiles'; allowed: blocks, global"):
+        make_projection("fastfood", 100, 10, layout="tiles")
+    with pytest.raises(TypeError, match="cache_state"):  # the old name is gone
+        make_projection("fastfood", 100, 10, cache_state="all")  # type: ignore[call-arg]

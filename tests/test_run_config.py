@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from idlab.config import RunConfig, load_study
-from idlab.methods import FASTFOOD_STATE_KEYWORD, projection_options
+from idlab.errors import ConfigError
+from idlab.methods import projection_options
 from idlab.runs import run_id
 from idlab.sweep import expand
 
@@ -29,10 +30,23 @@ def test_stored_result_configs_keep_their_run_ids() -> None:
 
 @pytest.mark.parametrize("case", sorted(json.loads((FIXTURES / "run_ids_v1.json").read_text())))
 def test_study_expansion_keeps_the_run_ids_of_before(case: str) -> None:
-    """The run ids of the shipped configs (some with overrides) equal those recorded before RunConfig."""
+    """The run ids of the shipped configs (some with overrides) equal those recorded before RunConfig,
+    with ``subspace.layout=global``: the Fastfood P of every run made before layouts existed. The
+    default layout "blocks" is another P, so exactly the Fastfood subspace runs get new ids."""
     want = json.loads((FIXTURES / "run_ids_v1.json").read_text())[case]
     path, *overrides = case.split(" ")
-    assert sorted(rid for rid, _ in expand(load_study(REPO / path, overrides))) == want
+    old = expand(load_study(REPO / path, [*overrides, "subspace.layout=global"]))
+    assert sorted(rid for rid, _ in old) == want
+    if any(o.startswith("subspace.fastfood_state=") and not o.endswith(("=auto", "=none")) for o in overrides):
+        with pytest.raises(ConfigError, match="layout 'blocks'"):  # a global-only state: refused up front
+            load_study(REPO / path, overrides)
+        return
+    new = expand(load_study(REPO / path, overrides))
+    assert len(new) == len(old)
+    for (rid_old, _), (rid_new, run_new) in zip(old, new, strict=True):
+        is_blocks = run_new.method == "subspace" and run_new.projection == "fastfood"
+        assert (rid_old != rid_new) == is_blocks
+        assert run_new.to_dict().get("layout") == ("blocks" if is_blocks else None)
 
 
 def test_compatibility_defaults_and_new_train_fields() -> None:
@@ -47,10 +61,11 @@ def test_compatibility_defaults_and_new_train_fields() -> None:
 
 
 def test_fastfood_state_has_one_name_up_to_the_projection() -> None:
-    study = load_study(REPO / "experiments/configs/smoke.yaml", ["methods=[subspace]", "subspace.fastfood_state=index"])
+    study = load_study(REPO / "experiments/configs/smoke.yaml", ["methods=[subspace]", "subspace.layout=global",
+                                                                   "subspace.fastfood_state=index"])
     (_, run), *_ = expand(study)
     assert run.fastfood_state == "index" and run.to_dict()["fastfood_state"] == "index"
-    assert projection_options(run) == {FASTFOOD_STATE_KEYWORD: "index"}
+    assert projection_options(run) == {"fastfood_state": "index"}
     default = load_study(REPO / "experiments/configs/smoke.yaml", ["methods=[subspace]"])
     assert projection_options(expand(default)[0][1]) is None
 

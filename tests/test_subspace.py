@@ -257,6 +257,13 @@ def test_bad_inputs_raise_clear_errors() -> None:
         SubspaceModel(mnist_fc(), dim=3, exclude="*")
     with pytest.raises(ValueError, match=r"unknown projection_options \['cache'\]"):
         SubspaceModel(mnist_fc(), dim=3, projection_options={"cache": True})
+    with pytest.raises(ValueError, match=r"cache_state is now fastfood_state"):
+        SubspaceModel(mnist_fc(), dim=3, projection_options={"cache_state": "all"})
+    with pytest.raises(ValueError, match=r"unknown projection layout 'tiles'"):
+        SubspaceModel(mnist_fc(), dim=3, layout="tiles")
+    for layout in ("blocks", "global"):
+        with pytest.raises(ValueError, match=rf"layout '{layout}'.*d=7 > D=6"):
+            SubspaceModel(nn.Linear(2, 2), dim=7, projection="fastfood", layout=layout)
 
 
 def test_projection_options_change_memory_not_the_model() -> None:
@@ -272,3 +279,94 @@ def test_projection_options_change_memory_not_the_model() -> None:
             sm.theta_d.copy_(torch.linspace(-1, 1, 50))
         outs.append(sm(x))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def _with_offset(sm: SubspaceModel, offsets: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    named = dict(sm.model.named_parameters())
+    return {n: named[n] + o for n, o in zip(sm.projected_names, offsets)}
+
+
+@pytest.mark.parametrize("said", [False, True])
+def test_streamed_blocks_equal_the_whole_offset(said: bool) -> None:
+    """Per-tensor streaming gives theta_0 + lambda * split(P theta) and its exact gradients."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    net = lenet()
+    x = torch.rand(3, 1, 28, 28)
+    sm = SubspaceModel(net, dim=60, projection="fastfood", said=said, seed=2)
+    assert sm.streamed and sm.layout == "blocks" and sm.projection.segments == tuple(sm._sizes)
+    with torch.no_grad():
+        sm.theta_d.normal_()
+        if sm.lambdas is not None:
+            sm.lambdas.uniform_(0.5, 1.5)
+    out = sm(x)
+    out.square().sum().backward()
+    theta = sm.theta_d.detach().clone().requires_grad_(True)
+    lam = sm.lambdas.detach().clone().requires_grad_(True) if sm.lambdas is not None else None
+    pieces = sm.projection(theta).split(sm._sizes)  # the whole (D,) offset, autograd through cat
+    offs = [p.view(s.shape) * (lam[i] if lam is not None else 1) for i, (s, p) in enumerate(zip(sm._slots, pieces))]
+    ref = functional_call(net, _with_offset(sm, offs), (x,))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    ref.square().sum().backward()
+    torch.testing.assert_close(sm.theta_d.grad, theta.grad, rtol=1e-4, atol=1e-6)
+    if lam is not None:
+        torch.testing.assert_close(sm.lambdas.grad, lam.grad, rtol=1e-4, atol=1e-6)  # type: ignore[union-attr]
+
+
+def test_streamed_gradcheck_theta_and_lambdas() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    sm = SubspaceModel(net, dim=12, projection="fastfood", said=True, dtype=torch.float64)
+    assert sm.streamed
+    x = torch.randn(4, 5, dtype=torch.float64)
+    theta0 = torch.randn(sm.d_proj, dtype=torch.float64) * 0.1
+    lam0 = torch.rand(sm.m, dtype=torch.float64) + 0.5
+
+    def f(theta: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            sm.theta_d.copy_(theta)
+            sm.lambdas.copy_(lam)  # type: ignore[union-attr]
+        from idlab.subspace import _StreamedTensor
+
+        ts = [_StreamedTensor.apply(theta, lam[i], t0, sm.projection, i) for i, t0 in enumerate(sm._theta0())]
+        from torch.func import functional_call
+
+        return functional_call(net, dict(zip(sm.projected_names, ts)), (x,))
+
+    assert torch.autograd.gradcheck(f, (theta0.requires_grad_(True), lam0.requires_grad_(True)))
+
+
+def test_global_layout_is_the_old_single_block() -> None:
+    from idlab.fastfood import FastfoodProjection
+
+    torch.manual_seed(0)
+    sm = SubspaceModel(mnist_fc(), dim=50, projection="fastfood", layout="global", seed=1)
+    assert isinstance(sm.projection, FastfoodProjection) and not sm.streamed
+    assert sm.config()["layout"] == "global"
+    state = sm.state_dict()
+    state["_extra_state"] = {k: v for k, v in state["_extra_state"].items() if k != "layout"}  # a pre-layout save
+    torch.manual_seed(0)
+    SubspaceModel(mnist_fc(), dim=50, projection="fastfood", layout="global", seed=1).load_state_dict(state)
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"saved layout='global' but this wrapper has layout='blocks'"):
+        SubspaceModel(mnist_fc(), dim=50, projection="fastfood", seed=1).load_state_dict(state)
+
+
+@pytest.mark.parametrize("layout", ["blocks", "global"])
+def test_delta_exact_in_bf16(layout: str) -> None:
+    """delta() is the projection's fp32 offset, not a difference of rounded bf16 weights."""
+    deltas = {}
+    for dt in (torch.float64, torch.bfloat16):
+        torch.manual_seed(0)
+        net = tiny_llama().to(dt)
+        sm = SubspaceModel(net, dim=40, projection="fastfood", said=True, seed=3, layout=layout)
+        with torch.no_grad():
+            sm.theta_d.copy_(torch.linspace(-1e-3, 1e-3, sm.d_proj))
+        deltas[dt] = sm.delta()
+        ids = torch.randint(0, 128, (1, 5))
+        sm(input_ids=ids)  # runs in bf16
+    for name, ref in deltas[torch.float64].items():
+        got = deltas[torch.bfloat16][name].double()
+        assert ((got - ref).norm() / ref.norm()).item() < 0.01, name
+

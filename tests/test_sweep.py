@@ -171,10 +171,11 @@ def test_fastfood_state_index_same_results_new_key_only_when_set(tmp_path: Path)
     scores = {}
     for state in ("all", "index"):
         raw = tiny_study(tmp_path / state, seeds=[0], methods=["subspace"],
-                         subspace={**sub, "fastfood_state": state})
+                         subspace={**sub, "layout": "global", "fastfood_state": state})
         study = study_from_dict(raw)
         (rid, cfg), = expand(study)
         assert ("fastfood_state" in cfg.to_dict()) == (state != "all")
+        assert "layout" not in cfg.to_dict()  # global: the layout of every run made before layouts existed
         s = run_sweep(study)
         assert len(s.ok) == 1
         res = json.loads((tmp_path / state / "tiny" / "runs" / rid / "result.json").read_text())

@@ -26,12 +26,12 @@ from idlab.projections import make_projection
 from idlab.subspace import SubspaceModel
 
 
-@pytest.mark.parametrize("kind", ["dense", "fastfood"])
-def test_toy_intrinsic_dimension_is_exactly_10(kind: str) -> None:
+@pytest.mark.parametrize("kind,layout", [("dense", "blocks"), ("fastfood", "blocks"), ("fastfood", "global")])
+def test_toy_intrinsic_dimension_is_exactly_10(kind: str, layout: str) -> None:
     theta0 = ToyModel(seed=0).theta.detach()
 
     def solved(d: int, seed: int) -> float:
-        loss = toy_subspace_min_loss(make_projection(kind, 1000, d, seed=seed), theta0, d)
+        loss = toy_subspace_min_loss(make_projection(kind, 1000, d, seed=seed, layout=layout), theta0, d)
         return float(loss < 1e-12)
 
     res = find_d90(solved, baseline=1.0, threshold=1.0, seeds=(0, 1, 2), d_min=1, d_max=1000)

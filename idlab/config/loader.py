@@ -182,6 +182,9 @@ def _validate(cfg: StudyConfig, where: str) -> None:
             raise _fail(where, k, f"got {list(vals)}; every value must be >= {lo}")
     if cfg.subspace.d != "auto" and any(d < 1 for d in cfg.subspace.d):
         raise _fail(where, "subspace.d", f"got {list(cfg.subspace.d)}; every d must be >= 1 (or d: auto)")
+    if cfg.subspace.layout == "blocks" and cfg.subspace.fastfood_state not in ("auto", "none"):
+        raise _fail(where, "subspace.fastfood_state", f"got {cfg.subspace.fastfood_state!r} with layout 'blocks', "
+                    "which has no state to keep; use 'auto' (or 'none'), or subspace.layout=global")
     if cfg.subspace.auto_per_decade not in (1, 2, 3):
         raise _fail(where, "subspace.auto_per_decade", "allowed values: 1, 2, 3")
     if not 0 < cfg.subspace.threshold <= 1:

@@ -12,7 +12,8 @@ Serialisation (`RunConfig.to_dict`, hashed by `idlab.runs.run_id`; the ``config`
      "task_options": {max_length, max_train, max_val, data_dir}, "train": {...},
      "method": ..., "seed": ..., "lr": ...,
      lora:     "r", "target_modules", "target_set", "lora_alpha", "use_rslora", "lora_dropout"
-     subspace: "projection", "said", "head", "d" (+ "fastfood_state" when not "all")}
+     subspace: "projection", "said", "head", "d"
+               (Fastfood: + "layout" when not "global", + "fastfood_state" when not "auto"/"all")}
 
 Compatibility defaults (so that every existing run id stays valid): the ``train`` mapping
 always holds the ten `LEGACY_TRAIN_KEYS`; any other `idlab.training.TrainConfig` field
@@ -20,7 +21,9 @@ always holds the ten `LEGACY_TRAIN_KEYS`; any other `idlab.training.TrainConfig`
 its default; ``lr`` and ``seed`` are top-level keys; ``device`` and ``progress`` (where and
 how, not what) never enter it. Model and task options follow the same rule with
 `LEGACY_MODEL_KEYS` / `LEGACY_TASK_KEYS`. ``fastfood_state`` enters only for a Fastfood
-projection and when not "all" (it changes speed and memory, never P).
+projection and when not "auto" or "all" (it changes speed and memory, never P). ``layout``
+changes P: it enters for a Fastfood projection unless "global", the layout of every run
+made before layouts existed (a stored config without it is a global one).
 """
 
 from __future__ import annotations
@@ -82,7 +85,9 @@ class RunConfig:
         model, task: the study's model and task configs.
         train: `idlab.training.TrainConfig` of this run (``train.lr``, ``train.seed`` are the run's).
         r, target_modules, lora_alpha, use_rslora, lora_dropout: LoRA axes (method "lora").
-        d, projection, said, head, fastfood_state: subspace axes (method "subspace").
+        d, projection, said, head: subspace axes (method "subspace").
+        layout, fastfood_state: Fastfood only: the layout of P ("blocks" or Li's "global") and what
+            the projection keeps between calls ("auto": "none" for blocks, "all" for global).
     """
 
     method: Literal["full", "lora", "subspace"]
@@ -98,7 +103,8 @@ class RunConfig:
     projection: Literal["dense", "sparse", "fastfood"] | None = None
     said: bool = False
     head: Literal["train", "project"] = "train"
-    fastfood_state: Literal["all", "index", "none"] = "all"
+    layout: Literal["blocks", "global"] = "global"
+    fastfood_state: Literal["auto", "all", "index", "none"] = "auto"
 
     def __post_init__(self) -> None:
         if self.method == "lora" and (self.r is None or not self.target_modules or self.lora_alpha is None):
@@ -137,7 +143,9 @@ class RunConfig:
                         "lora_dropout": self.lora_dropout})
         elif self.method == "subspace":
             out.update({"projection": self.projection, "said": self.said, "head": self.head, "d": self.d})
-            if self.projection == "fastfood" and self.fastfood_state != "all":
+            if self.projection == "fastfood" and self.layout != "global":
+                out["layout"] = self.layout
+            if self.projection == "fastfood" and self.fastfood_state not in ("auto", "all"):
                 out["fastfood_state"] = self.fastfood_state
         return out
 
@@ -155,7 +163,8 @@ class RunConfig:
                   "lora_dropout": float(cfg.get("lora_dropout", 0.0))}
         elif method == "subspace":
             kw = {"d": int(cfg["d"]), "projection": cfg["projection"], "said": bool(cfg["said"]),
-                  "head": cfg.get("head", "train"), "fastfood_state": cfg.get("fastfood_state", "all")}
+                  "head": cfg.get("head", "train"), "layout": cfg.get("layout", "global"),
+                  "fastfood_state": cfg.get("fastfood_state", "auto")}
         return cls(method=method, model=model, task=task, train=train, **kw)
 
     def label(self) -> str:

@@ -163,11 +163,19 @@ class SubspaceConfig:
         metadata=_help("classification head: 'train' (directly, counted as trainable) or 'project' (inside P)"),
     )
     lr: tuple[float, ...] = field(default=(1e-2,), metadata=_help("learning rate(s) (nuisance search per cell)"))
-    fastfood_state: Literal["all", "index", "none"] = field(
-        default="all",
+    layout: Literal["blocks", "global"] = field(
+        default="blocks",
         metadata=_help(
-            "what a Fastfood projection keeps between calls (same P, same results): 'all' (4 bytes per padded "
-            "coordinate, fastest), 'index' (2 bytes, < 4 per parameter; G redrawn each call), 'none' (slowest)"
+            "Fastfood layout: 'blocks' (stacked hashed blocks, streamed per tensor, near-zero state) or 'global' "
+            "(Li et al.'s single block over next_pow2(D)); see docs/ENGINE.md"
+        ),
+    )
+    fastfood_state: Literal["auto", "all", "index", "none"] = field(
+        default="auto",
+        metadata=_help(
+            "what a Fastfood projection keeps between calls (same P, same results): 'auto' ('none' for blocks, 'all' "
+            "for global); global: 'all' (4 bytes per padded coordinate, fastest), 'index' (2 bytes; G redrawn each "
+            "call), 'none' (slowest); blocks: 'none' only"
         ),
     )
     auto_min: int = field(default=10, metadata=_help("d: auto -- smallest d of the initial log grid"))
