@@ -27,16 +27,19 @@ Excluded tensors are frozen, or trained directly with ``train_excluded=True``
 projected once.
 
 Engine (docs/ENGINE.md). With the default Fastfood layout "blocks" the projection is
-*streamed*: each tensor's rows P_i theta are computed on their own (`idlab.fastfood`,
-O(2^20) scratch), added to theta_0,i in one fused op, and dropped; in the backward, one
-autograd node per tensor turns that tensor's gradient g_i into P_i^T g_i (and
-<g_i, P_i theta> = <P_i^T g_i, theta> for lambda_i) as soon as g_i exists, so no length-D
-offset, gradient or scratch is ever held. Other kinds and layout "global" build the whole
-length-D offset P theta each forward and split it (the old path).
+*streamed* (`idlab.streamed`): each projected tensor is a `torch.nn.utils.parametrize`
+parametrization that builds theta_0,i + lambda_i P_i theta when its module reads it (O(2^20)
+scratch, `idlab.fastfood`), and its autograd node turns the tensor's gradient g_i into
+P_i^T g_i as soon as g_i exists; with ``recompute=True`` (default) the weights an op keeps
+for its backward are rebuilt there instead of kept. No length-D offset, gradient or scratch,
+and no second copy of the weights, is ever held. Other kinds and layout "global" build the
+whole length-D offset P theta each forward, split it and run the model through
+`torch.func.functional_call`.
 
 Memory: the wrapper holds the projection's state (near zero for "blocks"), theta_d and
 lambda; theta_0 is the wrapped model's own storage (no copy). The m reparameterised
-tensors are transient (rebuilt every forward, kept by autograd like any weight).
+tensors are transient: rebuilt every forward (and, streamed with ``recompute``, again in the
+backward instead of being kept by autograd).
 """
 
 from __future__ import annotations
@@ -50,8 +53,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.func import functional_call
+from torch.nn.utils import parametrize
+
+from idlab.streamed import SlotWeight, StreamedWeight, build_weight, recompute_hooks, tag
 
 __all__ = ["SubspaceModel"]
 
@@ -120,6 +125,9 @@ class SubspaceModel(nn.Module):
         projection_options: extra keyword arguments for `make_projection` that change speed
             or memory but never P itself (``fastfood_state``, ``keep_workspace``,
             ``dense_cache_limit``).
+        recompute: streamed layout only: rebuild each weight in the backward instead of letting
+            autograd keep it (no copy of the weights lives through the step; costs one more
+            P_i theta per tensor). Default True.
 
     Raises:
         ValueError: dim <= 0, dim <= m with SAID, no float parameters, an include that
@@ -157,6 +165,7 @@ class SubspaceModel(nn.Module):
         projection_options: Mapping[str, Any] | None = None,
         *,
         layout: str = "blocks",
+        recompute: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -174,6 +183,7 @@ class SubspaceModel(nn.Module):
         self.exclude = _as_patterns(exclude, "exclude")
         self.train_excluded = bool(train_excluded)
         self.layout = layout
+        self.recompute = bool(recompute)
         self.projection_options = dict(projection_options or {})
         unknown = set(self.projection_options) - _PROJECTION_OPTIONS
         if unknown:
@@ -255,6 +265,12 @@ class SubspaceModel(nn.Module):
                 if self.train_excluded:
                     self._trained_excluded.append(names[0])
 
+        if self.streamed:  # each projected tensor (and each tied alias) is built when read
+            for i, slot in enumerate(self._slots):
+                for name in slot.aliases:
+                    owner, _, attr = name.rpartition(".")
+                    parametrize.register_parametrization(self.model.get_submodule(owner), attr,
+                                                         SlotWeight(self, i), unsafe=True)
         self._use_cache = False
         self._cache: tuple[tuple[int, int], list[Tensor]] | None = None
         self.register_state_dict_post_hook(_drop_frozen_from_state)
@@ -276,8 +292,25 @@ class SubspaceModel(nn.Module):
         return isinstance(self.projection, BlockFastfoodProjection)
 
     def _theta0(self) -> list[Tensor]:
+        """theta_0,i: the wrapped model's own (frozen) tensors, parametrized or not."""
         params = dict(self.model.named_parameters(remove_duplicate=False))
-        return [params[s.name] for s in self._slots]
+        out: list[Tensor] = []
+        for s in self._slots:
+            owner, _, attr = s.name.rpartition(".")
+            key = s.name if s.name in params else f"{owner + '.' if owner else ''}parametrizations.{attr}.original"
+            out.append(params[key])
+        return out
+
+    def slot_weight(self, i: int, t0: Tensor) -> Tensor:
+        """theta_i = theta_0,i + lambda_i P_i theta, differentiable (streamed layout; `SlotWeight`)."""
+        lam = self.lambdas[i] if self.lambdas is not None else None
+        w: Tensor = StreamedWeight.apply(self.theta_d, lam, t0, self.projection, i)
+        return tag(w, self, i) if self.recompute else w
+
+    def rebuild_weight(self, i: int) -> Tensor:
+        """theta_i again, no autograd, the same bits as `slot_weight` (for `recompute_hooks`)."""
+        lam = self.lambdas[i] if self.lambdas is not None else None
+        return build_weight(self.theta_d, lam, self._theta0()[i], self.projection, i)
 
     def _versions(self) -> tuple[int, int]:
         lam = self.lambdas._version if self.lambdas is not None else 0
@@ -290,11 +323,7 @@ class SubspaceModel(nn.Module):
     def _reparameterised(self) -> list[Tensor]:
         """theta_i for every projected tensor, eq. (1)/(2): one add (addcmul) per tensor."""
         if self.streamed:
-            lam_s = self.lambdas.unbind() if self.lambdas is not None else None
-            return [
-                _StreamedTensor.apply(self.theta_d, None if lam_s is None else lam_s[i], t0, self.projection, i)
-                for i, t0 in enumerate(self._theta0())
-            ]
+            return [self.slot_weight(i, t0) for i, t0 in enumerate(self._theta0())]
         pieces = self.offset().split(self._sizes)  # views; backward is a single cat
         lams = self.lambdas.unbind() if self.lambdas is not None else None
         out: list[Tensor] = []
@@ -310,6 +339,11 @@ class SubspaceModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped model's forward with theta_0 + offset in place of its projected tensors."""
+        if self.streamed:  # the parametrizations build each tensor when its module reads it
+            if self.recompute and torch.is_grad_enabled():
+                with recompute_hooks(self):
+                    return self.model(*args, **kwargs)
+            return self.model(*args, **kwargs)
         tensors = self._reparameterised()
         if self._use_cache and torch.is_grad_enabled():
             self._cache = (self._versions(), tensors)
@@ -386,6 +420,9 @@ class SubspaceModel(nn.Module):
     def merged(self) -> nn.Module:
         """A deep copy of the wrapped model holding theta_0 + offset (all params trainable)."""
         plain = copy.deepcopy(self.model)
+        for module in list(plain.modules()):  # streamed: back to plain parameters (theta_0), filled below
+            for attr in list(getattr(module, "parametrizations", {})):
+                parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
         params = dict(plain.named_parameters(remove_duplicate=False))
         for slot, t in zip(self._slots, self._reparameterised()):
             params[slot.name].copy_(t)
@@ -442,40 +479,6 @@ class SubspaceModel(nn.Module):
             f"dim={self.dim}, projection={self.kind!r}, layout={self.layout!r}, said={self.said}, seed={self.seed}, "
             f"D={self.D}, m={self.m}, trainable={self.num_trainable}"
         )
-
-
-class _StreamedTensor(torch.autograd.Function):
-    """theta_i = theta_0,i + lambda_i P_i theta for one tensor (lambda_i = 1 for DID).
-
-    Forward: P_i theta in theta's dtype (float32), scaled, added to theta_0,i and rounded once
-    to the model's dtype. Backward (as soon as g_i exists): a = P_i^T g_i (d',), then
-    d theta = lambda_i a and d lambda_i = <g_i, P_i theta> = <a, theta>. Nothing of length D_i
-    is saved for the backward (only theta and lambda_i).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, theta: Tensor, lam: Tensor | None, t0: Tensor, proj: Any, i: int) -> Tensor:
-        ctx.proj, ctx.i, ctx.has_lam = proj, i, lam is not None
-        y = proj.segment_forward(theta.detach(), i)  # (D_i,) theta's dtype
-        if lam is not None:
-            y.mul_(lam.detach().to(y.dtype))
-        flat = t0.detach().reshape(-1)
-        if flat.dtype == y.dtype:
-            out = y.add_(flat)
-        else:
-            out = y.add_(flat.to(y.dtype)).to(t0.dtype)
-        ctx.save_for_backward(theta, lam if lam is not None else theta.new_empty(0))
-        return out.view(t0.shape)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
-        theta, lam = ctx.saved_tensors
-        a = ctx.proj.segment_adjoint(g.reshape(-1).to(theta.dtype), ctx.i)  # (d',) P_i^T g_i
-        if not ctx.has_lam:
-            return a, None, None, None, None
-        g_lam = torch.dot(a, theta.detach()).to(lam.dtype) if ctx.needs_input_grad[1] else None
-        return a.mul_(lam.to(a.dtype)), g_lam, None, None, None
 
 
 def _short(v: Any) -> str:

@@ -72,7 +72,7 @@ def test_worker_gets_the_parents_entry(monkeypatch: pytest.MonkeyPatch) -> None:
     """_gpu_worker sets CUDA_VISIBLE_DEVICES to the entry it was given (a UUID stays a UUID)."""
     import multiprocessing as mp
 
-    from idlab import sweep
+    from idlab import executors
 
     seen: dict[str, Any] = {}
 
@@ -80,13 +80,13 @@ def test_worker_gets_the_parents_entry(monkeypatch: pytest.MonkeyPatch) -> None:
         seen.update(env=os.environ["CUDA_VISIBLE_DEVICES"], device=device)
         return "ok"
 
-    monkeypatch.setattr(sweep, "run_one", fake_run_one)
+    monkeypatch.setattr(executors, "run_one", fake_run_one)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
     q: Any = mp.get_context("spawn").SimpleQueue()
     done: Any = mp.get_context("spawn").SimpleQueue()
     q.put(("rid", {}))
     q.put(None)
-    sweep._gpu_worker(UUID_B, "dir", "study", True, q, done)
+    executors._gpu_worker(UUID_B, "dir", "study", True, q, done)
     assert seen == {"env": UUID_B, "device": "cuda:0"} and done.get() == ("rid", "ok")
 
 
@@ -147,7 +147,7 @@ def test_config_auto_follows_where_the_runs_execute(monkeypatch: pytest.MonkeyPa
 def test_slurm_passes_the_study_device_and_the_planned_memory(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    from idlab import sweep
+    from idlab import executors, sweep
 
     calls: dict[str, Any] = {}
 
@@ -160,19 +160,19 @@ def test_slurm_passes_the_study_device_and_the_planned_memory(tmp_path: Path,
         calls["mem_gb"] = mem_gb
         return FakeExecutor()
 
-    monkeypatch.setattr(sweep, "_slurm_executor", fake_executor)
+    monkeypatch.setattr(executors, "_slurm_executor", fake_executor)
     raw = tiny_study(tmp_path, methods=["full"], seeds=[0], executor="slurm", device="cuda")
     study = study_from_dict(raw)
     pending = sweep.expand(study)
-    sweep._run_slurm(study, pending)
+    executors._run_slurm(study, pending)
     assert calls["devices"] == ["cuda"]  # not a hard-coded auto
-    mem, source = sweep.slurm_mem_gb(study, pending)
+    mem, source = executors.slurm_mem_gb(study, pending)
     assert calls["mem_gb"] == mem >= 1 and source.startswith("idlab plan")
     err = capsys.readouterr().err
     assert f"mem_gb={mem}" in err and "resolved on each compute node" in err
     fixed = study_from_dict({**raw, "slurm": {"mem_gb": 200}})
-    assert sweep.slurm_mem_gb(fixed, pending) == (200, "slurm.mem_gb")
-    params = sweep.slurm_parameters(fixed, 200)
+    assert executors.slurm_mem_gb(fixed, pending) == (200, "slurm.mem_gb")
+    params = executors.slurm_parameters(fixed, 200)
     assert params["mem_gb"] == 200 and params["gpus_per_node"] == 1
 
 

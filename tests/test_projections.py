@@ -250,7 +250,7 @@ def test_fastfood_chunked_index_passes_match_explicit(
     monkeypatch: pytest.MonkeyPatch, packed: bool
 ) -> None:
     """Many index chunks of several rows give the same P and P^T as the explicit matrix."""
-    import idlab.fastfood as projections
+    import idlab.fastfood_global as projections
 
     monkeypatch.setattr(projections, "FASTFOOD_CHUNK", 32)
     monkeypatch.setattr(projections, "FASTFOOD_ROWS", 4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import sys
 import types
@@ -9,6 +10,7 @@ import types
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from idlab.models import lenet, mnist_fc
 from idlab.subspace import SubspaceModel
@@ -79,6 +81,13 @@ def test_zero_theta_reproduces_mlp_and_lenet_exactly(kind: str) -> None:
         assert sm.D == sum(p.numel() for p in net.parameters())
 
 
+def _theta0_of(module: nn.Module) -> torch.Tensor:
+    """The module's stored weight: the parametrization's original when streamed, else the weight."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original  # type: ignore[no-any-return]
+    return module.weight  # type: ignore[no-any-return]
+
+
 def test_zero_theta_reproduces_llama_exactly() -> None:
     ids = torch.randint(0, 128, (2, 7))
     for tied in (False, True):
@@ -88,9 +97,10 @@ def test_zero_theta_reproduces_llama_exactly() -> None:
         assert torch.equal(sm(input_ids=ids).logits, ref)
         n_unique = sum(p.numel() for p in net.parameters())  # parameters() dedups tied tensors
         assert sm.D == n_unique
-        if tied:
-            assert net.lm_head.weight is net.model.embed_tokens.weight
+        if tied:  # one theta_0 tensor (the parametrizations' original), read by both modules
+            assert _theta0_of(net.lm_head) is _theta0_of(net.model.embed_tokens)
             assert len(sm.projected_names) == len(list(net.parameters()))
+            torch.testing.assert_close(net.lm_head.weight, net.model.embed_tokens.weight)
 
 
 def test_tied_weights_move_together() -> None:
@@ -164,8 +174,9 @@ def test_delta_and_merged_consistent_with_forward() -> None:
     torch.testing.assert_close(merged(x), out, rtol=1e-5, atol=1e-5)
     deltas = sm.delta()
     assert set(deltas) == set(sm.projected_names)
-    for name, p in net.named_parameters():
+    for name, p in zip(sm.projected_names, sm._theta0()):  # net itself is parametrized (streamed)
         torch.testing.assert_close(dict(merged.named_parameters())[name].detach(), p + deltas[name])
+    assert not any(parametrize.is_parametrized(m) for m in merged.modules())  # merged: a plain model
     flat = torch.cat([deltas[n].flatten() / sm.lambdas[i].detach() for i, n in enumerate(sm.projected_names)])  # type: ignore[index]
     torch.testing.assert_close(flat, sm.offset().detach(), rtol=1e-5, atol=1e-6)
     by_module = sm.delta(by_module=True)
@@ -282,8 +293,7 @@ def test_projection_options_change_memory_not_the_model() -> None:
 
 
 def _with_offset(sm: SubspaceModel, offsets: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    named = dict(sm.model.named_parameters())
-    return {n: named[n] + o for n, o in zip(sm.projected_names, offsets)}
+    return {n: t0 + o for n, t0, o in zip(sm.projected_names, sm._theta0(), offsets)}
 
 
 @pytest.mark.parametrize("said", [False, True])
@@ -293,6 +303,7 @@ def test_streamed_blocks_equal_the_whole_offset(said: bool) -> None:
 
     torch.manual_seed(0)
     net = lenet()
+    plain = copy.deepcopy(net)  # the reference runs on an unwrapped copy
     x = torch.rand(3, 1, 28, 28)
     sm = SubspaceModel(net, dim=60, projection="fastfood", said=said, seed=2)
     assert sm.streamed and sm.layout == "blocks" and sm.projection.segments == tuple(sm._sizes)
@@ -306,7 +317,7 @@ def test_streamed_blocks_equal_the_whole_offset(said: bool) -> None:
     lam = sm.lambdas.detach().clone().requires_grad_(True) if sm.lambdas is not None else None
     pieces = sm.projection(theta).split(sm._sizes)  # the whole (D,) offset, autograd through cat
     offs = [p.view(s.shape) * (lam[i] if lam is not None else 1) for i, (s, p) in enumerate(zip(sm._slots, pieces))]
-    ref = functional_call(net, _with_offset(sm, offs), (x,))
+    ref = functional_call(plain, _with_offset(sm, offs), (x,))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     ref.square().sum().backward()
     torch.testing.assert_close(sm.theta_d.grad, theta.grad, rtol=1e-4, atol=1e-6)
@@ -315,8 +326,13 @@ def test_streamed_blocks_equal_the_whole_offset(said: bool) -> None:
 
 
 def test_streamed_gradcheck_theta_and_lambdas() -> None:
+    from torch.func import functional_call
+
+    from idlab.streamed import StreamedWeight
+
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    plain = copy.deepcopy(net)
     sm = SubspaceModel(net, dim=12, projection="fastfood", said=True, dtype=torch.float64)
     assert sm.streamed
     x = torch.randn(4, 5, dtype=torch.float64)
@@ -324,17 +340,34 @@ def test_streamed_gradcheck_theta_and_lambdas() -> None:
     lam0 = torch.rand(sm.m, dtype=torch.float64) + 0.5
 
     def f(theta: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            sm.theta_d.copy_(theta)
-            sm.lambdas.copy_(lam)  # type: ignore[union-attr]
-        from idlab.subspace import _StreamedTensor
-
-        ts = [_StreamedTensor.apply(theta, lam[i], t0, sm.projection, i) for i, t0 in enumerate(sm._theta0())]
-        from torch.func import functional_call
-
-        return functional_call(net, dict(zip(sm.projected_names, ts)), (x,))
+        ts = [StreamedWeight.apply(theta, lam[i], t0, sm.projection, i) for i, t0 in enumerate(sm._theta0())]
+        return functional_call(plain, dict(zip(sm.projected_names, ts)), (x,))
 
     assert torch.autograd.gradcheck(f, (theta0.requires_grad_(True), lam0.requires_grad_(True)))
+
+
+@pytest.mark.parametrize("said", [False, True])
+def test_recompute_rebuilds_weights_and_gives_the_same_gradients(said: bool,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """recompute=True: autograd keeps no weight (each is rebuilt in the backward), same bits."""
+    grads, rebuilt = [], []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        net, x = lenet(), torch.rand(3, 1, 28, 28)
+        sm = SubspaceModel(net, dim=60, projection="fastfood", said=said, seed=2, recompute=recompute)
+        with torch.no_grad():
+            sm.theta_d.normal_()
+        calls: list[int] = []
+        real = SubspaceModel.rebuild_weight
+        monkeypatch.setattr(SubspaceModel, "rebuild_weight", lambda self, i: calls.append(i) or real(self, i))
+        out = sm(x)
+        out.square().sum().backward()
+        grads.append([p.grad.clone() for p in sm.parameters() if p.requires_grad])  # type: ignore[union-attr]
+        rebuilt.append(sorted(set(calls)))
+        monkeypatch.undo()
+    assert rebuilt[0] == [] and len(rebuilt[1]) >= 5  # every conv / linear weight kept for a backward
+    for a, b in zip(grads[0], grads[1], strict=True):
+        assert torch.equal(a, b)
 
 
 def test_global_layout_is_the_old_single_block() -> None:
