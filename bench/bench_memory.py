@@ -7,8 +7,9 @@ model is built, so the figure is the step's memory *over the loaded model*; the 
 is listed beside it):
 
 - SmolLM2-135M (the real checkpoint, offline alias ``smollm2-135m``): full fine-tuning + Adam,
-  and SAID d = 1,000 with the default Fastfood layout "blocks" (``--with-global``: also the
-  old single-block layout "global", about 7 GiB);
+  and SAID d = 1,000 with the default Fastfood layout "blocks", with ``recompute`` (default: no
+  copy of the weights kept through the step) and without (``--with-global``: also the old
+  single-block layout "global", about 7 GiB);
 - a TinyLlama-1.1B-shaped Llama (``transformers.LlamaConfig`` with TinyLlama's sizes, vocab
   32,000, random weights, nothing downloaded): SAID d = 2,000, layout "blocks" (``--no-big``
   skips it; it needs about 10 GiB free: check ``free -g`` first);
@@ -73,7 +74,8 @@ else:
     from idlab.hadamard import backend
     from idlab.subspace import SubspaceModel
     backend()
-    net = SubspaceModel(model, dim=spec["d"], projection="fastfood", said=True, layout=spec["layout"])
+    net = SubspaceModel(model, dim=spec["d"], projection="fastfood", said=True, layout=spec["layout"],
+                        recompute=spec.get("recompute", True))
     params = [p for p in net.parameters() if p.requires_grad]
 opt = torch.optim.Adam(params, lr=1e-4)
 after_load = rss()
@@ -168,6 +170,8 @@ def main(quick: bool = False, with_global: bool = False, big: bool = True) -> st
         ("SmolLM2-135M, full fine-tuning + Adam", {**smol, "method": "full"}),
         ("SmolLM2-135M, SAID d = 1,000, layout blocks", {**smol, "method": "said", "d": 1000, "layout": "blocks"}),
     ]
+    cases.append(("SmolLM2-135M, SAID d = 1,000, layout blocks, recompute=False (autograd keeps the weights)",
+                  {**smol, "method": "said", "d": 1000, "layout": "blocks", "recompute": False}))
     if with_global:
         cases.append(("SmolLM2-135M, SAID d = 1,000, layout global (old engine)",
                       {**smol, "method": "said", "d": 1000, "layout": "global"}))

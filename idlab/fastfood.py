@@ -322,9 +322,10 @@ class BlockFastfoodProjection(Projection):
         if z is None:
             z = torch.empty(n, dtype=dt, device=dev)
         mod = fast_module(z)
-        if mod is not None and q == 1:
-            k = block_keys(self.seed, pc.index, 0)
-            mod.ff_expand(u[0], z, pc.kbits, *k.perm_args(), gauss_table(), False)
+        if mod is not None:  # z = sum_j G_j u_j[Pi_j mod c], one fused pass per block
+            for j in range(q):
+                k = block_keys(self.seed, pc.index, j)
+                mod.ff_expand(u[j], z, pc.kbits, *k.perm_args(), gauss_table(), j > 0)
         else:
             idx, g = self._tables(pc, keys, dt)  # (q, n)
             torch.sum(torch.gather(u, 1, idx).mul_(g), dim=0, out=z)  # (n,) sum_j G_j u_j[idx_j]
@@ -340,9 +341,10 @@ class BlockFastfoodProjection(Projection):
         wht_(z)  # H_n pad grad
         keys = self._keys(pc, dev)
         mod = fast_module(z)
-        if mod is not None and q == 1:
-            k = block_keys(self.seed, pc.index, 0)
-            bins = mod.ff_bin(z, c, pc.kbits, *k.perm_args(), gauss_table()).view(1, c)
+        if mod is not None:  # bins_j = sum over Pi_j mod c of G_j z, one fused pass per block
+            tab = gauss_table()
+            bins = torch.stack([mod.ff_bin(z, c, pc.kbits, *block_keys(self.seed, pc.index, j).perm_args(), tab)
+                                for j in range(q)])
         else:
             idx, g = self._tables(pc, keys, dt)  # (q, n)
             bins = torch.zeros(q, c, dtype=dt, device=dev).scatter_add_(1, idx, g.mul_(z))

@@ -13,7 +13,7 @@ backward pass, counted once per storage, parameters excluded. Then, in bytes
                                              nn.Linear weights)
     grads       = b(T)
     optimizer   = 2 b(T) (adam, adamw)  or  b(T) (sgd with momentum)
-    method      = `subspace_memory` (subspace runs), else 0
+    method      = `subspace_memory` (subspace runs: one weight at a time when streamed), else 0
     activations = saved tensors of one forward (meta), + 2 x the largest of them (the backward's
                   transient gradient buffers)
     peak        = the sum                   (comparable to result.json peak_memory_bytes on CUDA)
@@ -99,14 +99,19 @@ class RunPlan:
 # --------------------------------------------------------------------------- the terms
 
 
-def subspace_memory(D: int, largest: int, weight_bytes: int) -> int:
+def subspace_memory(D: int, largest: int, weight_bytes: int, streamed: bool = False) -> int:
     """Device bytes a subspace run adds on top of theta_0, its activations and theta_d's optimiser.
 
-    Models the O(weights) engine: one reparameterised copy theta_0 + P theta_d of the D projected
-    entries (in the weights' dtype, ``weight_bytes`` each), plus, per projected tensor in turn, its
-    float32 slice of the offset and that slice's gradient (2 x 4 B x the ``largest`` tensor); the
-    projection's own state and scratch are taken as negligible. Adjust here if the engine changes.
+    ``streamed`` (Fastfood layout "blocks", the default engine, docs/ENGINE.md): each weight is
+    built when its module reads it and rebuilt in the backward, so one tensor exists at a time:
+    the ``largest`` projected tensor in the weights' dtype (``weight_bytes`` each) plus its float32
+    offset and that offset's gradient, (weight_bytes + 2 x 4 B) x largest. Otherwise (layout
+    "global", dense, sparse): autograd keeps one reparameterised copy theta_0 + P theta_d of all
+    D projected entries, plus 2 x 4 B x the largest tensor. The projection's own state and scratch
+    are taken as negligible (one block of 2^20 floats for "blocks").
     """
+    if streamed:
+        return (weight_bytes + 2 * 4) * largest
     return D * weight_bytes + 2 * 4 * largest
 
 
@@ -164,7 +169,7 @@ def plan_memory(model: nn.Module, inputs: Tensor | Mapping[str, Tensor], targets
                 method: str, precision: str, device: str = "cpu", optimizer: str = "adamw",
                 loss: Literal["classification", "causal-lm"] = "classification",
                 subspace_dim: int = 0, head: str | None = None, run_id: str = "", label: str = "",
-                runtime_bytes: int | None = None) -> RunPlan:
+                runtime_bytes: int | None = None, streamed: bool = False) -> RunPlan:
     """The `RunPlan` of ``model`` (on ``meta``, prepared for ``method``) for one step of ``inputs``.
 
     Args:
@@ -173,7 +178,8 @@ def plan_memory(model: nn.Module, inputs: Tensor | Mapping[str, Tensor], targets
         inputs, targets: one step's batch on meta (ids (B, T) or a dict of them; labels (B,)
             for classification, ids (B, T) for causal-LM).
         method: full, lora or subspace; subspace_dim: d; head: the module trained directly
-            beside theta_d (subspace, head: train), else None.
+            beside theta_d (subspace, head: train), else None; streamed: the subspace engine
+            builds one weight at a time (Fastfood layout "blocks", `subspace_memory`).
         precision: fp32, tf32, bf16-mixed or bf16 (already resolved).
         device: cpu or cuda (the runtime term and where the copies live).
         runtime_bytes: overrides `CPU_RUNTIME_BYTES` / `CUDA_CONTEXT_BYTES`.
@@ -210,7 +216,7 @@ def plan_memory(model: nn.Module, inputs: Tensor | Mapping[str, Tensor], targets
         n_trainable += subspace_dim
         t_bytes += 4 * subspace_dim
         wb = max((_BYTES.get(orig[id(p)], 4) for p in params if p.is_floating_point()), default=4)
-        method_bytes = subspace_memory(D, largest, 2 if precision == "bf16" else wb)
+        method_bytes = subspace_memory(D, largest, 2 if precision == "bf16" else wb, streamed)
     if precision == "bf16-mixed":  # autocast keeps a bf16 copy of every fp32 linear weight it casts
         weights += sum(2 * m.weight.numel() for m in model.modules()
                        if isinstance(m, nn.Linear) and orig.get(id(m.weight)) == torch.float32)
@@ -344,7 +350,8 @@ def plan_run(run: RunConfig, rid: str = "", device: str = "cpu") -> RunPlan:
         head = head_module_name(model)
     return plan_memory(model, inputs, targets, method=run.method, precision=precision, device=device,
                        optimizer=run.train.optimizer, loss=loss, subspace_dim=run.d or 0, head=head,
-                       run_id=rid, label=_label(run))
+                       run_id=rid, label=_label(run),
+                       streamed=run.method == "subspace" and run.projection == "fastfood" and run.layout == "blocks")
 
 
 def _label(run: RunConfig) -> str:

@@ -265,12 +265,18 @@ class SubspaceModel(nn.Module):
                 if self.train_excluded:
                     self._trained_excluded.append(names[0])
 
-        if self.streamed:  # each projected tensor (and each tied alias) is built when read
+        # streamed: each projected tensor (and each tied alias) is built when its module reads it;
+        # _readers[i] = (module, attribute) whose parametrization holds theta_0,i (a plain list: no
+        # submodule registration)
+        self._readers: list[tuple[nn.Module, str]] = []
+        if self.streamed:
             for i, slot in enumerate(self._slots):
                 for name in slot.aliases:
                     owner, _, attr = name.rpartition(".")
-                    parametrize.register_parametrization(self.model.get_submodule(owner), attr,
-                                                         SlotWeight(self, i), unsafe=True)
+                    module = self.model.get_submodule(owner)
+                    parametrize.register_parametrization(module, attr, SlotWeight(self, i), unsafe=True)
+                    if name == slot.name:
+                        self._readers.append((module, attr))
         self._use_cache = False
         self._cache: tuple[tuple[int, int], list[Tensor]] | None = None
         self.register_state_dict_post_hook(_drop_frozen_from_state)
@@ -310,7 +316,9 @@ class SubspaceModel(nn.Module):
     def rebuild_weight(self, i: int) -> Tensor:
         """theta_i again, no autograd, the same bits as `slot_weight` (for `recompute_hooks`)."""
         lam = self.lambdas[i] if self.lambdas is not None else None
-        return build_weight(self.theta_d, lam, self._theta0()[i], self.projection, i)
+        module, attr = self._readers[i]
+        t0 = getattr(module.parametrizations, attr).original  # theta_0,i, no lookup by name
+        return build_weight(self.theta_d, lam, t0, self.projection, i)
 
     def _versions(self) -> tuple[int, int]:
         lam = self.lambdas._version if self.lambdas is not None else 0

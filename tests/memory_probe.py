@@ -1,6 +1,6 @@
 """Measure the peak RSS of real CPU training steps, for tests/test_plan.py (run in a fresh interpreter).
 
-    python -m tests.memory_probe llama|bert full|lora BATCH SEQ   -> prints one JSON line
+    python -m tests.memory_probe llama|bert full|lora|subspace BATCH SEQ   -> prints one JSON line
 """
 
 from __future__ import annotations
@@ -32,9 +32,12 @@ def build(name: str) -> nn.Module:
 
 
 def run_config(name: str, method: str) -> RunConfig:
-    """The probe's run: LoRA r=8 on the attention's query/value projections, or full fine-tuning."""
+    """The probe's run: LoRA r=8 on the attention's query/value projections, SAID d = 1,000 with the
+    streamed Fastfood engine (layout "blocks", head trained), or full fine-tuning."""
     if method == "lora":
         return RunConfig(method="lora", r=8, lora_alpha=16.0, target_modules=TARGETS[name])
+    if method == "subspace":
+        return RunConfig(method="subspace", d=1000, projection="fastfood", said=True, head="train", layout="blocks")
     return RunConfig(method="full")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import torch
 
 from idlab.config.run import RunConfig
 from idlab.methods import prepare
+from idlab.models import head_module_name
 from idlab.plan import (
     CPU_RUNTIME_BYTES,
     SLURM_HEADROOM,
@@ -33,12 +35,13 @@ def _meta_plan(name: str, method: str, batch: int = 16, seq: int = 128):  # type
     if method == "lora":
         model = prepare(model, run_config(name, method)).model
     ids = {"input_ids": torch.ones(batch, seq, dtype=torch.long, device="meta")}
+    sub = {"subspace_dim": 1000, "head": head_module_name(model), "streamed": True} if method == "subspace" else {}
     return plan_memory(model, ids, torch.zeros(batch, dtype=torch.long, device="meta"), method=method,
-                       precision="fp32", device="cpu")
+                       precision="fp32", device="cpu", **sub)
 
 
 @pytest.mark.parametrize(("name", "method"), [
-    ("llama", "full"), ("bert", "lora"),
+    ("llama", "full"), ("bert", "lora"), ("llama", "subspace"),
     pytest.param("llama", "lora", marks=pytest.mark.slow), pytest.param("bert", "full", marks=pytest.mark.slow),
 ])
 def test_plan_matches_the_measured_cpu_peak_rss(name: str, method: str) -> None:
@@ -79,6 +82,7 @@ def test_terms_and_counts() -> None:
     assert full.runtime_bytes == CPU_RUNTIME_BYTES
     assert full.slurm_mem_gb * 2**30 >= SLURM_HEADROOM * full.host_bytes
     assert subspace_memory(1000, 100, 2) == 1000 * 2 + 800
+    assert subspace_memory(1000, 100, 2, streamed=True) == 100 * (2 + 8)  # one weight at a time
 
 
 def test_bf16_mixed_keeps_trainable_in_fp32() -> None:
@@ -100,6 +104,8 @@ def test_subspace_run_counts_d_plus_the_head() -> None:
     assert p.total_parameters == 64 * 16 + 16 + 16 * 10 + 10
     # MLP has no classifier head name: everything is projected, d trainable
     assert p.trainable_parameters == 50 and p.method_bytes == subspace_memory(p.total_parameters, 64 * 16, 4)
+    streamed = plan_run(dataclasses.replace(run, layout="blocks"))  # the default engine: one weight at a time
+    assert streamed.method_bytes == subspace_memory(p.total_parameters, 64 * 16, 4, streamed=True) < p.method_bytes
 
 
 def test_recipe_models_are_planned_offline_with_their_published_counts(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,6 +6,7 @@ import copy
 import importlib.util
 import sys
 import types
+from typing import Any
 
 import pytest
 import torch
@@ -358,8 +359,13 @@ def test_recompute_rebuilds_weights_and_gives_the_same_gradients(said: bool,
         with torch.no_grad():
             sm.theta_d.normal_()
         calls: list[int] = []
-        real = SubspaceModel.rebuild_weight
-        monkeypatch.setattr(SubspaceModel, "rebuild_weight", lambda self, i: calls.append(i) or real(self, i))
+
+        def counted(self: SubspaceModel, i: int, calls: list[int] = calls,
+                    real: Any = SubspaceModel.rebuild_weight) -> torch.Tensor:
+            calls.append(i)
+            return real(self, i)  # type: ignore[no-any-return]
+
+        monkeypatch.setattr(SubspaceModel, "rebuild_weight", counted)
         out = sm(x)
         out.square().sum().backward()
         grads.append([p.grad.clone() for p in sm.parameters() if p.requires_grad])  # type: ignore[union-attr]
