@@ -54,6 +54,7 @@ from idlab.analysis import (
 )
 from idlab.atomic import atomic_file, atomic_write_text
 from idlab.lowrank import LowRankDelta
+from idlab.runs import iter_results
 
 ROLES = ("query", "value")
 ROLE_NAMES: dict[str, tuple[str, ...]] = {"query": ("q_proj", "query"), "value": ("v_proj", "value")}
@@ -118,14 +119,14 @@ def is_query_value(cfg: Mapping[str, Any]) -> bool:
 
 
 def find_runs(results: Path) -> list[Run]:
-    """Every LoRA query+value run under ``results/runs`` (or ``results`` itself if it holds run dirs)."""
+    """Every LoRA query+value run under ``results/runs`` (or ``results`` itself if it holds run dirs).
+
+    Read through `idlab.runs.iter_results`, the one reader: a run whose files are not whole is
+    skipped with a one-line warning naming the file.
+    """
     root = results / "runs" if (results / "runs").is_dir() else results
     runs = []
-    for rj in sorted(root.glob("*/result.json")):
-        try:
-            res = json.loads(rj.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # being written; atomic writers make this rare
+    for rj, res in iter_results(root):
         cfg = res.get("config", {})
         if cfg.get("method") != "lora" or not is_query_value(cfg):
             continue

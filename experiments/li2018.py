@@ -9,8 +9,8 @@ and LeNet (D = 44,426) networks, Fastfood and dense projections, 3 seeds, seed b
 Per (model, projection): the direct-training runs (one per seed) give the local
 baseline (their mean validation accuracy); `idlab.d90.find_d90` searches d with
 that baseline; the same evaluations are re-analysed with the global baseline 1.0.
-Every training run writes one JSON atomically under ``<out>/runs/`` and is skipped
-when its JSON exists (resumable). Summaries go to ``<out>/<model>_<projection>.json``
+Every training run is a run folder ``<out>/runs/<tag>/`` written atomically by `idlab.runs.RunStore`
+and skipped when it is whole (resumable). Summaries go to ``<out>/<model>_<projection>.json``
 and the figure to ``<out>/li2018.png``.
 
 Training (the authors' scripts): Adam lr 1e-3, betas (0.9, 0.99), batch 128, L2 on
@@ -41,6 +41,7 @@ from idlab.d90 import analyze_d90, find_d90
 from idlab.data.base import ClassificationTask
 from idlab.data.vision import mnist_task
 from idlab.models import lenet, mnist_fc, num_parameters
+from idlab.runs import RunStore, iter_results
 from idlab.subspace import SubspaceModel
 from idlab.training import TrainConfig, train
 
@@ -57,10 +58,13 @@ def write_json(path: Path, obj: Any) -> None:
 
 def run_once(out: Path, tag: str, build: Callable[[], tuple[nn.Module, int]], task: ClassificationTask,
              cfg: TrainConfig, l2: float, meta: dict[str, Any]) -> float:
-    """One training run, cached as ``<out>/runs/<tag>.json``; returns validation accuracy."""
-    path = out / "runs" / f"{tag}.json"
-    if path.exists():
-        return float(json.loads(path.read_text())["score"])
+    """One training run, kept as the run folder ``<out>/runs/<tag>/`` (`idlab.runs.RunStore`: written
+    atomically, reused when whole); returns validation accuracy."""
+    store = RunStore(out)
+    if store.is_done(tag):
+        done = store.result(tag)
+        assert done is not None
+        return float(done["score"])
     model, d = build()
     extra = model.penalty(l2) if isinstance(model, SubspaceModel) and l2 > 0 else None
     if extra is None and l2 > 0:
@@ -69,11 +73,16 @@ def run_once(out: Path, tag: str, build: Callable[[], tuple[nn.Module, int]], ta
     t0 = time.perf_counter()
     res = train(model, task, cfg, extra_loss=extra, desc=tag)
     score = float("nan") if res.diverged else res.metrics["accuracy"]
-    write_json(path, {"tag": tag, "score": score, "d": d, **meta, "wall_time_s": time.perf_counter() - t0,
+    store.write(tag, {"tag": tag, "score": score, "d": d, **meta, "wall_time_s": time.perf_counter() - t0,
                       "converged": res.converged, "train": res.to_dict(), "config": {**cfg.__dict__, "l2": l2}})
     print(f"[li2018] {tag}: val acc {score:.4f}, {res.steps} steps, converged {res.converged} "
           f"({time.perf_counter() - t0:.1f}s)", flush=True)
     return score
+
+
+def _records(out: Path, model_name: str) -> list[dict[str, Any]]:
+    """The whole run records of ``model_name`` under ``<out>/runs`` (through `idlab.runs.iter_results`)."""
+    return [res for _, res in iter_results(out / "runs") if str(res.get("tag", "")).startswith(f"{model_name}_")]
 
 
 def measure(model_name: str, kind: str, args: argparse.Namespace, task: ClassificationTask) -> dict[str, Any]:
@@ -113,7 +122,7 @@ def measure(model_name: str, kind: str, args: argparse.Namespace, task: Classifi
                    on_nan="fail", n_bootstrap=1000,
                    log=lambda s: print(f"[li2018] {model_name}/{kind} {s}", flush=True))
     glob = analyze_d90(res.evaluations, 1.0, 0.9, n_bootstrap=1000)
-    records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob(f"{model_name}_*.json"))]
+    records = _records(out, model_name)
     records = [r for r in records if r["method"] in ("direct", f"subspace/{kind}")]
     unconverged = [r["tag"] for r in records if r.get("converged") is False]
     summary = {
@@ -184,7 +193,7 @@ def cut_table(out: Path, model_name: str, kind: str, cuts: tuple[int, ...] = (1,
     longer run are the k-epoch run, so a cut needs no new training (exact while every run
     reached the cut; otherwise the row says how many runs had already stopped, by the rule).
     """
-    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob(f"{model_name}_*.json"))]
+    runs = _records(out, model_name)
     per_epoch = math.ceil(50_000 / 128)
     rows = []
     for k in (*cuts, None):
@@ -205,7 +214,7 @@ def cut_table(out: Path, model_name: str, kind: str, cuts: tuple[int, ...] = (1,
 
 def plot_curves(out: Path, model_name: str, kind: str) -> Path | None:
     """Validation accuracy against epoch for every run of one search (seed colour, d panel)."""
-    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob(f"{model_name}_*.json"))]
+    runs = _records(out, model_name)
     runs = [r for r in runs if r["method"] in ("direct", f"subspace/{kind}")]
     if not runs:
         return None

@@ -18,8 +18,8 @@ from pathlib import Path
 
 SWEEP_EPILOG = """\
 CONFIG is a study YAML (experiments/configs/*.yaml), its bare name (smoke, cpu_study,
-gpu_study, lora_rank_grid) or `auto` (gpu_study.yaml when CUDA is available, else
-cpu_study.yaml). Overrides are key=value with dotted keys and YAML values, e.g.
+gpu_study, lora_rank_grid; looked up in ./experiments/configs, then $IDLAB_CONFIG_PATH) or
+`auto` (gpu_study.yaml when CUDA is available, else cpu_study_converged.yaml). Overrides are key=value with dotted keys and YAML values, e.g.
 
   idlab sweep smoke seeds=[0,1,2] lora.r=[4,8] train.steps=50
   idlab sweep gpu_study executor=multigpu gpus=[0,1,2,3]

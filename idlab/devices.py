@@ -49,10 +49,22 @@ def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` -> ``cuda`` if torch sees a CUDA device, else ``cpu``; anything else as given.
 
     Raises:
-        DeviceError: an unparsable name, or ``cuda``/``cuda:N`` while torch sees fewer devices.
+        DeviceError: an unparsable name, or ``cuda``/``cuda:N`` while torch sees fewer devices; for
+            ``auto``, a malformed ``CUDA_VISIBLE_DEVICES``, or one that names devices on a machine with
+            GPUs (``nvidia-smi``) while torch sees none of them (it would silently run on the CPU).
     """
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        raw = os.environ.get("CUDA_VISIBLE_DEVICES")
+        entries = visible_devices(raw)  # a malformed value raises here
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if entries and nvidia_gpus():
+            raise DeviceError(
+                f"device=auto: CUDA_VISIBLE_DEVICES={raw!r} names no device torch can use, so the runs would "
+                "silently go to the CPU; set it to devices that `nvidia-smi -L` lists, unset it, or set it to "
+                "'' (or device=cpu) to run on the CPU on purpose"
+            )
+        return torch.device("cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):

@@ -45,10 +45,8 @@ backward instead of being kept by autograd).
 from __future__ import annotations
 
 import copy
-import fnmatch
-import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -56,43 +54,18 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
+from idlab.selection import (
+    Slot,
+    as_patterns,
+    drop_frozen_from_state,
+    forgive_frozen_missing,
+    select_tensors,
+)
 from idlab.streamed import SlotWeight, StreamedWeight, build_weight, recompute_hooks, tag
 
 __all__ = ["SubspaceModel"]
 
 _STATE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class _Slot:
-    """One projected tensor: its name, aliases (tied names), shape and slice of the offset."""
-
-    name: str
-    aliases: tuple[str, ...]
-    shape: tuple[int, ...]
-    start: int
-    numel: int
-
-
-def _as_patterns(patterns: str | Iterable[str] | None, arg: str) -> tuple[str, ...] | None:
-    if patterns is None:
-        return None
-    if isinstance(patterns, str):
-        return (patterns,)
-    out = tuple(patterns)
-    if not all(isinstance(p, str) for p in out):
-        raise TypeError(f"SubspaceModel: {arg} must be a glob string or a list of them, got {patterns!r}")
-    return out
-
-
-def _candidates(name: str) -> list[str]:
-    """``a.b.weight`` -> [``a.b.weight``, ``a.b``, ``a``]: the name and its module prefixes."""
-    parts = name.split(".")
-    return [".".join(parts[:k]) for k in range(len(parts), 0, -1)]
-
-
-def _matches(names: Sequence[str], pattern: str) -> bool:
-    return any(fnmatch.fnmatchcase(c, pattern) for n in names for c in _candidates(n))
 
 
 # make_projection keywords that change speed or memory, never the projection P itself.
@@ -179,8 +152,8 @@ class SubspaceModel(nn.Module):
         self.kind = projection
         self.said = bool(said)
         self.seed = int(seed)
-        self.include = _as_patterns(include, "include")
-        self.exclude = _as_patterns(exclude, "exclude")
+        self.include = as_patterns(include, "include")
+        self.exclude = as_patterns(exclude, "exclude")
         self.train_excluded = bool(train_excluded)
         self.layout = layout
         self.recompute = bool(recompute)
@@ -193,49 +166,17 @@ class SubspaceModel(nn.Module):
                 f"allowed: {sorted(_PROJECTION_OPTIONS)}" + (f" ({'; '.join(renamed)})" if renamed else "")
             )
 
-        # Group aliases of tied tensors: id(tensor) -> names, first name first.
-        groups: dict[int, tuple[nn.Parameter, list[str]]] = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            groups.setdefault(id(p), (p, []))[1].append(name)
-        floats = [(names, p) for p, names in groups.values() if p.is_floating_point()]
-        if not floats:
-            raise ValueError(
-                f"SubspaceModel: {type(model).__name__} has no floating-point parameters to project "
-                f"({len(groups)} parameter tensors in all); wrap a model with float weights"
-            )
-        all_names = [n for names, _ in floats for n in names]
-        if self.include is not None:
-            selected = [(n, p) for n, p in floats if any(_matches(n, pat) for pat in self.include)]
-            if not selected:
-                raise ValueError(
-                    f"SubspaceModel: include={list(self.include)} matches no float parameter; "
-                    f"names look like {all_names[:8]} ({len(all_names)} in all)"
-                )
-            for pat in self.include:
-                if not any(_matches(n, pat) for n, _ in floats):
-                    warnings.warn(f"SubspaceModel: include pattern {pat!r} matches nothing", stacklevel=2)
-        else:
-            selected = list(floats)
-        if self.exclude is not None:
-            for pat in self.exclude:
-                if not any(_matches(n, pat) for n, _ in floats):
-                    warnings.warn(f"SubspaceModel: exclude pattern {pat!r} matches nothing", stacklevel=2)
-            selected = [(n, p) for n, p in selected if not any(_matches(n, pat) for pat in self.exclude)]
-        if not selected:
-            raise ValueError(
-                f"SubspaceModel: include={self.include} / exclude={self.exclude} leave no tensor to "
-                f"project; names look like {all_names[:8]}"
-            )
+        floats, selected = select_tensors(model, self.include, self.exclude)
 
         projected_ids = {id(p) for _, p in selected}
-        slots: list[_Slot] = []
+        slots: list[Slot] = []
         theta0: list[Tensor] = []
         start = 0
         for names, p in selected:
-            slots.append(_Slot(names[0], tuple(names), tuple(p.shape), start, p.numel()))
+            slots.append(Slot(names[0], tuple(names), tuple(p.shape), start, p.numel()))
             theta0.append(p)
             start += p.numel()
-        self._slots: tuple[_Slot, ...] = tuple(slots)
+        self._slots: tuple[Slot, ...] = tuple(slots)
         self._sizes: list[int] = [s.numel for s in slots]
         self.D = start
         self.m = len(slots)
@@ -265,22 +206,13 @@ class SubspaceModel(nn.Module):
                 if self.train_excluded:
                     self._trained_excluded.append(names[0])
 
-        # streamed: each projected tensor (and each tied alias) is built when its module reads it;
-        # _readers[i] = (module, attribute) whose parametrization holds theta_0,i (a plain list: no
-        # submodule registration)
         self._readers: list[tuple[nn.Module, str]] = []
         if self.streamed:
-            for i, slot in enumerate(self._slots):
-                for name in slot.aliases:
-                    owner, _, attr = name.rpartition(".")
-                    module = self.model.get_submodule(owner)
-                    parametrize.register_parametrization(module, attr, SlotWeight(self, i), unsafe=True)
-                    if name == slot.name:
-                        self._readers.append((module, attr))
+            self._parametrize()
         self._use_cache = False
         self._cache: tuple[tuple[int, int], list[Tensor]] | None = None
-        self.register_state_dict_post_hook(_drop_frozen_from_state)
-        self.register_load_state_dict_post_hook(_forgive_frozen_missing)
+        self.register_state_dict_post_hook(drop_frozen_from_state)
+        self.register_load_state_dict_post_hook(forgive_frozen_missing)
 
     # ------------------------------------------------------------------ building
     def _make_projection(self, seed: int) -> nn.Module:
@@ -289,6 +221,47 @@ class SubspaceModel(nn.Module):
         segments = self._sizes if self.kind == "fastfood" and self.layout == "blocks" else None
         return make_projection(self.kind, self.D, self.d_proj, seed=seed, device=self._device, dtype=self._dtype,
                                layout=self.layout, segments=segments, **self.projection_options)
+
+    def _parametrize(self) -> None:
+        """Register a `SlotWeight` on every projected tensor and tied alias (streamed layout):
+        each is built when its module reads it. ``_readers[i]`` = (module, attribute) whose
+        parametrization holds theta_0,i (a plain list: no submodule registration)."""
+        self._readers = []
+        for i, slot in enumerate(self._slots):
+            for name in slot.aliases:
+                owner, _, attr = name.rpartition(".")
+                module = self.model.get_submodule(owner)
+                parametrize.register_parametrization(module, attr, SlotWeight(self, i), unsafe=True)
+                if name == slot.name:
+                    self._readers.append((module, attr))
+
+    @contextmanager
+    def _plain(self) -> Iterator[None]:
+        """Within: the wrapped model without our parametrizations (theta_0 as plain parameters).
+
+        torch's parametrized classes are shared by deep copies, so a copy is taken of the plain
+        model and both sides are parametrized again afterwards (`merged`, ``copy.deepcopy``).
+        """
+        if not self.streamed:
+            yield
+            return
+        for name in (n for slot in self._slots for n in slot.aliases):
+            owner, _, attr = name.rpartition(".")
+            parametrize.remove_parametrizations(self.model.get_submodule(owner), attr, leave_parametrized=False)
+        try:
+            yield
+        finally:
+            self._parametrize()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SubspaceModel:
+        """A deep copy whose parametrizations read the copy's theta_d (built on the plain model)."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        with self._plain():
+            new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        if new.streamed:
+            new._parametrize()
+        return new
 
     @property
     def streamed(self) -> bool:
@@ -396,14 +369,16 @@ class SubspaceModel(nn.Module):
 
     @torch.no_grad()
     def _offsets(self) -> list[Tensor]:
-        """lambda_i * (P theta)[s_i] per projected tensor, in theta_d's dtype (float32 by default)."""
-        theta = self.theta_d.detach()
+        """lambda_i * (P theta)[s_i] per projected tensor, in float32 at least (float64 for a float64
+        theta_d): a bf16 theta_d (pure bf16 training) is widened before P is applied."""
+        work = torch.promote_types(self.theta_d.dtype, torch.float32)
+        theta = self.theta_d.detach().to(work)
         if self.streamed:
             proj = self.projection
             raw = [proj.segment_forward(theta, i) for i in range(self.m)]  # type: ignore[operator]
         else:
             raw = list(self.projection(theta).split(self._sizes))
-        lam = self.lambdas.detach() if self.lambdas is not None else None
+        lam = self.lambdas.detach().to(work) if self.lambdas is not None else None
         return [(r if lam is None else r * lam[i]).view(s.shape) for i, (s, r) in enumerate(zip(self._slots, raw))]
 
     @torch.no_grad()
@@ -427,10 +402,8 @@ class SubspaceModel(nn.Module):
     @torch.no_grad()
     def merged(self) -> nn.Module:
         """A deep copy of the wrapped model holding theta_0 + offset (all params trainable)."""
-        plain = copy.deepcopy(self.model)
-        for module in list(plain.modules()):  # streamed: back to plain parameters (theta_0), filled below
-            for attr in list(getattr(module, "parametrizations", {})):
-                parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+        with self._plain():
+            plain = copy.deepcopy(self.model)
         params = dict(plain.named_parameters(remove_duplicate=False))
         for slot, t in zip(self._slots, self._reparameterised()):
             params[slot.name].copy_(t)
@@ -492,46 +465,3 @@ class SubspaceModel(nn.Module):
 def _short(v: Any) -> str:
     s = repr(v)
     return s if len(s) < 120 else s[:117] + "..."
-
-
-def _frozen_prefixes(module: SubspaceModel) -> tuple[set[str], str]:
-    keep = {f"model.{n}" for n, p in module.model.named_parameters(remove_duplicate=False) if p.requires_grad}
-    return keep, "projection."
-
-
-def _drop_frozen_from_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    """state_dict keeps theta_d, lambdas, extra state, buffers and directly trained tensors.
-
-    theta_0 (frozen model parameters) and the projection (regenerated from the seed)
-    are dropped: a fresh wrap of the same base model restores the exact model.
-    """
-    assert isinstance(module, SubspaceModel)
-    keep, proj = _frozen_prefixes(module)
-    frozen = {f"model.{n}" for n, _ in module.model.named_parameters(remove_duplicate=False)} - keep
-    for key in list(state_dict):
-        if not key.startswith(prefix):
-            continue
-        local = key[len(prefix) :]
-        if local.startswith(proj) or local in frozen:
-            del state_dict[key]
-
-
-def _forgive_frozen_missing(module: nn.Module, incompatible: Any) -> None:
-    """Missing theta_0 / projection keys are expected (see `_drop_frozen_from_state`).
-
-    The hook sees the whole load's keys (with any outer prefix), so keys are
-    matched on their suffix after a ``.`` boundary.
-    """
-    assert isinstance(module, SubspaceModel)
-    keep, proj = _frozen_prefixes(module)
-    frozen = {f"model.{n}" for n, _ in module.model.named_parameters(remove_duplicate=False)} - keep
-
-    def expected(key: str) -> bool:
-        parts = key.split(".")
-        for k in range(len(parts)):
-            local = ".".join(parts[k:])
-            if local in frozen or local.startswith(proj):
-                return True
-        return False
-
-    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not expected(k)]

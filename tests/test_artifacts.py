@@ -112,3 +112,20 @@ def test_results_from_before_the_manifest_are_checked_for_whole_safetensors(swep
     with open(d / "delta.safetensors", "r+b") as f:
         f.truncate(size - 1)
     assert "truncated" in (artifact_problem(d, legacy) or "")
+
+
+def test_analyze_skips_a_broken_run_with_one_warning(swept: tuple[Path, Any], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`idlab analyze` reads run folders through the same check: a truncated delta is named, not loaded."""
+    from idlab.analysis.export import analyze_runs
+
+    _root, study = swept
+    store = RunStore(study.study_dir())
+    rid = next(rid for rid, run in expand(study) if run.method == "lora")
+    delta = store.run_dir(rid) / "delta.safetensors"
+    with open(delta, "r+b") as f:
+        f.truncate(100)
+    tables = analyze_runs([study.study_dir()], tmp_path / "tables", pairs="none")
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "skipping run" in ln]
+    assert len(lines) == 1 and rid in lines[0] and "delta.safetensors" in lines[0]
+    assert rid not in set(tables["ranks"]["run_id"]) and len(tables["ranks"]) > 0

@@ -3,6 +3,7 @@ and bad device input refused before anything is written."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,28 @@ def test_resolve_device() -> None:
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.mark.parametrize(("value", "match"), [
+    ("9", r"CUDA_VISIBLE_DEVICES='9' names no device torch can use"),
+    ("gpu0,1", r"entry 'gpu0' is neither a device index"),
+])
+def test_auto_device_with_a_visible_devices_value_naming_no_gpu_fails_before_anything_is_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str, match: str) -> None:
+    """On a GPU machine (faked nvidia-smi) torch sees no device through CUDA_VISIBLE_DEVICES: auto would
+    silently train on the CPU, so the sweep stops first; '' means the CPU on purpose."""
+    from idlab import devices
+    from idlab.sweep import run_sweep
+
+    monkeypatch.setattr(devices, "nvidia_gpus", lambda: ["GPU 0: NVIDIA H100 (UUID: GPU-1234)"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
+    study = study_from_dict(tiny_study(tmp_path, device="auto"))
+    with pytest.raises(DeviceError, match=match):
+        run_sweep(study)
+    assert not any(tmp_path.iterdir())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
 # --------------------------------------------------------------------------- CONFIG=auto, Slurm
 
 
@@ -133,12 +156,12 @@ def test_config_auto_follows_where_the_runs_execute(monkeypatch: pytest.MonkeyPa
     from idlab.sweep import auto_config, resolve_config_path
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert auto_config([])[0] == "cpu_study"
+    assert auto_config([])[0] == "cpu_study_converged"
     name, why = auto_config(["executor=slurm"])  # a login node without GPU submitting to GPU nodes
     assert name == "gpu_study" and "slurm.gpus_per_node=1" in why and "no CUDA" in why
-    assert auto_config(["executor=slurm", "slurm.gpus_per_node=0"])[0] == "cpu_study"
+    assert auto_config(["executor=slurm", "slurm.gpus_per_node=0"])[0] == "cpu_study_converged"
     assert resolve_config_path("auto", ["executor=slurm"]).name == "gpu_study.yaml"
-    assert resolve_config_path("auto").name == "cpu_study.yaml"
+    assert resolve_config_path("auto").name == "cpu_study_converged.yaml"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert auto_config([]) == ("gpu_study", "this host has 2 CUDA device(s)")
@@ -190,3 +213,16 @@ def test_cpu_torch_on_a_gpu_machine_warns_with_the_fix(tmp_path: Path, monkeypat
     assert "make install TORCH=torch" in msg
     monkeypatch.setenv("PATH", "/nonexistent")
     assert cpu_torch_on_gpu_machine() is None
+
+
+def test_idlab_sweep_prints_the_cpu_torch_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`make sweep` (idlab sweep) on a GPU machine with a CPU-only torch says so, with the fix, first."""
+    from idlab import devices
+    from idlab.sweep import main_sweep
+
+    monkeypatch.setattr(devices, "cpu_torch_on_gpu_machine", lambda: "warning: nvidia-smi lists 1 GPU(s) but ...")
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(json.dumps(tiny_study(tmp_path, methods=["full"], seeds=[0])))
+    main_sweep(str(cfg), [], dry_run=True)
+    assert capsys.readouterr().err.startswith("warning: nvidia-smi lists 1 GPU(s)")

@@ -12,15 +12,10 @@ import torch
 from idlab import hadamard
 from idlab.fastfood import BlockFastfoodProjection, block_keys, gauss_table, hashed_perm
 from idlab.projections import make_projection
-
-F64 = torch.float64
-
-
-def _sylvester(L: int) -> torch.Tensor:
-    h = torch.ones(1, 1, dtype=F64)
-    while h.shape[0] < L:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
+from tests.test_projections import (  # the dense Sylvester matrix, built by its recursion
+    F64,
+    _sylvester,
+)
 
 
 def _reference(p: BlockFastfoodProjection) -> torch.Tensor:

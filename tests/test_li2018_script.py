@@ -1,4 +1,4 @@
-"""experiments/li2018.py end to end at smoke size: resumable per-run JSONs, summary, figure."""
+"""experiments/li2018.py end to end at smoke size: resumable run folders, summary, figure."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ def test_li2018_quick_dense_search_writes_summary_and_resumes(tmp_path: Path) ->
     assert summary["projection"] == "dense" and summary["D"] == 44_426
     loc = summary["local"]
     assert loc["baseline_kind"] == "local" and len(loc["baseline_runs"]) == 2
-    runs = sorted((out / "runs").glob("*.json"))
+    runs = sorted((out / "runs").glob("*/result.json"))  # one run folder each (idlab.runs.RunStore)
     assert len(runs) == summary["n_training_runs"]
     assert (out / "li2018.png").is_file()
-    stamps = {p.name: p.stat().st_mtime_ns for p in runs}
+    stamps = {p.parent.name: p.stat().st_mtime_ns for p in runs}
     li2018.main(argv)  # every run is already there: nothing retrains
-    assert {p.name: p.stat().st_mtime_ns for p in sorted((out / "runs").glob("*.json"))} == stamps
+    assert {p.parent.name: p.stat().st_mtime_ns for p in sorted((out / "runs").glob("*/result.json"))} == stamps

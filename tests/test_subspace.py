@@ -394,18 +394,41 @@ def test_global_layout_is_the_old_single_block() -> None:
 
 @pytest.mark.parametrize("layout", ["blocks", "global"])
 def test_delta_exact_in_bf16(layout: str) -> None:
-    """delta() is the projection's fp32 offset, not a difference of rounded bf16 weights."""
+    """delta() is the projection's offset in float32 (not a difference of rounded bf16 weights), for a
+    bf16 model with an fp32 theta_d (bf16-mixed) and with a bf16 theta_d (pure bf16): equal to the
+    float64 computation with the same theta_d values to float32 rounding."""
+    theta = torch.linspace(-1e-3, 1e-3, 40 - 21).to(torch.bfloat16)  # d' = dim - m (m = 21 tensors)
     deltas = {}
-    for dt in (torch.float64, torch.bfloat16):
+    for model_dt, theta_dt in ((torch.float64, torch.float64), (torch.bfloat16, torch.float32),
+                               (torch.bfloat16, torch.bfloat16)):
         torch.manual_seed(0)
-        net = tiny_llama().to(dt)
-        sm = SubspaceModel(net, dim=40, projection="fastfood", said=True, seed=3, layout=layout)
+        net = tiny_llama().to(model_dt)
+        sm = SubspaceModel(net, dim=40, projection="fastfood", said=True, seed=3, layout=layout, dtype=theta_dt)
+        assert sm.d_proj == theta.numel()
         with torch.no_grad():
-            sm.theta_d.copy_(torch.linspace(-1e-3, 1e-3, sm.d_proj))
-        deltas[dt] = sm.delta()
-        ids = torch.randint(0, 128, (1, 5))
-        sm(input_ids=ids)  # runs in bf16
-    for name, ref in deltas[torch.float64].items():
-        got = deltas[torch.bfloat16][name].double()
-        assert ((got - ref).norm() / ref.norm()).item() < 0.01, name
+            sm.theta_d.copy_(theta)
+        deltas[(model_dt, theta_dt)] = sm.delta()
+        assert all(t.dtype == torch.promote_types(theta_dt, torch.float32) for t in deltas[(model_dt, theta_dt)].values())
+        sm(input_ids=torch.randint(0, 128, (1, 5)))  # runs in the model's dtype
+    ref = deltas.pop((torch.float64, torch.float64))
+    for case, got in deltas.items():
+        for name, r in ref.items():
+            err = ((got[name].double() - r).norm() / r.norm()).item()
+            assert err < 1e-5, (case, name, err)
 
+
+
+def test_a_deep_copy_reads_its_own_theta() -> None:
+    """copy.deepcopy of a streamed SubspaceModel: the copy's parametrizations follow the copy."""
+    torch.manual_seed(0)
+    sm = SubspaceModel(lenet(), dim=30, projection="fastfood", said=True, seed=1)
+    x = torch.rand(2, 1, 28, 28)
+    before = sm(x).detach()
+    twin = copy.deepcopy(sm)
+    with torch.no_grad():
+        twin.theta_d.normal_()
+    assert torch.equal(sm(x).detach(), before)  # the original is untouched
+    assert not torch.allclose(twin(x), before)
+    torch.testing.assert_close(twin.merged()(x), twin(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sm.merged()(x), before, rtol=1e-5, atol=1e-5)  # merging leaves both wrappers whole
+    assert torch.equal(sm(x).detach(), before) and not torch.allclose(twin(x), before)

@@ -60,6 +60,7 @@ def test_sweep_runs_records_and_skips(tmp_path: Path, capsys: pytest.CaptureFixt
                 "git_commit", "trainable_parameters", "total_parameters", "status", "error", "study"):
         assert key in res
     assert res["versions"]["torch"] and res["config"]["method"] == "full"
+    assert res["precision"] == "fp32" and res["device"] == "cpu"  # train.precision auto, resolved on the CPU
     lora = next(rid for rid, c in runs if c.method == "lora")
     assert (tmp_path / "tiny" / "runs" / lora / "adapter").is_dir()
     sub = next(rid for rid, c in runs if c.method == "subspace")
@@ -181,3 +182,19 @@ def test_fastfood_state_index_same_results_new_key_only_when_set(tmp_path: Path)
         res = json.loads((tmp_path / state / "tiny" / "runs" / rid / "result.json").read_text())
         scores[state] = res["metrics"]
     assert scores["index"] == scores["all"]
+
+
+def test_bare_config_names_resolve_in_the_checkout_and_idlab_config_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bare name is looked up in ./experiments/configs, then $IDLAB_CONFIG_PATH; never next to the library."""
+    from idlab.sweep import resolve_config_path
+
+    mine = tmp_path / "studies"
+    mine.mkdir()
+    (mine / "mystudy.yaml").write_text("name: mystudy\n")
+    monkeypatch.chdir(tmp_path)  # no experiments/ here
+    assert resolve_config_path("smoke") == Path("smoke")  # not found: the loader names it
+    monkeypatch.setenv("IDLAB_CONFIG_PATH", str(mine))
+    assert resolve_config_path("mystudy") == mine / "mystudy.yaml"
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the checkout: its studies first
+    assert resolve_config_path("smoke").resolve() == (Path("experiments/configs/smoke.yaml")).resolve()

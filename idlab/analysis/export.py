@@ -36,6 +36,7 @@ alignment and intruder tables are empty and a note says so.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -178,7 +179,12 @@ def _analyze_runs(
     seed: int,
 ) -> dict[str, pd.DataFrame]:
     t0 = time.perf_counter()
-    runs = [read_run(p) for p in expand_run_dirs(run_dirs)]
+    runs = []
+    for run_dir in expand_run_dirs(run_dirs):
+        try:
+            runs.append(read_run(run_dir))
+        except ValueError as e:  # a run whose files are not whole: skipped, as the report does
+            print(f"warning: skipping {e}", file=sys.stderr)
     ids = [r.run_id for r in runs]
     dup = {i for i in ids if ids.count(i) > 1}
     if dup:

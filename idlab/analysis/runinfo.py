@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from idlab.runs import RESULT_FILE, iter_result_files, read_json
+from idlab.runs import RESULT_FILE, artifact_problem, iter_result_files, read_json
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 
@@ -63,12 +63,19 @@ class RunInfo:
 
 
 def read_run(path: str | Path) -> RunInfo:
-    """Read ``result.json`` of a run directory into a `RunInfo`."""
+    """Read ``result.json`` of a run directory into a `RunInfo`.
+
+    Raises FileNotFoundError when result.json is missing or does not parse, and ValueError naming the
+    file when an artefact it lists is missing or corrupt (`idlab.runs.artifact_problem`).
+    """
     path = Path(path)
     rj = path / RESULT_FILE
     data = read_json(rj)
     if data is None:
         raise FileNotFoundError(f"{rj} does not exist or does not parse; pass run directories holding result.json")
+    problem = artifact_problem(path, data)
+    if problem is not None:
+        raise ValueError(f"run {path.name}: {path}/{problem}; rerun the sweep (it redoes runs with broken files)")
     return RunInfo(
         path=path,
         run_id=str(data.get("run_id") or path.name),
