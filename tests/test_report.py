@@ -207,3 +207,21 @@ def test_report_and_li2018_analysis_give_the_same_d90(results: Path, tmp_path: P
     else:
         assert cells[2] == f"{local.d90:,}" and float(cells[3].replace(",", "")) == pytest.approx(
             local.d90_interp, rel=1e-3)
+
+
+@pytest.mark.parametrize("converged", [True, False])
+def test_report_warns_when_a_crossing_rests_on_unconverged_runs(results: Path, tmp_path: Path,
+                                                                converged: bool) -> None:
+    """End to end: the converged flag of result.json reaches REPORT.md's d90 / r90 warning."""
+    import json
+    import shutil
+
+    copy = tmp_path / "results"
+    shutil.copytree(results, copy)
+    for rj in copy.rglob("result.json"):
+        res = json.loads(rj.read_text())
+        res["converged"] = converged
+        rj.write_text(json.dumps(res))
+    text = make_report(copy, tmp_path / "r", analysis=False).read_text()
+    warned = "rest on runs whose validation metric had not plateaued" in text
+    assert warned is not converged
