@@ -174,6 +174,19 @@ def bench_fastfood_speed(quick: bool) -> tuple[list[str], dict[int, float]]:
     return rows, ratios
 
 
+def _relative_errors(f32: Callable[[Tensor], Tensor], f64: Callable[[Tensor], Tensor], theta: Tensor,
+                     gy: Tensor) -> tuple[float, float]:
+    """max |f32 - f64| / max |f64| of the forward y and of the backward P^T gy (theta, gy float64)."""
+    t32, t64 = theta.float().requires_grad_(), theta.clone().requires_grad_()
+    y32, y64 = f32(t32), f64(t64)
+    y32.backward(gy.float())
+    y64.backward(gy)
+    assert t32.grad is not None and t64.grad is not None
+    ey = float((y32.detach().double() - y64.detach()).abs().max() / y64.detach().abs().max())
+    eg = float((t32.grad.double() - t64.grad).abs().max() / t64.grad.abs().max())
+    return ey, eg
+
+
 def bench_exactness(quick: bool) -> list[str]:
     D, d = ((1 << 18) + 12345, 1000) if quick else ((1 << 20) + 12345, 1000)
     p = make_projection("fastfood", D, d, seed=1, layout="global")
@@ -181,27 +194,10 @@ def bench_exactness(quick: bool) -> list[str]:
     ref = NaiveFastfood(p, dtype=torch.float64)
     theta = torch.randn(d, dtype=torch.float64)
     gy = torch.randn(D, dtype=torch.float64)
-    t32 = theta.float().requires_grad_()
-    y32 = p(t32)
-    y32.backward(gy.float())
-    t64 = theta.clone().requires_grad_()
-    y64 = ref(t64)
-    y64.backward(gy)
-    assert t32.grad is not None and t64.grad is not None
-    ey = float((y32.detach().double() - y64.detach()).abs().max() / y64.detach().abs().max())
-    eg = float((t32.grad.double() - t64.grad).abs().max() / t64.grad.abs().max())
+    ey, eg = _relative_errors(p, ref, theta, gy)
     # blocks: float32 (C++ kernel when built) against the same P in float64
-    bl32 = make_projection("fastfood", D, d, seed=1)
-    bl64 = make_projection("fastfood", D, d, seed=1, dtype=torch.float64)
-    b32 = theta.float().requires_grad_()
-    yb32 = bl32(b32)
-    yb32.backward(gy.float())
-    b64 = theta.clone().requires_grad_()
-    yb64 = bl64(b64)
-    yb64.backward(gy)
-    assert b32.grad is not None and b64.grad is not None
-    eby = float((yb32.detach().double() - yb64.detach()).abs().max() / yb64.detach().abs().max())
-    ebg = float((b32.grad.double() - b64.grad).abs().max() / b64.grad.abs().max())
+    eby, ebg = _relative_errors(make_projection("fastfood", D, d, seed=1),
+                                make_projection("fastfood", D, d, seed=1, dtype=torch.float64), theta, gy)
     return [
         f"D = {D} (L = 2^{p.L.bit_length() - 1}), d = {d}; global: float32 ours vs float64 naive reference with "
         "the same B, Pi, G; blocks: float32 vs the same blocks in float64; error = max|ours - ref| / max|ref|.",
