@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from idlab.config import RunConfig, StudyConfig, target_set_label, to_dict
-from idlab.d90 import Baseline, make_baseline, next_bisection, seed_mean
+from idlab.d90 import Baseline, make_baseline, next_bisection, rate_baseline, rate_scores, select_lr
 from idlab.executors import EXECUTORS, preflight
 from idlab.runs import RunStore, atomic_write_json, run_id
 
@@ -72,32 +72,36 @@ def run_score(result: dict[str, Any], score: str = "final") -> float | None:
 REFINE_RTOL = 1 / 6
 
 
-def baseline_value(study: StudyConfig, store: RunStore) -> Baseline | None:
-    """The d90 baseline: ``subspace.baseline`` if set, else full FT's seed scores at its best lr.
+def _rate_scores(study: StudyConfig, store: RunStore, method: str, lrs: Sequence[float],
+                 **cell: Any) -> dict[float, dict[int, float]] | None:
+    """``{lr: {seed: score}}`` of one cell from stored results, or None until every run is stored.
 
-    A learning rate counts once all its seeds are ``ok``; the best is the highest seed-mean.
-    `idlab.d90.make_baseline` turns the value or the scores into the baseline and its target.
+    A diverged or unscored run scores NaN (a failure, `idlab.d90.seed_mean`).
+    """
+    scores: dict[float, dict[int, float]] = {}
+    for lr in lrs:
+        for seed in study.seeds:
+            res = store.result(run_id(_base(study, method, seed, lr, **cell)))
+            if res is None:
+                return None
+            sc = run_score(res, study.score) if res.get("status") in ("ok", "diverged") else None
+            scores.setdefault(lr, {})[seed] = math.nan if sc is None else sc
+    return scores
+
+
+def baseline_value(study: StudyConfig, store: RunStore) -> Baseline | None:
+    """The d90 baseline: ``subspace.baseline`` if set, else full FT's seeds at its selected lr.
+
+    Waits (None) until every full-FT run is stored, then applies the report's rule,
+    `idlab.d90.rate_baseline` (`select_lr`), so the sweep and the report pick the same runs.
     """
     s = study.subspace
     if s.baseline is not None:
         return make_baseline(s.baseline, s.threshold)
     if "full" not in study.methods:
         return None
-    best: list[float] | None = None
-    for lr in study.full.lr:
-        scores = []
-        for seed in study.seeds:
-            res = store.result(run_id(_base(study, "full", seed, lr)))
-            if res is None or res.get("status") != "ok":
-                break
-            sc = run_score(res, study.score)
-            if sc is None:
-                break
-            scores.append(sc)
-        else:
-            if best is None or seed_mean(scores) > seed_mean(best):
-                best = scores
-    return None if best is None else make_baseline(best, s.threshold)
+    scores = _rate_scores(study, store, "full", study.full.lr)
+    return None if scores is None else rate_baseline(scores, s.threshold)
 
 
 def _refine_points(study: StudyConfig, store: RunStore, cell: dict[str, Any], grid: Sequence[int],
@@ -112,17 +116,11 @@ def _refine_points(study: StudyConfig, store: RunStore, cell: dict[str, Any], gr
         ds = sorted({*grid, *points})
         means: list[float] = []
         for d in ds:
-            best = -math.inf
-            for lr in study.subspace.lr:
-                scores = []
-                for seed in study.seeds:
-                    res = store.result(run_id(_base(study, "subspace", seed, lr, **cell, d=d)))
-                    if res is None:
-                        return points  # the previous stage is not complete yet
-                    sc = run_score(res, study.score) if res.get("status") in ("ok", "diverged") else None
-                    scores.append(math.nan if sc is None else sc)
-                best = max(best, seed_mean(scores))
-            means.append(best)
+            scores = _rate_scores(study, store, "subspace", study.subspace.lr, **cell, d=d)
+            if scores is None:
+                return points  # the previous stage is not complete yet
+            best = select_lr(scores)
+            means.append(-math.inf if best is None else rate_scores(scores)[best])
         mid = next_bisection(ds, means, target, REFINE_RTOL)
         if mid is None:
             break

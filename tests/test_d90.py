@@ -170,3 +170,21 @@ def test_next_bisection_follows_find_d90() -> None:
     assert next_bisection([10, 100, 1000], [0.95, 0.96, 0.97], 0.9, rtol=0.05) is None  # first point passes
     assert next_bisection([10, 100, 1000], [0.1, 0.2, 0.3], 0.9, rtol=0.05) is None  # nothing passes
     assert next_bisection([300, 316], [0.1, 0.95], 0.9, rtol=0.1) is None  # bracket narrower than rtol
+
+
+def test_select_lr_compares_rates_on_shared_seeds_and_fails_diverged_seeds() -> None:
+    from idlab.d90 import rate_baseline, rate_scores, select_lr
+
+    # 1e-3 has seeds 0-2 (mean 0.80, 0.60 on seed 0); a one-seed probe at 1e-2 has 0.70 on seed 0
+    probe = {1e-3: {0: 0.6, 1: 0.9, 2: 0.9}, 1e-2: {0: 0.7}}
+    assert rate_scores(probe) == {1e-3: pytest.approx(0.6), 1e-2: pytest.approx(0.7)}
+    assert select_lr(probe) == 1e-2
+    # no seed shared by all: each rate's own mean
+    assert select_lr({1e-3: {0: 0.6, 1: 0.9}, 1e-2: {2: 0.7}}) == 1e-3
+    # a diverged seed is a failure, whatever the other seeds score
+    failing = {1e-3: {0: 0.99, 1: math.nan}, 1e-4: {0: 0.5, 1: 0.5}}
+    assert select_lr(failing) == 1e-4 and rate_scores(failing)[1e-3] == -math.inf
+    assert rate_baseline(failing, 0.9) == make_baseline([0.5, 0.5], 0.9)
+    assert rate_baseline({1e-3: {0: math.nan}}) is None and select_lr({}) is None
+    # a tie goes to the smaller rate
+    assert select_lr({1e-2: {0: 0.5}, 1e-3: {0: 0.5}}) == 1e-3

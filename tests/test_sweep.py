@@ -198,3 +198,40 @@ def test_bare_config_names_resolve_in_the_checkout_and_idlab_config_path(
     assert resolve_config_path("mystudy") == mine / "mystudy.yaml"
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the checkout: its studies first
     assert resolve_config_path("smoke").resolve() == (Path("experiments/configs/smoke.yaml")).resolve()
+
+
+def test_sweep_and_report_pick_the_same_full_ft_baseline(tmp_path: Path) -> None:
+    """One learning-rate rule (`idlab.d90.select_lr`): the sweep's baseline is the report's."""
+    import math
+
+    import pandas as pd
+
+    from idlab.d90 import make_baseline
+    from idlab.report.tables import baseline as report_baseline
+    from idlab.runs import run_id
+    from idlab.sweep import _base, baseline_value
+
+    raw = tiny_study(tmp_path, seeds=[0, 1, 2], full={"lr": [1e-3, 1e-2, 1e-1]})
+    study = study_from_dict(raw)
+    # 1e-3: mean 0.80; 1e-2: mean 0.85 but a diverged seed (a failure); 1e-1: mean 0.70
+    table = {1e-3: [0.9, 0.7, 0.8], 1e-2: [0.95, math.nan, 0.9], 1e-1: [0.7, 0.7, 0.7]}
+    stored = {run_id(_base(study, "full", seed, lr)): (lr, seed, sc)
+              for lr, scs in table.items() for seed, sc in enumerate(scs)}
+
+    class Store:
+        def result(self, rid: str) -> dict[str, object] | None:
+            if rid not in stored:
+                return None
+            sc = stored[rid][2]
+            return {"status": "diverged" if math.isnan(sc) else "ok", "metric": "accuracy",
+                    "metrics": {"accuracy": sc}}
+
+    swept = baseline_value(study, Store())  # type: ignore[arg-type]
+    runs = pd.DataFrame([{"method": "full", "status": "diverged" if math.isnan(sc) else "ok", "lr": lr,
+                          "seed": seed, "score_final": sc} for lr, seed, sc in stored.values()])
+    reported = report_baseline(runs, {"study": raw}, "score_final")
+    assert swept == make_baseline([0.9, 0.7, 0.8], 0.9)
+    assert reported["value"] == pytest.approx(swept.value) and reported["target"] == pytest.approx(swept.target)
+    # the sweep waits for every full-FT run; the report uses what is there
+    del stored[next(iter(stored))]
+    assert baseline_value(study, Store()) is None  # type: ignore[arg-type]

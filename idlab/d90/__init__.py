@@ -10,6 +10,9 @@ Definitions (scores are higher-is-better; x = d, or the LoRA rank r for r90):
 
 - target = threshold * baseline; baseline = a fixed value ("global", e.g. 1.0 on MNIST)
   or the mean of direct-training scores ("local", full fine-tuning).
+- A cell's learning rate (`select_lr`): rates are ranked by `seed_mean` over the seeds they
+  all share (each rate's own seeds when none is shared); the local baseline is the seeds of
+  the full-FT rate so selected (`rate_baseline`). The sweep and the report both use it.
 - m(x) = seed-mean score at x over every seed evaluated there; a NaN score (a diverged
   run) counts as a failure (-inf), so a point with a diverged seed does not pass.
 - d90 = the smallest evaluated x with m(x) >= target (the "grid value").
@@ -56,11 +59,15 @@ from idlab.d90.estimator import (
     interpolate_log,
     make_baseline,
     next_bisection,
+    rate_baseline,
+    rate_scores,
     seed_mean,
+    select_lr,
     threshold_crossing,
 )
 from idlab.d90.search import find_d90
 
 __all__ = ["Baseline", "Crossing", "D90Result", "analyze_d90", "bisection_point", "crossing", "find_d90",
-           "interpolate_log", "make_baseline", "next_bisection", "seed_mean",
+           "interpolate_log", "make_baseline", "next_bisection", "rate_baseline", "rate_scores", "seed_mean",
+           "select_lr",
            "threshold_crossing"]

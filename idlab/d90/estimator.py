@@ -146,6 +146,45 @@ def seed_mean(vals: Iterable[float]) -> float:
     return float(arr.mean())
 
 
+def rate_scores(scores: Mapping[float, Mapping[int, float]]) -> dict[float, float]:
+    """The score that ranks each learning rate of one cell: `seed_mean` over the shared seeds.
+
+    ``scores[lr][seed]`` is a run's score (NaN for a diverged or unscored run: a failure).
+    Rates are compared on the seeds every rate has, so that a one-seed probe is not weighed
+    against a three-seed mean; with no seed shared by all, each rate's own `seed_mean`.
+    """
+    seed_sets = [set(by_seed) for by_seed in scores.values() if by_seed]
+    shared = set.intersection(*seed_sets) if len(seed_sets) > 1 else set()
+    return {lr: seed_mean(by_seed[k] for k in sorted(shared)) if shared else
+            (seed_mean(by_seed.values()) if by_seed else -math.inf)
+            for lr, by_seed in scores.items()}
+
+
+def select_lr(scores: Mapping[float, Mapping[int, float]]) -> float | None:
+    """THE learning-rate rule of a cell: the rate with the highest `rate_scores` (the smaller rate on a tie).
+
+    The sweep (the full-FT baseline, ``d: auto`` refinement) and the report (``selected``)
+    both call it. None when there is no rate.
+    """
+    ranked = rate_scores(scores)
+    return max(sorted(ranked), key=lambda lr: ranked[lr], default=None)
+
+
+def rate_baseline(scores: Mapping[float, Mapping[int, float]], threshold: float = 0.9,
+                  kind: str | None = None) -> Baseline | None:
+    """The local baseline from direct-training (full FT) runs: the seeds of the `select_lr` rate.
+
+    None when there is no rate or the selected rate has a failed seed (then every rate has one).
+    """
+    lr = select_lr(scores)
+    if lr is None:
+        return None
+    vals = [scores[lr][k] for k in sorted(scores[lr])]
+    if not vals or not all(math.isfinite(v) for v in vals):
+        return None
+    return make_baseline(vals, threshold, kind)
+
+
 def interpolate_log(x_a: float, m_a: float, x_b: float, m_b: float, target: float) -> float:
     """Crossing of ``target`` on the segment (x_a, m_a) -> (x_b, m_b), linear in log x (see module docstring)."""
     if not math.isfinite(m_a) or m_b == m_a:
@@ -343,4 +382,5 @@ def analyze_d90(
 
 
 __all__ = ["Baseline", "Crossing", "D90Result", "analyze_d90", "bisection_point", "crossing", "interpolate_log",
-           "make_baseline", "next_bisection", "seed_mean", "threshold_crossing"]
+           "make_baseline", "next_bisection", "rate_baseline", "rate_scores", "seed_mean", "select_lr",
+           "threshold_crossing"]

@@ -145,7 +145,7 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
                          f"{str(row['error'])[:200]}")
         lines.append("")
     cells = cell_table(runs, score)
-    base = baseline(runs, cells, meta, score)
+    base = baseline(runs, meta, score)
     sel_runs = selected_runs(runs, cells)
     # d90 per subspace variant, r90 per LoRA target set
     d90, r90 = crossings(sel_runs, cells, base.get("target"), score)
@@ -227,7 +227,8 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
         multi_lr = cells.groupby("cell")["lr"].nunique()
         if (multi_lr > 1).any():
             lines += ["Learning rate searched per cell; all learning rates. `select_score` is the mean over "
-                      "the seeds every rate of the cell shares (the rate with the highest is selected):", "",
+                      "the seeds every rate of the cell shares, a diverged seed a failure (`idlab.d90.select_lr`: "
+                      "the rate with the highest is selected, here and in the sweep):", "",
                       md_table(cells, ["variant", "r", "d", "lr", "seeds", "mean", "std", "select_score",
                                        "selected"]), ""]
     align = tables.get("alignment", pd.DataFrame())

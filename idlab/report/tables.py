@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from idlab.d90 import make_baseline, rate_baseline, rate_scores, select_lr
+
 CELL_KEYS = ["study", "method", "variant", "target_set", "r", "projection", "said", "d", "use_rslora"]
 PALETTE_SEED = 0
 
@@ -18,10 +20,10 @@ PALETTE_SEED = 0
 def cell_table(df: pd.DataFrame, score: str = "score_final") -> pd.DataFrame:
     """Seed statistics per cell x learning rate (status ok/diverged), with ``selected`` = best lr of the cell.
 
-    Learning rates are compared on the seeds they share: where a cell's rates were run on
-    different seeds (a one-seed probe beside a three-seed cell), ``select_score`` is each
-    rate's mean over the seeds every rate of the cell has, so that a lucky single seed is not
-    weighed against a three-seed mean. Without shared seeds it falls back to the full mean.
+    ``select_score`` and ``selected`` come from `idlab.d90.rate_scores` / `select_lr`, the rule the
+    sweep uses too: each rate's seed mean over the seeds every rate of the cell has (a one-seed
+    probe is not weighed against a three-seed mean; all its seeds when none is shared), a
+    diverged seed counting as a failure (-inf).
     """
     ok = df[df["status"].isin(["ok", "diverged"])].copy()
     if ok.empty:
@@ -39,8 +41,7 @@ def cell_table(df: pd.DataFrame, score: str = "score_final") -> pd.DataFrame:
                      "seeds": ",".join(str(v) for v in sorted(grp["seed"].dropna().astype(int))),
                      "mean": float(s.mean()), "std": float(s.std(ddof=1)) if s.notna().sum() > 1 else 0.0,
                      "min": float(s.min()), "max": float(s.max()),
-                     "_by_seed": {int(k): float(v) for k, v in zip(grp["seed"], s)
-                                  if pd.notna(k) and pd.notna(v)},
+                     "_by_seed": {int(k): float(v) for k, v in zip(grp["seed"], s) if pd.notna(k)},
                      "trainable_parameters": int(grp["trainable_parameters"].dropna().iloc[0])
                      if grp["trainable_parameters"].notna().any() else None,
                      "model": first["model"], "task": first["task"], "metric": first["metric"]})
@@ -48,17 +49,14 @@ def cell_table(df: pd.DataFrame, score: str = "score_final") -> pd.DataFrame:
     ck = [k for k in CELL_KEYS if k in cells]
     ck_str = cells[ck].astype(object).where(cells[ck].notna(), "-").astype(str).agg("|".join, axis=1)
     cells["cell"] = ck_str
-    cells["select_score"] = cells["mean"]
-    for _, grp in cells.groupby("cell", sort=True):
-        seed_sets = [set(b) for b in grp["_by_seed"] if b]
-        shared = set.intersection(*seed_sets) if seed_sets else set()
-        if len(grp) > 1 and shared:
-            cells.loc[grp.index, "select_score"] = [
-                float(np.mean([b[k] for k in sorted(shared)])) if b else np.nan for b in grp["_by_seed"]]
-    cells = cells.drop(columns="_by_seed")
-    best_idx = cells.assign(_m=cells["select_score"].fillna(-np.inf)).groupby("cell", sort=True)["_m"].idxmax()
+    cells["select_score"] = -np.inf
     cells["selected"] = False
-    cells.loc[best_idx.values, "selected"] = True
+    for _, grp in cells.groupby("cell", sort=True):  # THE lr rule: idlab.d90.select_lr
+        by_lr = {float(lr): b for lr, b in zip(grp["lr"], grp["_by_seed"])}
+        ranked, best = rate_scores(by_lr), select_lr(by_lr)
+        cells.loc[grp.index, "select_score"] = [ranked[float(lr)] for lr in grp["lr"]]
+        cells.loc[grp.index, "selected"] = [float(lr) == best for lr in grp["lr"]]
+    cells = cells.drop(columns="_by_seed")
     order = [c for c in ("study", "method", "variant", "r", "d", "lr") if c in cells]
     return cells.sort_values(order, na_position="first", kind="mergesort").reset_index(drop=True)
 
@@ -124,24 +122,24 @@ def amplification_table(align: pd.DataFrame, ranks: Sequence[int] = (4, 64)) -> 
 
 
 
-def baseline(runs: pd.DataFrame, cells: pd.DataFrame, meta: Mapping[str, Any], score: str) -> dict[str, Any]:
-    """The study's d90 baseline (`idlab.d90.make_baseline`): ``subspace.baseline``, else the selected full-FT cell."""
-    from idlab.d90 import make_baseline
-
+def baseline(runs: pd.DataFrame, meta: Mapping[str, Any], score: str) -> dict[str, Any]:
+    """The study's d90 baseline: ``subspace.baseline``, else the full-FT runs at the lr of `idlab.d90.rate_baseline`."""
     sub = (meta.get("study") or {}).get("subspace") or {}
     threshold = float(sub.get("threshold", 0.9))
     if sub.get("baseline") is not None:
         b = make_baseline(float(sub["baseline"]), threshold, "global (fixed)")
-    else:
-        full = cells[(cells["method"] == "full") & cells["selected"]] if not cells.empty else cells
-        scores: list[float] = []
-        if not full.empty:  # the runs behind the selected full-FT cell's mean
-            sel = selected_runs(runs[runs["status"].isin(["ok", "diverged"])], full)
-            scores = [float(v) for v in sel[score].dropna()]
-        if not scores:
-            return {"value": None, "kind": "missing (no full fine-tuning result)", "threshold": threshold}
-        b = make_baseline(scores, threshold, f"local: full FT mean of {len(scores)} seed(s)")
-    return {"value": b.value, "kind": b.kind, "threshold": b.threshold, "target": b.target}
+        return {"value": b.value, "kind": b.kind, "threshold": b.threshold, "target": b.target}
+    full = runs[(runs["method"] == "full") & runs["status"].isin(["ok", "diverged"])] if not runs.empty else runs
+    by_lr: dict[float, dict[int, float]] = {}
+    for lr, seed, sc in zip(full.get("lr", []), full.get("seed", []), full.get(score, [])):
+        if pd.notna(lr) and pd.notna(seed):
+            by_lr.setdefault(float(lr), {})[int(seed)] = float(sc) if pd.notna(sc) else math.nan
+    n = len(by_lr[lr_]) if (lr_ := select_lr(by_lr)) is not None else 0
+    got = rate_baseline(by_lr, threshold, f"local: full FT mean of {n} seed(s)")
+    if got is None:
+        why = "no full fine-tuning result" if not by_lr else "every full-FT learning rate has a failed seed"
+        return {"value": None, "kind": f"missing ({why})", "threshold": threshold}
+    return {"value": got.value, "kind": got.kind, "threshold": got.threshold, "target": got.target}
 
 
 def selected_runs(runs: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
