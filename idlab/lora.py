@@ -6,10 +6,9 @@ LoRA (Hu et al. 2021) freezes W_0 and trains a rank-r update of chosen linear la
     s = lora_alpha / r   (rsLoRA, Kalajdzievski 2023: s = lora_alpha / sqrt(r)).
 
 B starts at zero, so Delta W = 0 at step 0. The layers are PEFT's (``peft.LoraConfig``
-+ ``peft.get_peft_model``); this module only validates arguments with clear errors,
-reads the factors back in idlab's `LowRankDelta` form, and writes/reads adapters in
-PEFT's on-disk format (``adapter_config.json`` + ``adapter_model.safetensors``)
-atomically. Module names are the base model's qualified names
++ ``peft.get_peft_model``); this module only validates arguments with clear errors, reads the
+factors back in idlab's `LowRankDelta` form, and writes/reads adapters in PEFT's on-disk format
+(``adapter_config.json`` + ``adapter_model.safetensors``) atomically. Module names are the base model's qualified names
 (``model.layers.3.self_attn.q_proj``, ``net.0``) without PEFT's ``base_model.model.``.
 """
 
@@ -19,6 +18,7 @@ import math
 import os
 import re
 import shutil
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -267,7 +267,9 @@ def apply_lora(
         **peft_kwargs,
     )
     config = LoraConfig(**fields)
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing alias
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*", FutureWarning)
+        return get_peft_model(model, config)
 
 
 # --------------------------------------------------------------------------------------
