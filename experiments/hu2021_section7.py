@@ -59,6 +59,7 @@ from idlab.analysis import (
 from idlab.atomic import atomic_file, atomic_write_text
 from idlab.lowrank import LowRankDelta
 from idlab.runs import iter_results
+from idlab.sweep import run_score
 
 ROLE_NAMES: dict[str, tuple[str, ...]] = {"query": ("q_proj", "query"), "value": ("v_proj", "value")}
 """Module names of each role: Llama/Mistral/SmolLM (q_proj, v_proj), BERT/RoBERTa (query, value)."""
@@ -85,6 +86,8 @@ class Run:
     finished_at: str
     has_delta: bool
     converged: bool | None
+    score: float | None = None  # final validation metric (idlab.sweep.run_score)
+    steps: int | None = None  # optimizer steps taken
 
 
 def module_role(name: str) -> tuple[int, str] | None:
@@ -136,16 +139,22 @@ def find_runs(results: Path) -> list[Run]:
                 finished_at=str(res.get("finished_at", "")),
                 has_delta=(rj.parent / "delta.safetensors").is_file(),
                 converged=None if conv is None else bool(conv),
+                score=run_score(res),
+                steps=int(res["steps"]) if isinstance(res.get("steps"), int) else None,
             )
         )
     return runs
 
 
 def select_runs(runs: Sequence[Run]) -> tuple[dict[tuple[int, int], Run], list[str]]:
-    """The usable run per (r, seed) (status ok, delta present; latest if several) + notes."""
+    """The usable run per (r, seed) (status ok, delta present) + notes.
+
+    Of several, a converged run wins over an unconverged one (a rerun with a higher step cap),
+    then the latest.
+    """
     notes: list[str] = []
     chosen: dict[tuple[int, int], Run] = {}
-    for run in sorted(runs, key=lambda x: (x.finished_at, x.run_id)):
+    for run in sorted(runs, key=lambda x: (x.converged is True, x.finished_at, x.run_id)):
         key = (run.r, run.seed)
         if run.status != "ok" or not run.has_delta:
             why = f"status {run.status}" if run.status != "ok" else "no delta.safetensors"
@@ -154,13 +163,27 @@ def select_runs(runs: Sequence[Run]) -> tuple[dict[tuple[int, int], Run], list[s
         if key in chosen:
             notes.append(
                 f"r={run.r} seed={run.seed}: several runs ({chosen[key].run_id}, {run.run_id}); "
-                f"using the latest, {run.run_id}"
+                f"using {run.run_id} ({'converged' if run.converged else 'the latest'})"
             )
         chosen[key] = run
     groups = {(x.model, x.task) for x in chosen.values()}
     if len(groups) > 1:
         notes.append(f"runs span several (model, task) pairs {sorted(groups)}; compare with care")
     return chosen, notes
+
+
+def accuracy_by_rank(chosen: Mapping[tuple[int, int], Run]) -> dict[int, dict[str, Any]]:
+    """Hu et al. Table 6 (rank needed) on these runs: per r, each seed's final score, steps, converged."""
+    out: dict[int, dict[str, Any]] = {}
+    for (r, seed), run in sorted(chosen.items()):
+        row = out.setdefault(r, {"scores": {}, "steps": {}, "converged": {}})
+        row["scores"][seed] = run.score
+        row["steps"][seed] = run.steps
+        row["converged"][seed] = run.converged
+    for row in out.values():
+        vals = [v for v in row["scores"].values() if v is not None]
+        row["mean"] = sum(vals) / len(vals) if vals else None
+    return out
 
 
 def pretrained_base_weights(model_name: str, names: Sequence[str], num_labels: int = 2) -> dict[str, Tensor]:
@@ -331,6 +354,7 @@ def analyse(
         "runs_used": {f"r={r} seed={s}": chosen[(r, s)].run_id for (r, s) in used},
         "runs_converged": {f"r={r} seed={s}": chosen[(r, s)].converged for (r, s) in used},
         "runs_found": len(runs),
+        "accuracy": accuracy_by_rank(chosen),
         "missing": missing,
         "notes": notes,
         "phi": {},  # phi[layer][role][label] = list of summaries (one per pair)

@@ -14,6 +14,7 @@ from typing import Any
 ROLES = ("query", "value")
 TOP_FACTOR = 10.0  # phi(1,1) "well above" baseline: at least this many times 1/k
 OTHER_FACTOR = 2.0  # other directions "near baseline": mean overlap at most this many times j/k
+SUFFICE_TOL = 0.01  # a rank "suffices" (Hu et al. Table 6) when its seed mean is within this of the best rank's
 
 PAPER = {
     "model": "GPT-3 175B, layer 48 of 96, W_q",
@@ -106,7 +107,24 @@ def verdict(report: Mapping[str, Any], r_hi: int) -> dict[str, Any]:
     out["controls"] = ("not computable" if all(x is None for x in ctrl)
                        else "hold" if all(x is True for x in ctrl)
                        else "fail" if all(x is False for x in ctrl) else "mixed")
+    out["rank_needed"] = rank_needed(report.get("accuracy", {}))
     return out
+
+
+def rank_needed(acc: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """Hu et al. Table 6's claim, "a very low rank suffices": the smallest rank's seed mean against the best.
+
+    ``holds`` when the smallest rank is within `SUFFICE_TOL` of the best rank's mean; ``converged``
+    says whether every run behind the two means converged (None: not recorded).
+    """
+    means = {int(r): row["mean"] for r, row in acc.items() if row.get("mean") is not None}
+    if len(means) < 2:
+        return {"holds": None, "why": "fewer than two ranks with scores"}
+    lo, best = min(means), max(means, key=lambda r: means[r])
+    flags = [c for r in (lo, best) for c in acc[r]["converged"].values()]
+    return {"smallest_rank": lo, "smallest_mean": means[lo], "best_rank": best, "best_mean": means[best],
+            "tol": SUFFICE_TOL, "holds": means[lo] >= means[best] - SUFFICE_TOL,
+            "converged": None if any(c is None for c in flags) else all(flags)}
 
 
 def _yn(x: bool | None) -> str:
@@ -141,6 +159,26 @@ def render_markdown(rep: Mapping[str, Any]) -> str:
     for n in rep["notes"]:
         L.append(f"- note: {n}")
     L.append("")
+    acc = rep.get("accuracy", {})
+    if acc:
+        L.append("## Validation score by rank (Hu et al. Table 6: how low a rank suffices)")
+        L.append("")
+        L.append("| r | mean | per seed (score, steps, converged) |")
+        L.append("|---|---|---|")
+        for r in sorted(acc, key=int):
+            row = acc[r]
+            per = "; ".join(f"s{sd}: {_fmt(row['scores'][sd], 3)}, {row['steps'].get(sd) or '?'} steps, "
+                            f"{'unknown' if row['converged'][sd] is None else _yn(row['converged'][sd])}"
+                            for sd in sorted(row["scores"], key=int))
+            L.append(f"| {r} | {_fmt(row['mean'], 3)} | {per} |")
+        rn = rep["verdict"].get("rank_needed", {})
+        if rn.get("holds") is not None:
+            L.append("")
+            L.append(f"r={rn['smallest_rank']} reaches {_fmt(rn['smallest_mean'], 3)} against the best rank's "
+                     f"{_fmt(rn['best_mean'], 3)} (r={rn['best_rank']}): a very low rank suffices (within "
+                     f"{rn['tol']:g}): **{_yn(rn['holds'])}**; every run behind both converged: "
+                     f"{'unknown' if rn['converged'] is None else _yn(rn['converged'])}.")
+        L.append("")
     L.append("## Every layer")
     L.append("")
     L.append(
@@ -264,4 +302,5 @@ def render_markdown(rep: Mapping[str, Any]) -> str:
     return "\n".join(L)
 
 
-__all__ = ["OTHER_FACTOR", "PAPER", "ROLES", "TOP_FACTOR", "render_markdown", "verdict"]
+__all__ = ["OTHER_FACTOR", "PAPER", "ROLES", "SUFFICE_TOL", "TOP_FACTOR", "rank_needed", "render_markdown",
+           "verdict"]

@@ -41,14 +41,16 @@ def _base(scheme: str) -> dict[str, torch.Tensor]:
 
 
 def _write_run(root: Path, run_id: str, r: int, seed: int, targets: list[str], scheme: str,
-               status: str = "ok", delta: bool = True, planted: torch.Tensor | None = None) -> None:
+               status: str = "ok", delta: bool = True, planted: torch.Tensor | None = None,
+               score: float = 0.5, converged: bool | None = None, finished: str | None = None) -> None:
     d = root / "runs" / run_id
     d.mkdir(parents=True)
     cfg = {"method": "lora", "r": r, "seed": seed, "target_modules": targets,
            "model": "tiny", "task": "toy", "lora_alpha": 2.0 * r}
     (d / "result.json").write_text(json.dumps(
-        {"run_id": run_id, "status": status, "config": cfg, "finished_at": f"t{run_id}",
-         "task_info": {"num_classes": 2}, "converged": seed != 1}))
+        {"run_id": run_id, "status": status, "config": cfg, "finished_at": finished or f"t{run_id}",
+         "task_info": {"num_classes": 2, "metric": "accuracy"}, "metrics": {"accuracy": score},
+         "steps": 100 * r, "converged": seed != 1 if converged is None else converged}))
     if delta:
         g = torch.Generator().manual_seed(1000 * seed + r)
         fmt = SCHEMES[scheme][0]
@@ -196,3 +198,29 @@ def test_random_delta_control_has_the_norm_and_rank_asked() -> None:
     c = _random_delta_like(d, 4, seed=3)
     assert c.r == 4 and c.shape == (D_OUT, D_IN)
     assert float(torch.linalg.norm(c.dense())) == pytest.approx(float(torch.linalg.norm(d.dense(torch.float64))))
+
+
+def test_score_by_rank_and_a_converged_rerun_wins(tmp_path: Path) -> None:
+    """Hu et al. Table 6 on the runs: per-rank scores; a converged rerun replaces an unconverged run."""
+    root = tmp_path / "ranks"
+    qv = list(SCHEMES["bert"][1])
+    for r, sc in ((1, 0.815), (8, 0.82), (64, 0.83)):
+        _write_run(root, f"r{r}s0", r, 0, qv, "bert", score=sc, converged=True, finished="t1")
+    _write_run(root, "r64s2", 64, 2, qv, "bert", score=0.81, converged=True, finished="t1")
+    # r = 1 seed 2: an unconverged run that finished later than the converged rerun
+    _write_run(root, "r1s2new", 1, 2, qv, "bert", score=0.825, converged=True, finished="t1")
+    _write_run(root, "r1s2cap", 1, 2, qv, "bert", score=0.70, converged=False, finished="t2")
+    W0 = _base("bert")
+    rep = analyse(root, [1], base_weights=lambda m, names: {n: W0[n] for n in names}, figures=False)
+    acc = rep["accuracy"]
+    assert acc[1]["scores"] == {0: 0.815, 2: 0.825} and acc[1]["converged"] == {0: True, 2: True}
+    assert acc[1]["mean"] == pytest.approx(0.82) and acc[64]["mean"] == pytest.approx(0.82)
+    assert acc[8]["steps"] == {0: 800}
+    assert any("r1s2new (converged)" in n for n in rep["notes"])
+    rn = rep["verdict"]["rank_needed"]
+    assert rn["smallest_rank"] == 1 and rn["holds"] is True and rn["converged"] is True
+    assert "Table 6" in rep["markdown"] and "s2: 0.825, 100 steps, yes" in rep["markdown"]
+    # r = 1 far below the best: the claim fails
+    _write_run(root, "r1s0low", 1, 0, qv, "bert", score=0.6, converged=True, finished="t3")
+    rep = analyse(root, [1], base_weights=lambda m, names: {n: W0[n] for n in names}, figures=False)
+    assert rep["verdict"]["rank_needed"]["holds"] is False
