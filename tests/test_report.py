@@ -225,3 +225,10 @@ def test_report_warns_when_a_crossing_rests_on_unconverged_runs(results: Path, t
     text = make_report(copy, tmp_path / "r", analysis=False).read_text()
     warned = "rest on runs whose validation metric had not plateaued" in text
     assert warned is not converged
+
+
+def test_a_cell_without_a_recorded_learning_rate_is_still_selected() -> None:
+    df = _runs([(1e-3, 0, 0.6), (1e-3, 1, 0.7)])
+    df["lr"] = float("nan")  # results written before lr was recorded
+    cells = cell_table(df)
+    assert len(cells) == 1 and bool(cells["selected"].iloc[0]) and cells["select_score"].iloc[0] == pytest.approx(0.65)

@@ -52,10 +52,11 @@ def cell_table(df: pd.DataFrame, score: str = "score_final") -> pd.DataFrame:
     cells["select_score"] = -np.inf
     cells["selected"] = False
     for _, grp in cells.groupby("cell", sort=True):  # THE lr rule: idlab.d90.select_lr
-        by_lr = {float(lr): b for lr, b in zip(grp["lr"], grp["_by_seed"])}
+        lrs = [float(lr) if pd.notna(lr) else math.inf for lr in grp["lr"]]  # an unrecorded lr sorts last
+        by_lr = dict(zip(lrs, grp["_by_seed"]))
         ranked, best = rate_scores(by_lr), select_lr(by_lr)
-        cells.loc[grp.index, "select_score"] = [ranked[float(lr)] for lr in grp["lr"]]
-        cells.loc[grp.index, "selected"] = [float(lr) == best for lr in grp["lr"]]
+        cells.loc[grp.index, "select_score"] = [ranked[lr] for lr in lrs]
+        cells.loc[grp.index, "selected"] = [lr == best for lr in lrs]
     cells = cells.drop(columns="_by_seed")
     order = [c for c in ("study", "method", "variant", "r", "d", "lr") if c in cells]
     return cells.sort_values(order, na_position="first", kind="mergesort").reset_index(drop=True)
