@@ -20,6 +20,9 @@ written by ``idlab sweep``) and, for every layer found (or those asked) and both
   ||U^T W_0 V^T||_F, alpha / r folded into Delta W. Two controls beside it: the same ratio
   with random directions (``||Delta W||_F / random projection``) and the amplification of a
   random rank-r Delta W of the same Frobenius norm (Gaussian factors, seeded).
+- Table 6 (how low a rank suffices): every rank's final validation score per seed, with its steps
+  and convergence flag, and the smallest rank against the best (`hu2021_section7_report.rank_needed`).
+  Of several runs at one (r, seed), a converged one wins over an unconverged one, then the latest.
 
 W_0 is the pretrained projection weight, from ``idlab.models.load_model(model, task=
 "classification")``. Writes ``<out>/section7.md`` and ``<out>/section7.json`` atomically
