@@ -135,12 +135,12 @@ def baseline(runs: pd.DataFrame, meta: Mapping[str, Any], score: str) -> dict[st
     for lr, seed, sc in zip(full.get("lr", []), full.get("seed", []), full.get(score, [])):
         if pd.notna(lr) and pd.notna(seed):
             by_lr.setdefault(float(lr), {})[int(seed)] = float(sc) if pd.notna(sc) else math.nan
-    n = len(by_lr[lr_]) if (lr_ := select_lr(by_lr)) is not None else 0
-    got = rate_baseline(by_lr, threshold, f"local: full FT mean of {n} seed(s)")
+    got = rate_baseline(by_lr, threshold)
     if got is None:
         why = "no full fine-tuning result" if not by_lr else "every full-FT learning rate has a failed seed"
         return {"value": None, "kind": f"missing ({why})", "threshold": threshold}
-    return {"value": got.value, "kind": got.kind, "threshold": got.threshold, "target": got.target}
+    return {"value": got.value, "kind": f"local: full FT mean of {len(got.runs)} seed(s)",
+            "threshold": got.threshold, "target": got.target}
 
 
 def selected_runs(runs: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
