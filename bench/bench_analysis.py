@@ -29,7 +29,7 @@ import torch
 from bench.common import machine
 from idlab.analysis import analyze_runs, save_deltas, singular_values
 from idlab.atomic import atomic_write_text
-from idlab.lowrank import LowRankDelta
+from idlab.deltas.lowrank import LowRankDelta
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "analysis.md"

@@ -2,7 +2,7 @@
 
     python -m bench.bench_lora [--quick]
 
-(a) Overhead of idlab's path (``apply_lora`` + the step `idlab.training.train` runs:
+(a) Overhead of idlab's path (``apply_lora`` + the step `idlab.training.loop.train` runs:
     ``task.loss`` -> zero_grad -> backward -> AdamW step -> scheduler step) against PEFT
     used directly (``get_peft_model`` + ``model(input_ids, labels=...).loss``), same model
     (SmolLM2-135M, LoRA r=8 on q_proj, v_proj), same batch. Timed interleaved in one
@@ -56,7 +56,7 @@ def _setup(quick: bool) -> tuple[Any, Any, Any]:
     """SmolLM2 (causal LM), its tokenizer and a fixed batch (inputs, targets)."""
     import torch
 
-    from idlab.data.text import text_corpus_task
+    from idlab.data.corpus import text_corpus_task
     from idlab.models import load_model
 
     torch.manual_seed(0)
@@ -68,10 +68,10 @@ def _setup(quick: bool) -> tuple[Any, Any, Any]:
 
 
 def _idlab_step(model: Any, task: Any, batch: Any) -> Any:
-    """One step exactly as idlab.training.train does it (optimizer/scheduler built by the caller)."""
+    """One step exactly as idlab.training.loop.train does it (optimizer/scheduler built by the caller)."""
     import torch
 
-    from idlab.training import TrainConfig, _lr_lambda, _optimizer, trainable_parameters
+    from idlab.training.loop import TrainConfig, _lr_lambda, _optimizer, trainable_parameters
 
     cfg = TrainConfig(lr=1e-4, optimizer="adamw")
     opt = _optimizer(trainable_parameters(model), cfg)

@@ -44,7 +44,7 @@ TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num
 
 _CHILD = r"""
 import json, sys, time, torch
-from idlab.training import _peak_memory, _reset_peak_rss
+from idlab.training.loop import _peak_memory, _reset_peak_rss
 spec = json.loads(sys.argv[1])
 torch.manual_seed(0)
 def rss():
@@ -71,7 +71,7 @@ if spec["method"] == "full":
     net = model
     params = [p for p in model.parameters()]
 else:
-    from idlab.hadamard import backend
+    from idlab.subspace.hadamard import backend
     from idlab.subspace import SubspaceModel
     backend()
     net = SubspaceModel(model, dim=spec["d"], projection="fastfood", said=True, layout=spec["layout"],
@@ -138,7 +138,7 @@ def _study_segments() -> list[tuple[str, list[int]]]:
 
 
 def bench_state(d: int = 1000) -> list[str]:
-    from idlab.projections import make_projection
+    from idlab.subspace.projections import make_projection
 
     rows = [
         f"Fastfood state held between calls, d = {d}, every float parameter projected (tied embeddings once); "

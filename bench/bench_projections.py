@@ -1,4 +1,4 @@
-"""Benchmark of the random projections (idlab.projections) on this machine.
+"""Benchmark of the random projections (idlab.subspace.projections) on this machine.
 
     python -m bench.bench_projections [--quick]
 
@@ -34,8 +34,8 @@ from torch import Tensor
 
 from bench.common import machine
 from idlab.atomic import atomic_write_text
-from idlab.fastfood import FastfoodProjection
-from idlab.projections import make_projection
+from idlab.subspace.fastfood import FastfoodProjection
+from idlab.subspace.projections import make_projection
 
 RESULTS = Path(__file__).resolve().parent / "results" / "projections.md"
 
@@ -110,7 +110,7 @@ def _fwd_bwd(fn: Callable[[Tensor], Tensor], d: int, g: Tensor) -> Callable[[], 
 
 def _timeit_kernel(name: str, fn: Callable[[], object], repeats: int) -> list[float]:
     """`_timeit` with the Walsh-Hadamard kernel ``name`` forced (then back to "auto")."""
-    from idlab.hadamard import set_backend
+    from idlab.subspace.hadamard import set_backend
 
     set_backend(name)
     try:
@@ -120,7 +120,7 @@ def _timeit_kernel(name: str, fn: Callable[[], object], repeats: int) -> list[fl
 
 
 def bench_fastfood_speed(quick: bool) -> tuple[list[str], dict[int, float]]:
-    from idlab.hadamard import backend
+    from idlab.subspace.hadamard import backend
 
     d = 1000
     sizes = [1 << 18, 1 << 20] if quick else [1 << 20, 1 << 22, 1 << 24]
@@ -251,8 +251,8 @@ def bench_state(quick: bool) -> list[str]:
 
 _DENSE_CHILD = """
 import sys, time, torch
-from idlab.projections import make_projection
-from idlab.training import _peak_memory, _reset_peak_rss
+from idlab.subspace.projections import make_projection
+from idlab.training.loop import _peak_memory, _reset_peak_rss
 D, d = int(sys.argv[1]), int(sys.argv[2])
 torch.zeros(1).sum()
 def hwm():  # peak RSS in KiB since the last reset (VmHWM), else the process's peak

@@ -2,7 +2,7 @@
 
     python -m bench.bench_subspace [--quick]
 
-Same model, same batch, same optimizer (Adam) and the same step `idlab.training.train`
+Same model, same batch, same optimizer (Adam) and the same step `idlab.training.loop.train`
 runs (``task.loss`` -> zero_grad -> backward -> step), timed interleaved in one
 process (plain, subspace, plain, subspace, ...) so machine noise hits both alike:
 
@@ -83,7 +83,7 @@ def _mnist_fc() -> tuple[Callable[[], nn.Module], Callable[[nn.Module], torch.Te
 def _breakdown(make: Callable[[], nn.Module], repeats: int) -> dict[str, list[float]]:
     """Where a subspace step's extra time goes: the projection's forward + backward at this D
     (what the subspace step adds) and Adam over all D weights (what it saves)."""
-    from idlab.projections import make_projection
+    from idlab.subspace.projections import make_projection
 
     model = make()
     D = sum(p.numel() for p in model.parameters())
@@ -132,7 +132,7 @@ def _fmt(ts: list[float]) -> str:
 
 def main(quick: bool = False) -> str:
     """Run the benchmark; write and return the markdown table."""
-    from idlab.hadamard import backend
+    from idlab.subspace.hadamard import backend
 
     reps_fc, reps_bert = (10, 3) if quick else (50, 10)
     rows = [

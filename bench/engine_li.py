@@ -18,7 +18,7 @@ import torch
 from idlab.data.vision import mnist_task
 from idlab.models import mnist_fc
 from idlab.subspace import SubspaceModel
-from idlab.training import TrainConfig, train
+from idlab.training.loop import TrainConfig, train
 
 
 def main() -> None:

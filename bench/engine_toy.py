@@ -13,8 +13,8 @@ import torch
 
 from idlab.d90 import find_d90
 from idlab.data.vision import ToyModel, ToyTask, toy_subspace_min_loss
-from idlab.projections import make_projection
 from idlab.subspace import SubspaceModel
+from idlab.subspace.projections import make_projection
 
 
 def _d90(layout: str, theta0: torch.Tensor) -> str:

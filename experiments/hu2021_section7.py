@@ -60,9 +60,9 @@ from idlab.analysis import (
     weight_alignment,
 )
 from idlab.atomic import atomic_file, atomic_write_text
-from idlab.lowrank import LowRankDelta
+from idlab.deltas.lowrank import LowRankDelta
 from idlab.runs import iter_results
-from idlab.sweep import run_score
+from idlab.sweep.grid import run_score
 
 ROLE_NAMES: dict[str, tuple[str, ...]] = {"query": ("q_proj", "query"), "value": ("v_proj", "value")}
 """Module names of each role: Llama/Mistral/SmolLM (q_proj, v_proj), BERT/RoBERTa (query, value)."""

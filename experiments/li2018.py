@@ -17,7 +17,7 @@ Training (the authors' scripts): Adam lr 1e-3, betas (0.9, 0.99), batch 128, L2 
 theta_D (``--l2``, default 1e-5), performance = accuracy on the 10k MNIST validation
 split. The paper trains far longer; ``--epochs`` sets the cut (default 1). With
 ``--until converged`` every run is evaluated once per epoch and stops by the rule of
-`idlab.convergence` (patience ``--patience`` epochs without a ``--tol`` gain), ``--epochs``
+`idlab.training.convergence` (patience ``--patience`` epochs without a ``--tol`` gain), ``--epochs``
 being the cap; each run JSON records ``converged`` and its curve, and each summary lists
 the runs that hit the cap unconverged. ``--paper-training`` = ``--until converged --epochs 100
 --d-start fc=700,lenet=290 --rtol 0.2 --projections fastfood --out results/li2018_converged``.
@@ -43,7 +43,7 @@ from idlab.data.vision import mnist_task
 from idlab.models import lenet, mnist_fc, num_parameters
 from idlab.runs import RunStore, iter_results
 from idlab.subspace import SubspaceModel
-from idlab.training import TrainConfig, train
+from idlab.training.loop import TrainConfig, train
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"fc": mnist_fc, "lenet": lenet}
 PAPER = {"fc": {"d90": 750, "bootstrap": "786 ± 66", "D": 199_210},
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=float, default=1.0, help="epochs (the cap with --until converged)")
     ap.add_argument("--until", choices=("steps", "converged"), default="steps",
-                    help="converged: evaluate every epoch and stop by idlab.convergence's rule")
+                    help="converged: evaluate every epoch and stop by idlab.training.convergence's rule")
     ap.add_argument("--patience", type=int, default=3, help="epochs without a --tol gain that stop a run")
     ap.add_argument("--tol", type=float, default=0.002, help="smallest validation-accuracy gain that counts")
     ap.add_argument("--paper-training", action="store_true",

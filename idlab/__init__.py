@@ -4,15 +4,15 @@ Intrinsic dimension (d90, random-subspace training) and LoRA rank, measured on
 the same models and tasks and put on one axis. Public API (imported lazily, so
 ``import idlab`` stays fast):
 
-- projections: ``make_projection``            (idlab.projections)
+- projections: ``make_projection``            (idlab.subspace.projections)
 - subspace training: ``SubspaceModel``        (idlab.subspace)
 - d90 search: ``find_d90``, ``D90Result``     (idlab.d90)
 - LoRA: ``apply_lora``, ``lora_deltas``, ``save_adapter``, ``load_adapter``,
   ``count_parameters``                         (idlab.lora)
-- ``LowRankDelta``                             (idlab.lowrank)
+- ``LowRankDelta``                             (idlab.deltas.lowrank)
 - models and tasks: ``load_model``, ``mnist_fc``, ``lenet``, ``Task``,
   ``ClassificationTask``                       (idlab.models, idlab.data)
-- the training loop: ``train``, ``TrainConfig``, ``TrainResult`` (idlab.training)
+- the training loop: ``train``, ``TrainConfig``, ``TrainResult`` (idlab.training.loop)
 - ``analysis``: spectra, subspace similarity, amplification, intruders (idlab.analysis)
 """
 
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
-    "make_projection": "idlab.projections",
+    "make_projection": "idlab.subspace.projections",
     "SubspaceModel": "idlab.subspace",
     "find_d90": "idlab.d90",
     "D90Result": "idlab.d90",
@@ -33,15 +33,15 @@ _EXPORTS: dict[str, str] = {
     "save_adapter": "idlab.lora",
     "load_adapter": "idlab.lora",
     "count_parameters": "idlab.lora",
-    "LowRankDelta": "idlab.lowrank",
+    "LowRankDelta": "idlab.deltas.lowrank",
     "load_model": "idlab.models",
     "mnist_fc": "idlab.models",
     "lenet": "idlab.models",
     "Task": "idlab.data.base",
     "ClassificationTask": "idlab.data.base",
-    "train": "idlab.training",
-    "TrainConfig": "idlab.training",
-    "TrainResult": "idlab.training",
+    "train": "idlab.training.loop",
+    "TrainConfig": "idlab.training.loop",
+    "TrainResult": "idlab.training.loop",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,20 +50,20 @@ if TYPE_CHECKING:  # pragma: no cover
     from idlab.d90 import find_d90 as find_d90
     from idlab.data.base import ClassificationTask as ClassificationTask
     from idlab.data.base import Task as Task
+    from idlab.deltas.lowrank import LowRankDelta as LowRankDelta
     from idlab.lora import apply_lora as apply_lora
     from idlab.lora import count_parameters as count_parameters
     from idlab.lora import load_adapter as load_adapter
     from idlab.lora import lora_deltas as lora_deltas
     from idlab.lora import save_adapter as save_adapter
-    from idlab.lowrank import LowRankDelta as LowRankDelta
     from idlab.models import lenet as lenet
     from idlab.models import load_model as load_model
     from idlab.models import mnist_fc as mnist_fc
-    from idlab.projections import make_projection as make_projection
     from idlab.subspace import SubspaceModel as SubspaceModel
-    from idlab.training import TrainConfig as TrainConfig
-    from idlab.training import TrainResult as TrainResult
-    from idlab.training import train as train
+    from idlab.subspace.projections import make_projection as make_projection
+    from idlab.training.loop import TrainConfig as TrainConfig
+    from idlab.training.loop import TrainResult as TrainResult
+    from idlab.training.loop import train as train
 
 
 def __getattr__(name: str) -> Any:

@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.help_config:
             print("\n".join(describe_fields()))
             return 0
-        from idlab.sweep import main_sweep
+        from idlab.sweep.grid import main_sweep
 
         try:
             summary = main_sweep(args.config, args.overrides, dry_run=args.dry_run)
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args.dry_run or not (summary.failed or summary.missing) else 1
     if args.command == "plan":
         from idlab.config import ConfigError
-        from idlab.plan import main_plan
+        from idlab.sweep.plan import main_plan
 
         try:
             print(main_plan(args.config, args.overrides, device=args.device, as_json=args.json))

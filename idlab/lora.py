@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from idlab.atomic import atomic_dir
-from idlab.lowrank import LowRankDelta
+from idlab.deltas.lowrank import LowRankDelta
 
 PEFT_PREFIX = "base_model.model."
 

@@ -14,7 +14,7 @@
   choice is recorded; Delta W = the 2-D linear entries of ``.delta()``, keyed by
   module name; theta_d (and lambda, head) saved as safetensors.
 
-Every method trains through the one loop, `idlab.training.train`. `execute_run`
+Every method trains through the one loop, `idlab.training.loop.train`. `execute_run`
 wraps it all and never raises: a failure becomes ``status: failed`` with the
 traceback, a NaN/inf loss ``status: diverged``.
 """
@@ -93,13 +93,13 @@ def _build_task(tcfg: TaskConfig, tokenizer: Any) -> Task:
             raise TypeError(f"task factory {name!r} returned {type(task).__name__}, not an idlab Task")
         return task
     if name.startswith("glue/"):
-        from idlab.data.text import glue_task
+        from idlab.data.glue import glue_task
 
         data_dir = tcfg.data_dir or os.environ.get("IDLAB_GLUE_DIR") or None
         return glue_task(name.split("/", 1)[1], tokenizer, data_dir=data_dir,
                          max_length=tcfg.max_length, seed=0, **limits)
     if name.startswith("text/"):
-        from idlab.data.text import text_corpus_task
+        from idlab.data.corpus import text_corpus_task
 
         return text_corpus_task(tokenizer, source=name.split("/", 1)[1], block_size=tcfg.max_length,
                                 max_blocks=limits["max_train"], seed=0)
@@ -165,7 +165,7 @@ def linear_weights(model: nn.Module) -> dict[str, Tensor]:
 
 @dataclass
 class Prepared:
-    """A model ready for `idlab.training.train` plus what to extract from it afterwards."""
+    """A model ready for `idlab.training.loop.train` plus what to extract from it afterwards."""
 
     model: nn.Module
     total_parameters: int
@@ -182,7 +182,7 @@ class Prepared:
 
 
 def projection_options(run: RunConfig) -> dict[str, Any] | None:
-    """The speed/memory keywords of `idlab.projections.make_projection` for a run (the one place they are mapped).
+    """The speed/memory keywords of `idlab.subspace.projections.make_projection` for a run (the one place they are mapped).
 
     ``fastfood_state`` keeps its study-file name all the way to the projection; "auto" is the
     projection's own default and is not passed.
@@ -231,7 +231,7 @@ def prepare(model: nn.Module, run: RunConfig) -> Prepared:
 
         head = head_module_name(model) if run.head == "train" else None
         linear = linear_weights(model)
-        from idlab.hadamard import backend
+        from idlab.subspace.hadamard import backend
 
         assert run.d is not None and run.projection is not None  # RunConfig checks a subspace run has them
         sm = SubspaceModel(model, run.d, projection=run.projection, said=run.said,
@@ -272,7 +272,7 @@ def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
         and a function writing the artifacts (delta.safetensors, adapter/ or
         subspace.safetensors) into a folder, or None when there are none.
     """
-    from idlab.training import train
+    from idlab.training.loop import train
 
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -298,7 +298,7 @@ def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
             deltas = prep.deltas()
 
             def writer(d: Path) -> None:
-                from idlab.analysis.io import save_deltas
+                from idlab.deltas.io import save_deltas
 
                 prep.save(d)
                 save_deltas(d / "delta.safetensors", deltas, metadata={"run_id": rid, "method": run.method})

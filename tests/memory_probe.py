@@ -44,7 +44,7 @@ def run_config(name: str, method: str) -> RunConfig:
 def main(argv: list[str]) -> None:
     from idlab.data.base import ClassificationTask
     from idlab.methods import prepare
-    from idlab.training import TrainConfig, train
+    from idlab.training.loop import TrainConfig, train
 
     name, method, batch, seq = argv[0], argv[1], int(argv[2]), int(argv[3])
     g = torch.Generator().manual_seed(0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from idlab.analysis import intruder_dimensions, weight_alignment
-from idlab.lowrank import LowRankDelta
+from idlab.deltas.lowrank import LowRankDelta
 
 
 def _orth(k: int, p: int, seed: int) -> torch.Tensor:

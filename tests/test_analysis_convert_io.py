@@ -15,7 +15,7 @@ from idlab.analysis import (
     save_deltas,
     to_lora,
 )
-from idlab.lowrank import LowRankDelta
+from idlab.deltas.lowrank import LowRankDelta
 
 
 def _rank_k(d_out: int, d_in: int, s: list[float], seed: int = 0) -> torch.Tensor:

@@ -21,7 +21,7 @@ from idlab.analysis import (
     subspace_similarity,
     weight_alignment,
 )
-from idlab.lowrank import LowRankDelta
+from idlab.deltas.lowrank import LowRankDelta
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (12, 10), "model.layers.1.mlp.down_proj": (10, 16)}
 

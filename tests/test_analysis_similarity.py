@@ -12,7 +12,7 @@ from idlab.analysis import (
     subspace_of,
     subspace_similarity,
 )
-from idlab.lowrank import LowRankDelta
+from idlab.deltas.lowrank import LowRankDelta
 
 
 def _basis(k: int, seed: int = 0) -> torch.Tensor:

@@ -16,7 +16,7 @@ from idlab.analysis import (
     stable_rank,
     svd,
 )
-from idlab.lowrank import LowRankDelta
+from idlab.deltas.lowrank import LowRankDelta
 
 
 def _lr(d_out: int, d_in: int, r: int, seed: int = 0, scale: float = 0.37) -> LowRankDelta:

@@ -18,7 +18,7 @@ from idlab.config import (
     parse_override,
     study_from_dict,
 )
-from idlab.sweep import expand
+from idlab.sweep.grid import expand
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 

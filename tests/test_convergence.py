@@ -1,4 +1,4 @@
-"""The convergence rule (idlab.convergence) and `until: converged` in the training loop."""
+"""The convergence rule (idlab.training.convergence) and `until: converged` in the training loop."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from idlab.convergence import (
+from idlab.training.convergence import (
     ConvergenceRule,
     check_convergence,
     mark_unconverged,
@@ -19,7 +19,7 @@ from idlab.convergence import (
     unconverged_points,
     validate_until,
 )
-from idlab.training import TrainConfig, train
+from idlab.training.loop import TrainConfig, train
 
 
 def curve(values: list[float], every: int = 10) -> list[dict[str, float]]:
@@ -159,7 +159,7 @@ def test_unconverged_points_and_marks() -> None:
 def test_unconverged_crossings_marks_the_bracket_only() -> None:
     import pandas as pd
 
-    from idlab.convergence import unconverged_crossings
+    from idlab.training.convergence import unconverged_crossings
 
     d90 = {"SAID": {"value": 8000, "grid": [1000, 2000, 8000, 16000]},
            "DID": {"value": None, "grid": [1000, 2000]}}

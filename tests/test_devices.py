@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from idlab.config import ConfigError, study_from_dict
-from idlab.devices import DeviceError, resolve_device, visible_devices, worker_devices
+from idlab.training.devices import DeviceError, resolve_device, visible_devices, worker_devices
 from tests.test_sweep import FIXTURES, tiny_study
 
 UUID_A = "GPU-8f6d3c52-1a2b-4c3d-9e8f-0123456789ab"
@@ -73,7 +73,7 @@ def test_worker_gets_the_parents_entry(monkeypatch: pytest.MonkeyPatch) -> None:
     """_gpu_worker sets CUDA_VISIBLE_DEVICES to the entry it was given (a UUID stays a UUID)."""
     import multiprocessing as mp
 
-    from idlab import executors
+    from idlab.sweep import executors
 
     seen: dict[str, Any] = {}
 
@@ -93,7 +93,7 @@ def test_worker_gets_the_parents_entry(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_multigpu_without_gpus_fails_before_anything_is_written(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from idlab.sweep import run_sweep
+    from idlab.sweep.grid import run_sweep
 
     if torch.cuda.is_available():
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
@@ -112,7 +112,7 @@ def test_multigpu_without_gpus_fails_before_anything_is_written(tmp_path: Path,
 ])
 def test_bad_device_or_precision_fails_before_anything_is_written(tmp_path: Path, over: dict[str, Any],
                                                                   match: str) -> None:
-    from idlab.sweep import run_sweep
+    from idlab.sweep.grid import run_sweep
 
     if torch.cuda.is_available() and over.get("device") == "cuda":
         pytest.skip("this machine has CUDA")
@@ -135,8 +135,8 @@ def test_auto_device_with_a_visible_devices_value_naming_no_gpu_fails_before_any
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str, match: str) -> None:
     """On a GPU machine (faked nvidia-smi) torch sees no device through CUDA_VISIBLE_DEVICES: auto would
     silently train on the CPU, so the sweep stops first; '' means the CPU on purpose."""
-    from idlab import devices
-    from idlab.sweep import run_sweep
+    from idlab.sweep.grid import run_sweep
+    from idlab.training import devices
 
     monkeypatch.setattr(devices, "nvidia_gpus", lambda: ["GPU 0: NVIDIA H100 (UUID: GPU-1234)"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -153,7 +153,7 @@ def test_auto_device_with_a_visible_devices_value_naming_no_gpu_fails_before_any
 
 
 def test_config_auto_follows_where_the_runs_execute(monkeypatch: pytest.MonkeyPatch) -> None:
-    from idlab.sweep import auto_config, resolve_config_path
+    from idlab.sweep.grid import auto_config, resolve_config_path
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert auto_config([])[0] == "cpu_study_converged"
@@ -170,7 +170,8 @@ def test_config_auto_follows_where_the_runs_execute(monkeypatch: pytest.MonkeyPa
 def test_slurm_passes_the_study_device_and_the_planned_memory(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    from idlab import executors, sweep
+    from idlab.sweep import executors
+    from idlab.sweep import grid as sweep
 
     calls: dict[str, Any] = {}
 
@@ -200,7 +201,7 @@ def test_slurm_passes_the_study_device_and_the_planned_memory(tmp_path: Path,
 
 
 def test_cpu_torch_on_a_gpu_machine_warns_with_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from idlab.devices import cpu_torch_on_gpu_machine
+    from idlab.training.devices import cpu_torch_on_gpu_machine
 
     fake = tmp_path / "nvidia-smi"
     fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1234)'\n")
@@ -218,8 +219,8 @@ def test_cpu_torch_on_a_gpu_machine_warns_with_the_fix(tmp_path: Path, monkeypat
 def test_idlab_sweep_prints_the_cpu_torch_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """`make sweep` (idlab sweep) on a GPU machine with a CPU-only torch says so, with the fix, first."""
-    from idlab import devices
-    from idlab.sweep import main_sweep
+    from idlab.sweep.grid import main_sweep
+    from idlab.training import devices
 
     monkeypatch.setattr(devices, "cpu_torch_on_gpu_machine", lambda: "warning: nvidia-smi lists 1 GPU(s) but ...")
     cfg = tmp_path / "tiny.yaml"

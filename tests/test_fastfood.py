@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from idlab import hadamard
-from idlab.fastfood import BlockFastfoodProjection, block_keys, gauss_table, hashed_perm
-from idlab.projections import make_projection
+from idlab.subspace import hadamard
+from idlab.subspace.fastfood import BlockFastfoodProjection, block_keys, gauss_table, hashed_perm
+from idlab.subspace.projections import make_projection
 from tests.test_projections import (  # the dense Sylvester matrix, built by its recursion
     F64,
     _sylvester,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from idlab.hadamard import hadamard, radix_plan, sylvester, wht, wht_pingpong
+from idlab.subspace.hadamard import hadamard, radix_plan, sylvester, wht, wht_pingpong
 
 
 def _sylvester_recursive(L: int) -> torch.Tensor:
@@ -104,7 +104,7 @@ def test_cuda_matches_cpu() -> None:
 
 @pytest.fixture
 def fresh_backend(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    import idlab.hadamard as h
+    import idlab.subspace.hadamard as h
 
     monkeypatch.setattr(h, "_requested", None)
     monkeypatch.setattr(h, "_resolved", None)
@@ -116,7 +116,7 @@ def fresh_backend(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-d
 @pytest.mark.parametrize("L,dtype", [(1, torch.float32), (8, torch.float64), (1 << 12, torch.float32),
                                      (1 << 15, torch.float64), (1 << 18, torch.float32), (1 << 19, torch.float32)])
 def test_cpp_kernel_matches_torch_reference(L: int, dtype: torch.dtype) -> None:
-    from idlab.hadamard import backend, set_backend, wht_
+    from idlab.subspace.hadamard import backend, set_backend, wht_
 
     set_backend("cpp")
     assert backend() == "cpp"

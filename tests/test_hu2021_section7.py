@@ -20,7 +20,7 @@ from idlab.analysis import (
     subspace_similarity,
     weight_alignment,
 )
-from idlab.lowrank import LowRankDelta
+from idlab.deltas.lowrank import LowRankDelta
 
 D_OUT, D_IN, LAYERS = 72, 80, (1, 2)
 SCHEMES = {

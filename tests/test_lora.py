@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from idlab.deltas.lowrank import LowRankDelta
 from idlab.lora import (
     apply_lora,
     count_parameters,
@@ -17,7 +18,6 @@ from idlab.lora import (
     save_adapter,
     write_adapter,
 )
-from idlab.lowrank import LowRankDelta
 from idlab.models import mnist_fc, tiny_bert, tiny_llama
 
 peft = pytest.importorskip("peft")
@@ -208,7 +208,7 @@ def test_classification_head_modules_to_save(tmp_path: Path, arch: str) -> None:
 
 def test_train_loop_updates_only_adapters() -> None:
     from idlab.data.base import ClassificationTask
-    from idlab.training import TrainConfig, train
+    from idlab.training.loop import TrainConfig, train
 
     model = apply_lora(tiny_llama(num_labels=2, seed=6), r=2)
     g = torch.Generator().manual_seed(0)

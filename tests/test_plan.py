@@ -15,7 +15,7 @@ import torch
 from idlab.config.run import RunConfig
 from idlab.methods import prepare
 from idlab.models import head_module_name
-from idlab.plan import (
+from idlab.sweep.plan import (
     CPU_RUNTIME_BYTES,
     SLURM_HEADROOM,
     activation_bytes,

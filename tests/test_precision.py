@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from idlab.config.run import RunConfig
-from idlab.devices import DeviceError, resolve_precision
 from idlab.models import MLP
-from idlab.training import TrainConfig, train
+from idlab.training.devices import DeviceError, resolve_precision
+from idlab.training.loop import TrainConfig, train
 from tests.test_training import blobs
 
 CPU = torch.device("cpu")
@@ -197,7 +197,7 @@ def test_divergence_found_by_the_device_flag() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_precisions_and_sync_debug_mode() -> None:
-    from idlab.training import float32_matmul
+    from idlab.training.loop import float32_matmul
 
     dev = torch.device("cuda")
     before = torch.backends.cuda.matmul.fp32_precision

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from idlab.fastfood import LAYOUTS, BlockFastfoodProjection, FastfoodProjection
-from idlab.hadamard import wht
-from idlab.projections import (
+from idlab.subspace.fastfood import LAYOUTS, BlockFastfoodProjection, FastfoodProjection
+from idlab.subspace.hadamard import wht
+from idlab.subspace.projections import (
     KINDS,
     DenseProjection,
     Projection,
@@ -95,7 +95,7 @@ def test_dense_equals_normalised_gaussian_blocks() -> None:
 
 def test_dense_regenerated_blocks_many_blocks() -> None:
     # block_rows < D: several blocks, regenerated mode equals the cached matrix
-    import idlab.projections as pr
+    import idlab.subspace.dense as pr
 
     old = pr.DENSE_BLOCK_ENTRIES
     pr.DENSE_BLOCK_ENTRIES = 64
@@ -250,7 +250,7 @@ def test_fastfood_chunked_index_passes_match_explicit(
     monkeypatch: pytest.MonkeyPatch, packed: bool
 ) -> None:
     """Many index chunks of several rows give the same P and P^T as the explicit matrix."""
-    import idlab.fastfood_global as projections
+    import idlab.subspace.fastfood_global as projections
 
     monkeypatch.setattr(projections, "FASTFOOD_CHUNK", 32)
     monkeypatch.setattr(projections, "FASTFOOD_ROWS", 4)

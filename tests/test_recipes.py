@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from idlab.config import TARGET_SETS, StudyConfig, load_study
-from idlab.sweep import expand, resolve_config_path
+from idlab.sweep.grid import expand, resolve_config_path
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 RECIPES = CONFIGS / "recipes"

@@ -12,7 +12,7 @@ from idlab.config import RunConfig, load_study
 from idlab.errors import ConfigError
 from idlab.methods import projection_options
 from idlab.runs import run_id
-from idlab.sweep import expand
+from idlab.sweep.grid import expand
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -72,7 +72,7 @@ def test_fastfood_state_has_one_name_up_to_the_projection() -> None:
 
 def test_study_train_block_is_train_config() -> None:
     from idlab.config import ConfigError
-    from idlab.training import TrainConfig
+    from idlab.training.loop import TrainConfig
 
     study = load_study(REPO / "experiments/configs/smoke.yaml", ["train.betas=[0.9,0.99]"])
     assert isinstance(study.train, TrainConfig) and study.train.betas == (0.9, 0.99)

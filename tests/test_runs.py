@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from idlab.runs import (
+from idlab.runs.store import (
     STALE_AFTER_S,
     RunStore,
     atomic_write_json,

@@ -18,8 +18,8 @@ from idlab.subspace import SubspaceModel
 
 
 def _standin_module() -> types.ModuleType:
-    """Temporary explicit-dense stand-in for idlab.projections (used only if it is absent)."""
-    mod = types.ModuleType("idlab.projections")
+    """Temporary explicit-dense stand-in for idlab.subspace.projections (used only if it is absent)."""
+    mod = types.ModuleType("idlab.subspace.projections")
 
     class Projection(nn.Module):
         def __init__(self, kind: str, D: int, d: int, seed: int, device, dtype) -> None:
@@ -43,8 +43,8 @@ def _standin_module() -> types.ModuleType:
     return mod
 
 
-if importlib.util.find_spec("idlab.projections") is None:  # pragma: no cover - until it lands
-    sys.modules["idlab.projections"] = _standin_module()
+if importlib.util.find_spec("idlab.subspace.projections") is None:  # pragma: no cover - until it lands
+    sys.modules["idlab.subspace.projections"] = _standin_module()
 
 KINDS = ["dense", "fastfood"]
 
@@ -232,7 +232,7 @@ def test_l2_penalty_matches_theta_D_and_reuses_forward() -> None:
 def test_trains_with_the_training_loop() -> None:
     from idlab.data.vision import digits_task
     from idlab.models import MLP
-    from idlab.training import TrainConfig, train
+    from idlab.training.loop import TrainConfig, train
 
     task = digits_task(flatten=True)
     sm = SubspaceModel(MLP((64, 32, 10)), dim=100, projection="fastfood")
@@ -329,7 +329,7 @@ def test_streamed_blocks_equal_the_whole_offset(said: bool) -> None:
 def test_streamed_gradcheck_theta_and_lambdas() -> None:
     from torch.func import functional_call
 
-    from idlab.streamed import StreamedWeight
+    from idlab.subspace.streamed import StreamedWeight
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
@@ -377,7 +377,7 @@ def test_recompute_rebuilds_weights_and_gives_the_same_gradients(said: bool,
 
 
 def test_global_layout_is_the_old_single_block() -> None:
-    from idlab.fastfood import FastfoodProjection
+    from idlab.subspace.fastfood import FastfoodProjection
 
     torch.manual_seed(0)
     sm = SubspaceModel(mnist_fc(), dim=50, projection="fastfood", layout="global", seed=1)

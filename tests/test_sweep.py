@@ -15,7 +15,7 @@ import pytest
 
 from idlab.config import study_from_dict
 from idlab.runs import RunStore
-from idlab.sweep import expand, run_sweep
+from idlab.sweep.grid import expand, run_sweep
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 REPO = Path(__file__).resolve().parents[1]
@@ -187,7 +187,7 @@ def test_fastfood_state_index_same_results_new_key_only_when_set(tmp_path: Path)
 def test_bare_config_names_resolve_in_the_checkout_and_idlab_config_path(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bare name is looked up in ./experiments/configs, then $IDLAB_CONFIG_PATH; never next to the library."""
-    from idlab.sweep import resolve_config_path
+    from idlab.sweep.grid import resolve_config_path
 
     mine = tmp_path / "studies"
     mine.mkdir()
@@ -209,7 +209,7 @@ def test_sweep_and_report_pick_the_same_full_ft_baseline(tmp_path: Path) -> None
     from idlab.d90 import make_baseline
     from idlab.report.tables import baseline as report_baseline
     from idlab.runs import run_id
-    from idlab.sweep import _base, baseline_value
+    from idlab.sweep.grid import _base, baseline_value
 
     raw = tiny_study(tmp_path, seeds=[0, 1, 2], full={"lr": [1e-3, 1e-2, 1e-1]})
     study = study_from_dict(raw)

@@ -1,4 +1,4 @@
-"""idlab.data.text: GLUE tasks from the tsv layout, and the causal-LM task."""
+"""idlab.data.glue and idlab.data.corpus: GLUE tasks from the tsv layout, and the causal-LM task."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from idlab.data.text import LMTask, glue_task, load_glue_split, text_corpus_task
+from idlab.data.corpus import LMTask, text_corpus_task
+from idlab.data.glue import glue_task, load_glue_split
 
 EXPECTED = {  # (train rows, dev rows, share of label 1 in train / dev)
     "mrpc": (3668, 408, 0.674, 0.684),
@@ -83,7 +84,7 @@ def test_pairs_joined_for_decoder_tokenizers() -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from idlab.data.text import tokenize_pairs
+    from idlab.data.glue import tokenize_pairs
 
     t = Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1, "a": 2, "b": 3}, unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -130,7 +131,7 @@ def test_lm_task_loss_and_metrics() -> None:
 def test_lm_task_trains_tiny_llama() -> None:
     from idlab.lora import apply_lora
     from idlab.models import tiny_llama
-    from idlab.training import TrainConfig, train
+    from idlab.training.loop import TrainConfig, train
 
     task = text_corpus_task(_CharTokenizer(), source=["abcabcabc " * 40], block_size=16)
     model = apply_lora(tiny_llama(vocab_size=260), r=4, target_modules="all-linear")

@@ -9,7 +9,7 @@ import torch
 
 from idlab.data.base import ClassificationTask
 from idlab.models import MLP
-from idlab.training import TrainConfig, train
+from idlab.training.loop import TrainConfig, train
 
 
 def blobs(seed: int = 0, n: int = 256) -> ClassificationTask:
@@ -69,18 +69,18 @@ def test_public_names_are_not_shadowed_by_submodules() -> None:
 
     import idlab
 
-    for name in ("training", "subspace", "projections", "lora", "d90", "models", "analysis"):
+    for name in ("training", "subspace", "subspace.projections", "lora", "d90", "models", "analysis"):
         importlib.import_module(f"idlab.{name}")
     for name in idlab.__all__:
         obj = getattr(idlab, name)
         if name != "analysis":
             assert not isinstance(obj, type(idlab)), f"idlab.{name} is a module, not the public object"
-    assert callable(idlab.train) and idlab.train.__module__ == "idlab.training"
+    assert callable(idlab.train) and idlab.train.__module__ == "idlab.training.loop"
 
 
 def test_peak_memory_is_per_run_on_linux() -> None:
     """A big allocation before the run does not count in the run's peak RSS."""
-    from idlab.training import _peak_memory, _reset_peak_rss
+    from idlab.training.loop import _peak_memory, _reset_peak_rss
 
     if not _reset_peak_rss():
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak-RSS counter")

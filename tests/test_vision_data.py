@@ -22,8 +22,8 @@ from idlab.data.vision import (
     safe_load_pickle,
     toy_subspace_min_loss,
 )
-from idlab.projections import make_projection
 from idlab.subspace import SubspaceModel
+from idlab.subspace.projections import make_projection
 
 
 @pytest.mark.parametrize("kind,layout", [("dense", "blocks"), ("fastfood", "blocks"), ("fastfood", "global")])

@@ -21,7 +21,6 @@ from idlab.analysis.alignment import AlignmentResult, weight_alignment, weight_s
 from idlab.analysis.convert import deltas_to_adapter, to_lora
 from idlab.analysis.export import analyze_runs, parse_layer
 from idlab.analysis.intruders import IntruderResult, intruder_dimensions, left_singular_basis
-from idlab.analysis.io import load_delta_metadata, load_deltas, save_deltas
 from idlab.analysis.similarity import (
     random_baseline,
     random_baseline_map,
@@ -45,6 +44,7 @@ from idlab.analysis.spectra import (
     stable_rank,
     svd,
 )
+from idlab.deltas.io import load_delta_metadata, load_deltas, save_deltas
 
 __all__ = [
     "AlignmentResult",

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from idlab.analysis.similarity import random_orthonormal
 from idlab.analysis.spectra import Svd, Update, check_update, energy_rank, num_singular_values, svd
-from idlab.lowrank import LowRankDelta
+from idlab.deltas.lowrank import LowRankDelta
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from idlab.analysis.spectra import Update, check_update, svd
-from idlab.lowrank import LowRankDelta
+from idlab.deltas.lowrank import LowRankDelta
 
 
 def to_lora(delta: Update, r: int) -> tuple[LowRankDelta, float]:

@@ -49,7 +49,6 @@ import torch
 from torch import Tensor
 
 from idlab.analysis.intruders import left_singular_basis
-from idlab.analysis.io import load_deltas
 from idlab.analysis.rows import (
     TABLE_COLUMNS,
     alignment_rows,
@@ -65,7 +64,8 @@ from idlab.analysis.spectra import (
     svd,
 )
 from idlab.atomic import atomic_file
-from idlab.lowrank import LowRankDelta
+from idlab.deltas.io import load_deltas
+from idlab.deltas.lowrank import LowRankDelta
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from idlab.analysis.spectra import check_update
-from idlab.lowrank import LowRankDelta
+from idlab.deltas.lowrank import LowRankDelta
 
 _NULL_TOL = 1e-10
 

@@ -24,7 +24,7 @@ from idlab.analysis.spectra import (
     nuclear_frobenius_ratio,
     stable_rank,
 )
-from idlab.lowrank import LowRankDelta
+from idlab.deltas.lowrank import LowRankDelta
 
 log = logging.getLogger("idlab.analysis.export")
 

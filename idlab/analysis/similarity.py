@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from idlab.analysis.spectra import Update, check_update, num_singular_values, svd
-from idlab.lowrank import LowRankDelta
+from idlab.deltas.lowrank import LowRankDelta
 
 Side = Literal["right", "left"]
 

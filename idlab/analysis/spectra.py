@@ -22,17 +22,13 @@ Summaries of a spectrum s_1 >= s_2 >= ... >= 0:
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
-from typing import Literal, NamedTuple, TypeAlias
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-from idlab.lowrank import LowRankDelta
-
-Update: TypeAlias = LowRankDelta | Tensor
-"""A weight update: a `LowRankDelta` or a dense Tensor of shape (d_out, d_in)."""
+from idlab.deltas.lowrank import LowRankDelta, Update, check_update
 
 SvdMethod = Literal["auto", "exact", "randomized"]
 
@@ -48,40 +44,6 @@ class Svd(NamedTuple):
     U: Tensor
     S: Tensor
     Vh: Tensor
-
-
-def check_update(delta: object, what: str = "delta") -> tuple[int, int]:
-    """Validate an update and return its (d_out, d_in).
-
-    Raises:
-        TypeError: ``delta`` is neither a `LowRankDelta` nor a Tensor.
-        ValueError: a dense update is not 2-D, or any entry is NaN/inf.
-    """
-    if isinstance(delta, LowRankDelta):
-        if not (torch.isfinite(delta.B).all() and torch.isfinite(delta.A).all()):
-            raise ValueError(
-                f"{what} {delta.name!r}: LowRankDelta B or A contains NaN/inf; the run that "
-                "produced it probably diverged -- drop it or re-run with a smaller learning rate"
-            )
-        if not math.isfinite(float(delta.scale)):
-            raise ValueError(f"{what} {delta.name!r}: scale={delta.scale} is not finite")
-        return delta.shape
-    if isinstance(delta, Tensor):
-        if delta.ndim != 2:
-            raise ValueError(
-                f"{what}: a dense update must be 2-D (d_out, d_in), got shape {tuple(delta.shape)}; "
-                "pass the module's weight difference W_ft - W_0"
-            )
-        if not torch.isfinite(delta).all():
-            n_bad = int((~torch.isfinite(delta)).sum())
-            raise ValueError(
-                f"{what}: update of shape {tuple(delta.shape)} has {n_bad} NaN/inf entries; the run "
-                "that produced it probably diverged -- drop it or re-run with a smaller learning rate"
-            )
-        return (int(delta.shape[0]), int(delta.shape[1]))
-    raise TypeError(
-        f"{what} must be a LowRankDelta or a 2-D torch.Tensor, got {type(delta).__name__}"
-    )
 
 
 def num_singular_values(delta: Update) -> int:

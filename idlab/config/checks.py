@@ -65,7 +65,7 @@ def _check_task(study: StudyConfig) -> None:
     if t in BUILTIN_TASKS:
         return
     if t.startswith("glue/"):
-        from idlab.data.text import GLUE_TASKS, glue_spec
+        from idlab.data.glue import GLUE_TASKS, glue_spec
 
         try:
             glue_spec(t)

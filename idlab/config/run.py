@@ -16,7 +16,7 @@ Serialisation (`RunConfig.to_dict`, hashed by `idlab.runs.run_id`; the ``config`
                (Fastfood: + "layout" when not "global", + "fastfood_state" when not "auto"/"all")}
 
 Compatibility defaults (so that every existing run id stays valid): the ``train`` mapping
-always holds the ten `LEGACY_TRAIN_KEYS`; any other `idlab.training.TrainConfig` field
+always holds the ten `LEGACY_TRAIN_KEYS`; any other `idlab.training.loop.TrainConfig` field
 (``betas``, ``eval_at_start``, and fields added later) enters it only when it differs from
 its default; ``lr`` and ``seed`` are top-level keys; ``device`` and ``progress`` (where and
 how, not what) never enter it. Model and task options follow the same rule with
@@ -83,7 +83,7 @@ class RunConfig:
     Attributes:
         method: "full", "lora" or "subspace".
         model, task: the study's model and task configs.
-        train: `idlab.training.TrainConfig` of this run (``train.lr``, ``train.seed`` are the run's).
+        train: `idlab.training.loop.TrainConfig` of this run (``train.lr``, ``train.seed`` are the run's).
         r, target_modules, lora_alpha, use_rslora, lora_dropout: LoRA axes (method "lora").
         d, projection, said, head: subspace axes (method "subspace").
         layout, fastfood_state: Fastfood only: the layout of P ("blocks" or Li's "global") and what

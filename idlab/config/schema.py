@@ -4,7 +4,7 @@ A study file (``experiments/configs/*.yaml``; read by `idlab.config.loader`) dec
 methods to compare and their scientific axes (LoRA rank and target sets,
 subspace dimension, projection, SAID), the nuisance settings (learning rate per
 method, optionally a short list searched per cell), the training settings
-(`idlab.training.TrainConfig`, the same dataclass the training loop takes) and the seeds.
+(`idlab.training.loop.TrainConfig`, the same dataclass the training loop takes) and the seeds.
 
 Every field carries a help string (``field(metadata={"help": ...})``);
 `describe_fields` prints them (``idlab sweep --help-config``).
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from idlab.errors import ConfigError
-from idlab.training import TrainConfig
+from idlab.training.loop import TrainConfig
 
 
 def _help(text: str) -> dict[str, str]:
@@ -236,7 +236,7 @@ class StudyConfig:
     subspace: SubspaceConfig = field(default_factory=SubspaceConfig, metadata=_help("random-subspace axes"))
     train: TrainConfig = field(
         default_factory=TrainConfig,
-        metadata=_help("training settings shared by every run (idlab.training.TrainConfig); lr comes from "
+        metadata=_help("training settings shared by every run (idlab.training.loop.TrainConfig); lr comes from "
                        "full.lr / lora.lr / subspace.lr and seed from seeds, per run"),
     )
     seeds: tuple[int, ...] = field(default=(0,), metadata=_help("seeds (each cell runs once per seed)"))

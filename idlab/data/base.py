@@ -2,7 +2,7 @@
 
 A Task owns its data and knows three things: how to cut a batch, the loss of a
 model on a batch, and how to evaluate a model on its held-out split. The one
-training loop (`idlab.training.train`) needs nothing else, so full fine-tuning,
+training loop (`idlab.training.loop.train`) needs nothing else, so full fine-tuning,
 LoRA and subspace training of MLPs, CNNs and transformers share it.
 
 Inputs are a Tensor (passed as ``model(x)``) or a dict of Tensors (passed as

@@ -3,7 +3,7 @@
 The package: `idlab.report.load` (run folders -> DataFrames), `idlab.report.tables` (cells,
 d90 / r90 through `idlab.d90`, baseline), `idlab.report.figures` (one function per figure),
 `idlab.report.markdown` (REPORT.md and `make_report`). The Delta W tables come from
-`idlab.analysis.pipeline`.
+`idlab.report.deltas`.
 """
 
 from idlab.report.load import load_curves, load_results

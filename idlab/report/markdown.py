@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from idlab.convergence import unconverged_crossings
 from idlab.report import figures
 from idlab.report.figures import (
     fig_curves,
@@ -52,6 +51,7 @@ from idlab.report.tables import (
     thin_crossings,
 )
 from idlab.runs import atomic_write_text
+from idlab.training.convergence import unconverged_crossings
 
 
 def _fmt(v: Any) -> str:
@@ -162,7 +162,7 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
                  fig_perf_vs_params(cells, runs, d90, r90, base, score, fig_dir, meta)))
     figs.append(("Performance vs subspace dimension d", fig_perf_vs_d(cells, sel_runs, d90, base, score, fig_dir, meta)))
     figs.append(("LoRA rank x target set", fig_lora_heatmap(cells, runs, fig_dir, meta)))
-    from idlab.analysis.pipeline import study_tables  # torch: only when a report is written
+    from idlab.report.deltas import study_tables  # torch: only when a report is written
 
     tables, notes = study_tables(runs, out_dir / "analysis" / study, analysis)
     spec = fig_spectra(tables.get("spectra", pd.DataFrame()), runs, fig_dir, meta)
@@ -205,7 +205,7 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
                                                                      if chance else ())], sel_runs.to_dict("records"))
             if unconv:
                 lines += ["**Warning: some crossings rest on runs whose validation metric had not plateaued "
-                          "(idlab.convergence):** " + "; ".join(unconv) + ". Train them longer "
+                          "(idlab.training.convergence):** " + "; ".join(unconv) + ". Train them longer "
                           "(`train.until: converged`) before quoting them.", ""]
     # figures
     lines += ["### Figures", ""]

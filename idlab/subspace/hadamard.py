@@ -182,7 +182,7 @@ def set_backend(name: str) -> None:
 
 
 def _build_module() -> object:
-    from idlab import _kernels
+    from idlab.subspace import _kernels
 
     return _kernels.build()
 

@@ -43,7 +43,7 @@ from torch.nn import functional as F
 
 from idlab.config.run import RunConfig
 
-#: RSS of a fresh interpreter after ``import torch, transformers, peft, idlab.methods, idlab.training,
+#: RSS of a fresh interpreter after ``import torch, transformers, peft, idlab.methods, idlab.training.loop,
 #: idlab.data.text`` (398 MB measured on the 2-core CPU box with torch 2.13.0+cpu, transformers 5.24).
 CPU_RUNTIME_BYTES = 400 * 10**6
 #: CUDA context + cuBLAS/cuDNN workspaces beside the allocator's peak: an ASSUMPTION (~1 GB is typical),
@@ -297,7 +297,7 @@ def model_config(name: str) -> tuple[Any, str]:
         if name not in KNOWN_CONFIGS:
             raise
     fields = dict(KNOWN_CONFIGS[name])
-    return AutoConfig.for_model(fields.pop("model_type"), **fields), "idlab.plan.KNOWN_CONFIGS (hub unreachable)"
+    return AutoConfig.for_model(fields.pop("model_type"), **fields), "idlab.sweep.plan.KNOWN_CONFIGS (hub unreachable)"
 
 
 def _meta_pretrained(name: str, task: str, dtype: torch.dtype) -> nn.Module:
@@ -367,7 +367,7 @@ def plan_runs(study: Any, runs: Sequence[tuple[str, RunConfig]] | None = None,
               device: str | None = None) -> list[RunPlan]:
     """One `RunPlan` per run of ``study`` (or of ``runs``), on `target_device`; one per distinct shape
     of run (seeds and learning rates share theirs)."""
-    from idlab.sweep import expand
+    from idlab.sweep.grid import expand
 
     runs = list(runs) if runs is not None else expand(study)
     dev = target_device(study, device)
@@ -413,7 +413,7 @@ def main_plan(config: str, overrides: Sequence[str], device: str | None = None, 
     import json
 
     from idlab.config import load_study
-    from idlab.sweep import resolve_config_path
+    from idlab.sweep.grid import resolve_config_path
 
     path = resolve_config_path(config, list(overrides))
     study = load_study(path, list(overrides))

@@ -166,7 +166,7 @@ def check_convergence(
 
 
 def validate_until(until: str, cap_steps: int | None, epochs: float | None, eval_every: int | None) -> None:
-    """Check the ``until`` settings of a `idlab.training.TrainConfig`.
+    """Check the ``until`` settings of a `idlab.training.loop.TrainConfig`.
 
     ``until="converged"`` needs a finite cap (``steps``, or ``epochs``) and ``eval_every``
     (the stop check runs after each evaluation).
@@ -279,4 +279,4 @@ def unconverged_crossings(
     return sorted(out)
 
 
-UNCONVERGED_NOTE = "† rests on at least one run whose validation metric had not plateaued (idlab.convergence)"
+UNCONVERGED_NOTE = "† rests on at least one run whose validation metric had not plateaued (idlab.training.convergence)"

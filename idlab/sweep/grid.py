@@ -16,7 +16,7 @@
   parent sees, each given the parent's own ``CUDA_VISIBLE_DEVICES`` entry -- index or
   UUID -- for its device; runs pulled from a shared queue), ``slurm`` (submitit job
   array, one run per task; ``slurm.backend=local|debug`` uses submitit's LocalExecutor /
-  DebugExecutor, for offline tests; ``slurm.mem_gb`` defaults to `idlab.plan`'s figure).
+  DebugExecutor, for offline tests; ``slurm.mem_gb`` defaults to `idlab.sweep.plan`'s figure).
 - Device and precision (``device``, ``train.precision``, both ``auto`` by default) are
   resolved where the runs execute: checked up front for ``local`` / ``multigpu``
   (`preflight`, before anything is written), on each compute node for ``slurm``.
@@ -36,8 +36,8 @@ from typing import Any
 
 from idlab.config import RunConfig, StudyConfig, target_set_label, to_dict
 from idlab.d90 import Baseline, make_baseline, next_bisection, rate_baseline, rate_scores, select_lr
-from idlab.executors import EXECUTORS, preflight
 from idlab.runs import RunStore, atomic_write_json, run_id
+from idlab.sweep.executors import EXECUTORS, preflight
 
 Run = tuple[str, RunConfig]  # (run id, resolved run config)
 
@@ -340,7 +340,7 @@ def resolve_config_path(config: str, overrides: Sequence[str] = ()) -> Path:
 def main_sweep(config: str, overrides: Iterable[str], dry_run: bool = False) -> SweepSummary:
     """Load (with overrides), validate and run a study; the body of ``idlab sweep``."""
     from idlab.config import load_study
-    from idlab.devices import cpu_torch_on_gpu_machine
+    from idlab.training.devices import cpu_torch_on_gpu_machine
 
     overrides = list(overrides)
     warning = cpu_torch_on_gpu_machine()

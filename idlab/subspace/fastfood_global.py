@@ -4,7 +4,7 @@
 y = (H G Pi H B pad_L theta)[:D] / (||G|| sqrt(D)), L = next_pow2(D), B, Pi, G drawn from a CPU torch generator; 2-4 bytes of state per padded
 coordinate and two (L,) scratch buffers. Kept for the Li et al. reproduction.
 
-The default layout, "blocks", is in `idlab.fastfood`; `idlab.projections.make_projection`
+The default layout, "blocks", is in `idlab.subspace.fastfood`; `idlab.subspace.projections.make_projection`
 chooses between them (docs/ENGINE.md).
 """
 
@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from idlab.hadamard import radix_plan, wht, wht_pingpong
-from idlab.projections import Projection, _generator, next_pow2
+from idlab.subspace.base import Projection, _generator, next_pow2
+from idlab.subspace.hadamard import radix_plan, wht, wht_pingpong
 
 __all__ = ["FASTFOOD_CHUNK", "FASTFOOD_PACK_MAX_BITS", "FASTFOOD_ROWS", "GLOBAL_STATES", "FastfoodProjection",
            "check_d"]

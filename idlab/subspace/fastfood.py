@@ -1,8 +1,8 @@
-"""Fastfood projections P (D x d) in two layouts, made by `idlab.projections.make_projection`.
+"""Fastfood projections P (D x d) in two layouts, made by `idlab.subspace.projections.make_projection`.
 
 Both map theta_d (d,) to (D,) with every implicit column of unit length over all D rows
 (to the usual Fastfood accuracy, about 1 +- 0.01; exactly 1 in expectation). H is the
-unnormalised Walsh-Hadamard matrix (`idlab.hadamard`).
+unnormalised Walsh-Hadamard matrix (`idlab.subspace.hadamard`).
 
 **"blocks" (the default): a stack of independent Fastfood blocks, streamed.** The flat
 parameter vector is cut into *segments* (`SubspaceModel` passes one per projected tensor)
@@ -24,7 +24,7 @@ O(largest block) instead of O(next_pow2(D)) and whose state is near zero (8 byte
 its ||G||), which is what subspace training at Llama scale needs; and it is faster (small
 transforms stay in cache, no padding of D to a power of two).
 
-**"global": Li et al.'s single block** lives in `idlab.fastfood_global` (`FastfoodProjection`,
+**"global": Li et al.'s single block** lives in `idlab.subspace.fastfood_global` (`FastfoodProjection`,
 re-exported here); the Li et al. reproduction uses it.
 
 **Hashed factors of block (p, j)** (identical integers on CPU and CUDA, in the C++ kernel and
@@ -52,9 +52,14 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from idlab.fastfood_global import FASTFOOD_CHUNK, GLOBAL_STATES, FastfoodProjection, check_d
-from idlab.hadamard import fast_module, wht_
-from idlab.projections import Projection, next_pow2
+from idlab.subspace.base import Projection, next_pow2
+from idlab.subspace.fastfood_global import (
+    FASTFOOD_CHUNK,
+    GLOBAL_STATES,
+    FastfoodProjection,
+    check_d,
+)
+from idlab.subspace.hadamard import fast_module, wht_
 
 __all__ = [
     "BLOCK_STATES",

@@ -24,9 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from idlab.analysis.spectra import Update, check_update
 from idlab.atomic import atomic_file
-from idlab.lowrank import LowRankDelta
+from idlab.deltas.lowrank import LowRankDelta, Update, check_update
 
 _SUFFIXES = (".lora_A", ".lora_B", ".delta")
 _PEFT_PREFIX = "base_model.model."

@@ -1,6 +1,6 @@
 """Streamed subspace weights: each projected tensor is built when its module reads it.
 
-With the Fastfood layout "blocks" (`idlab.fastfood.BlockFastfoodProjection`) every projected
+With the Fastfood layout "blocks" (`idlab.subspace.fastfood.BlockFastfoodProjection`) every projected
 tensor i has its own rows P_i of P, so its weight
 
     theta_i = theta_0,i + lambda_i P_i theta          (lambda_i = 1 without SAID)

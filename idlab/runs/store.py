@@ -100,7 +100,7 @@ def read_json(path: str | Path) -> dict[str, Any] | None:
 
 def git_commit(repo: str | Path | None = None) -> str | None:
     """The checked-out commit of the idlab source tree (read-only git call), or None."""
-    repo = Path(repo) if repo else Path(__file__).resolve().parents[1]
+    repo = Path(repo) if repo else Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(
             ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False

@@ -1,8 +1,8 @@
 """The compiled CPU fast path: an in-place Walsh-Hadamard transform and the fused Fastfood
 block passes, built once with `torch.utils.cpp_extension.load_inline` (gcc + ninja).
 
-Nothing here is called directly: `idlab.hadamard` decides whether the fast path is used
-(`idlab.hadamard.backend()`), and `idlab.fastfood` calls these functions only through it.
+Nothing here is called directly: `idlab.subspace.hadamard` decides whether the fast path is used
+(`idlab.subspace.hadamard.backend()`), and `idlab.subspace.fastfood` calls these functions only through it.
 The plain-torch code in those modules is the reference every kernel is tested against.
 
 Kernels (CPU, contiguous float32 / float64 tensors, OpenMP over 2+ threads where it pays):
@@ -10,7 +10,7 @@ Kernels (CPU, contiguous float32 / float64 tensors, OpenMP over 2+ threads where
 - ``wht_(x)``: H_n on every row of x (R, n) in place, n a power of two. Stages with
   h < 2^14 run inside 64 KiB blocks (cache-resident), the rest as radix-4 passes.
 - ``ff_expand(u, z, k, keys..., table, accumulate)``: z_i (+)= G_i * u[Pi(i) & (c - 1)] for
-  i < n = 2^k, with Pi and G computed from the block's keys (see `idlab.fastfood` for the
+  i < n = 2^k, with Pi and G computed from the block's keys (see `idlab.subspace.fastfood` for the
   hash; the kernel and the torch code compute the same integers).
 - ``ff_bin(z, c, k, keys..., table)``: bins_t = sum_{i : Pi(i) & (c-1) = t} G_i z_i (c,), summed
   in 16 fixed segments whose partial sums are added in order (deterministic for any thread

@@ -9,7 +9,7 @@ with the reparameterised tensors
     DID:   theta_i = theta_0,i + (P theta_d)[s_i]                      (1)
     SAID:  theta_i = theta_0,i + lambda_i * (P theta_{d-m})[s_i]       (2)
 
-where P is a frozen random D x d' projection (`idlab.projections.make_projection`,
+where P is a frozen random D x d' projection (`idlab.subspace.projections.make_projection`,
 every column unit length over all D projected entries together), (P theta)[s_i] the
 rows of P that belong to tensor i (reshaped to its shape), m the
 number of projected tensors, lambda (m,) one scalar per tensor initialised to 1,
@@ -27,9 +27,9 @@ Excluded tensors are frozen, or trained directly with ``train_excluded=True``
 projected once.
 
 Engine (docs/ENGINE.md). With the default Fastfood layout "blocks" the projection is
-*streamed* (`idlab.streamed`): each projected tensor is a `torch.nn.utils.parametrize`
+*streamed* (`idlab.subspace.streamed`): each projected tensor is a `torch.nn.utils.parametrize`
 parametrization that builds theta_0,i + lambda_i P_i theta when its module reads it (O(2^20)
-scratch, `idlab.fastfood`), and its autograd node turns the tensor's gradient g_i into
+scratch, `idlab.subspace.fastfood`), and its autograd node turns the tensor's gradient g_i into
 P_i^T g_i as soon as g_i exists; with ``recompute=True`` (default) the weights an op keeps
 for its backward are rebuilt there instead of kept. No length-D offset, gradient or scratch,
 and no second copy of the weights, is ever held. Other kinds and layout "global" build the
@@ -54,14 +54,14 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
-from idlab.selection import (
+from idlab.subspace.selection import (
     Slot,
     as_patterns,
     drop_frozen_from_state,
     forgive_frozen_missing,
     select_tensors,
 )
-from idlab.streamed import SlotWeight, StreamedWeight, build_weight, recompute_hooks, tag
+from idlab.subspace.streamed import SlotWeight, StreamedWeight, build_weight, recompute_hooks, tag
 
 __all__ = ["SubspaceModel"]
 
@@ -216,7 +216,7 @@ class SubspaceModel(nn.Module):
 
     # ------------------------------------------------------------------ building
     def _make_projection(self, seed: int) -> nn.Module:
-        from idlab.projections import make_projection
+        from idlab.subspace.projections import make_projection
 
         segments = self._sizes if self.kind == "fastfood" and self.layout == "blocks" else None
         return make_projection(self.kind, self.D, self.d_proj, seed=seed, device=self._device, dtype=self._dtype,
@@ -266,7 +266,7 @@ class SubspaceModel(nn.Module):
     @property
     def streamed(self) -> bool:
         """True when each tensor's offset is computed on its own (Fastfood layout "blocks")."""
-        from idlab.fastfood import BlockFastfoodProjection
+        from idlab.subspace.fastfood import BlockFastfoodProjection
 
         return isinstance(self.projection, BlockFastfoodProjection)
 
@@ -364,7 +364,7 @@ class SubspaceModel(nn.Module):
         return weight * total
 
     def penalty(self, l2: float) -> Callable[[], Tensor]:
-        """``extra_loss`` for `idlab.training.train`: a closure computing ``l2_penalty(l2)``."""
+        """``extra_loss`` for `idlab.training.loop.train`: a closure computing ``l2_penalty(l2)``."""
         return lambda: self.l2_penalty(l2)
 
     @torch.no_grad()
@@ -389,7 +389,7 @@ class SubspaceModel(nn.Module):
         dtype (float32 by default), not the difference of two rounded (e.g. bf16) weights.
         Keys are parameter names (``net.0.weight``). With ``by_module=True`` only
         2-D ``.weight`` tensors are returned, keyed by their module's name (``net.0``),
-        the convention of `idlab.analysis.io.save_deltas`.
+        the convention of `idlab.deltas.io.save_deltas`.
         """
         out: dict[str, Tensor] = {}
         for slot, dw in zip(self._slots, self._offsets()):

@@ -1,0 +1,6 @@
+"""Run folders: stable run ids, atomic writes, artefact checks (`store`)."""
+
+from idlab.runs.store import *  # noqa: F403
+from idlab.runs.store import __all__ as _store_all
+
+__all__ = list(_store_all)
