@@ -107,7 +107,7 @@ def _peft_step(model: Any, batch: Any) -> Any:
 def _build(name: str, model: Any, task: Any, batch: Any) -> Any:
     from peft import LoraConfig, get_peft_model
 
-    from idlab.lora import apply_lora
+    from idlab.methods.lora_peft import apply_lora
 
     if name == "full":
         model.requires_grad_(True)
@@ -138,7 +138,7 @@ def _time(step: Any, warmup: int, repeats: int) -> list[float]:
 
 def worker(name: str, quick: bool) -> dict[str, Any]:
     """Run one configuration in this process: step times and peak RSS."""
-    from idlab.lora import count_parameters
+    from idlab.methods.lora_peft import count_parameters
 
     model, task, batch = _setup(quick)
     rss_loaded = _rss_now()

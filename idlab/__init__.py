@@ -8,7 +8,7 @@ the same models and tasks and put on one axis. Public API (imported lazily, so
 - subspace training: ``SubspaceModel``        (idlab.subspace)
 - d90 search: ``find_d90``, ``D90Result``     (idlab.d90)
 - LoRA: ``apply_lora``, ``lora_deltas``, ``save_adapter``, ``load_adapter``,
-  ``count_parameters``                         (idlab.lora)
+  ``count_parameters``                         (idlab.methods.lora_peft)
 - ``LowRankDelta``                             (idlab.deltas.lowrank)
 - models and tasks: ``load_model``, ``mnist_fc``, ``lenet``, ``Task``,
   ``ClassificationTask``                       (idlab.models, idlab.data)
@@ -28,11 +28,11 @@ _EXPORTS: dict[str, str] = {
     "SubspaceModel": "idlab.subspace",
     "find_d90": "idlab.d90",
     "D90Result": "idlab.d90",
-    "apply_lora": "idlab.lora",
-    "lora_deltas": "idlab.lora",
-    "save_adapter": "idlab.lora",
-    "load_adapter": "idlab.lora",
-    "count_parameters": "idlab.lora",
+    "apply_lora": "idlab.methods.lora_peft",
+    "lora_deltas": "idlab.methods.lora_peft",
+    "save_adapter": "idlab.methods.lora_peft",
+    "load_adapter": "idlab.methods.lora_peft",
+    "count_parameters": "idlab.methods.lora_peft",
     "LowRankDelta": "idlab.deltas.lowrank",
     "load_model": "idlab.models",
     "mnist_fc": "idlab.models",
@@ -51,11 +51,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from idlab.data.base import ClassificationTask as ClassificationTask
     from idlab.data.base import Task as Task
     from idlab.deltas.lowrank import LowRankDelta as LowRankDelta
-    from idlab.lora import apply_lora as apply_lora
-    from idlab.lora import count_parameters as count_parameters
-    from idlab.lora import load_adapter as load_adapter
-    from idlab.lora import lora_deltas as lora_deltas
-    from idlab.lora import save_adapter as save_adapter
+    from idlab.methods.lora_peft import apply_lora as apply_lora
+    from idlab.methods.lora_peft import count_parameters as count_parameters
+    from idlab.methods.lora_peft import load_adapter as load_adapter
+    from idlab.methods.lora_peft import lora_deltas as lora_deltas
+    from idlab.methods.lora_peft import save_adapter as save_adapter
     from idlab.models import lenet as lenet
     from idlab.models import load_model as load_model
     from idlab.models import mnist_fc as mnist_fc

@@ -13,8 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from idlab.sweep.driver import SweepSummary
 
 SWEEP_EPILOG = """\
 CONFIG is a study YAML (experiments/configs/*.yaml), its bare name (smoke, cpu_study,
@@ -71,6 +75,41 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def main_sweep(config: str, overrides: Iterable[str], dry_run: bool = False) -> SweepSummary:
+    """Load (with overrides), validate and run a study; the body of ``idlab sweep``."""
+    from idlab.config import load_study
+    from idlab.sweep.driver import auto_config, resolve_config_path, run_sweep
+    from idlab.training.devices import cpu_torch_on_gpu_machine
+
+    overrides = list(overrides)
+    warning = cpu_torch_on_gpu_machine()
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    path = resolve_config_path(config, overrides)
+    study = load_study(path, overrides)
+    why = f" (CONFIG=auto: {auto_config(overrides)[1]})" if config == "auto" else ""
+    print(f"config {path}{why}", flush=True)
+    return run_sweep(study, dry_run=dry_run)
+
+
+def main_plan(config: str, overrides: Sequence[str], device: str | None = None, as_json: bool = False) -> str:
+    """The body of ``idlab plan``: the table (or JSON lines) for a study."""
+    import json
+
+    from idlab.config import load_study
+    from idlab.sweep.driver import resolve_config_path
+    from idlab.sweep.plan import plan_runs, plan_table
+
+    path = resolve_config_path(config, list(overrides))
+    study = load_study(path, list(overrides))
+    plans = plan_runs(study, device=device)
+    if as_json:
+        return "\n".join(json.dumps(p.to_dict()) for p in plans)
+    head = (f"plan {path}: study {study.name!r}, model {study.model.name} ({study.model.dtype}), "
+            f"{len(plans)} runs on {plans[0].device if plans else '?'}")
+    return head + "\n" + plan_table(plans)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``idlab`` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -89,8 +128,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.help_config:
             print("\n".join(describe_fields()))
             return 0
-        from idlab.sweep.grid import main_sweep
-
         try:
             summary = main_sweep(args.config, args.overrides, dry_run=args.dry_run)
         except ConfigError as e:
@@ -99,7 +136,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args.dry_run or not (summary.failed or summary.missing) else 1
     if args.command == "plan":
         from idlab.config import ConfigError
-        from idlab.sweep.plan import main_plan
 
         try:
             print(main_plan(args.config, args.overrides, device=args.device, as_json=args.json))

@@ -34,16 +34,20 @@ def build(name: str) -> nn.Module:
 def run_config(name: str, method: str) -> RunConfig:
     """The probe's run: LoRA r=8 on the attention's query/value projections, SAID d = 1,000 with the
     streamed Fastfood engine (layout "blocks", head trained), or full fine-tuning."""
+    from idlab.methods.lora import LoraAxes
+    from idlab.methods.subspace import SubspaceAxes
+
     if method == "lora":
-        return RunConfig(method="lora", r=8, lora_alpha=16.0, target_modules=TARGETS[name])
+        return RunConfig(method="lora", axes=LoraAxes(r=8, lora_alpha=16.0, target_modules=TARGETS[name]))
     if method == "subspace":
-        return RunConfig(method="subspace", d=1000, projection="fastfood", said=True, head="train", layout="blocks")
+        return RunConfig(method="subspace", axes=SubspaceAxes(d=1000, projection="fastfood", said=True, head="train",
+                                                              layout="blocks"))
     return RunConfig(method="full")
 
 
 def main(argv: list[str]) -> None:
+    from idlab import methods
     from idlab.data.base import ClassificationTask
-    from idlab.methods import prepare
     from idlab.training.loop import TrainConfig, train
 
     name, method, batch, seq = argv[0], argv[1], int(argv[2]), int(argv[3])
@@ -56,7 +60,8 @@ def main(argv: list[str]) -> None:
 
     task = ClassificationTask(inputs(n), torch.randint(0, 2, (n,), generator=g), inputs(8),
                               torch.randint(0, 2, (8,), generator=g), name="probe")
-    prep = prepare(build(name), run_config(name, method))
+    run = run_config(name, method)
+    prep = methods.get(run.method).prepare(build(name), run.axes, run.seed)
     cfg = TrainConfig(lr=1e-4, steps=2, batch_size=batch, eval_batch_size=8, progress=False, precision="fp32",
                       device="cpu")
     before = _rss()

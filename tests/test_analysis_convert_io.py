@@ -64,9 +64,9 @@ def test_to_lora_bad_inputs() -> None:
 
 
 def test_deltas_to_adapter(tmp_path: Path) -> None:
-    lora = pytest.importorskip("idlab.lora")
+    lora = pytest.importorskip("idlab.methods.lora_peft")
     if not hasattr(lora, "write_adapter"):
-        pytest.skip("idlab.lora.write_adapter not available yet")
+        pytest.skip("idlab.methods.lora_peft.write_adapter not available yet")
     deltas = {
         "model.layers.0.self_attn.q_proj": _rank_k(16, 12, [4.0, 2.0, 1.0]).float(),
         "model.layers.0.self_attn.v_proj": LowRankDelta(torch.randn(8, 2), torch.randn(2, 12), 0.5),

@@ -13,7 +13,8 @@ import pytest
 from idlab.config import study_from_dict
 from idlab.report import make_report
 from idlab.runs import ARTIFACTS_KEY, RunStore, artifact_problem, file_sha256, safetensors_problem
-from idlab.sweep.grid import expand, run_sweep
+from idlab.sweep.driver import run_sweep
+from idlab.sweep.grid import expand
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from idlab.config import (
-    TARGET_SETS,
     ConfigError,
     describe_fields,
     load_study,
     parse_override,
     study_from_dict,
 )
+from idlab.methods.lora import TARGET_SETS, alpha_value
 from idlab.sweep.grid import expand
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
@@ -42,8 +42,8 @@ def test_smoke_grid_expansion_counts_and_overrides() -> None:
     assert over.lora.r == (2, 4, 8) and over.train.steps == 5 and over.seeds == (0, 1, 2)
     assert over.lora.target_modules == (TARGET_SETS["qv"], TARGET_SETS["qkvo"])
     runs = expand(over)
-    assert len(runs) == 3 * 2 * 3 and {c.target_set for _, c in runs} == {"qv", "qkvo"}
-    assert all(c.lora_alpha == 2 * c.r for _, c in runs)  # alpha: 2r
+    assert len(runs) == 3 * 2 * 3 and {c.axes.target_set for _, c in runs} == {"qv", "qkvo"}  # type: ignore[attr-defined]
+    assert all(c.axes.lora_alpha == 2 * c.axes.r for _, c in runs)  # type: ignore[attr-defined]  # lora_alpha: 2r
     assert len({rid for rid, _ in runs}) == len(runs)
     # frozen
     with pytest.raises(AttributeError):
@@ -51,13 +51,13 @@ def test_smoke_grid_expansion_counts_and_overrides() -> None:
 
 
 def test_scalars_aliases_and_auto() -> None:
-    s = study_from_dict({"model": "smollm2-135m", "task": "glue/mrpc", "lora": {"r": 4, "alpha": 16},
+    s = study_from_dict({"model": "smollm2-135m", "task": "glue/mrpc", "lora": {"r": 4, "lora_alpha": 16},
                          "subspace": {"d": "auto", "auto_min": 10, "auto_max": 1000, "auto_per_decade": 2},
                          "methods": ["lora", "subspace"]})
     assert s.model.name == "smollm2-135m" and s.task.name == "glue/mrpc" and s.lora.r == (4,)
-    assert s.lora.alpha_for(4) == 16.0
+    assert alpha_value(s.lora.lora_alpha, 4) == 16.0
     assert s.subspace.auto_grid() == (10, 30, 100, 300, 1000)
-    assert sorted({c.d for _, c in expand(s) if c.method == "subspace"}) == [10, 30, 100, 300, 1000]
+    assert sorted({c.axes.d for _, c in expand(s) if c.method == "subspace"})  # type: ignore[attr-defined] == [10, 30, 100, 300, 1000]
     assert parse_override("train.lr=1e-3") == ("train.lr", "1e-3")  # YAML string; coerced to float by the schema
     assert study_from_dict({"full": {"lr": "1e-3"}}).full.lr == (1e-3,)
 
@@ -65,14 +65,17 @@ def test_scalars_aliases_and_auto() -> None:
 @pytest.mark.parametrize(
     ("override", "needles"),
     [
-        ("lora.rr=3", ["smoke.yaml", "lora.rr", "unknown key", "r, target_modules, alpha"]),
+        ("lora.rr=3", ["smoke.yaml", "lora.rr", "unknown key", "r, target_modules, lora_alpha"]),
+        ("lora.alpha=16", ["lora.alpha", "renamed", "lora.lora_alpha"]),
+        ("lora.dropout=0.1", ["lora.dropout", "renamed", "lora.lora_dropout"]),
+        ("subspace.threshold=0.8", ["subspace.threshold", "renamed", "target.threshold"]),
         ("subspace.projection=[gauss]", ["smoke.yaml", "subspace.projection", "dense, sparse, fastfood"]),
         ("methods=[full, adapters]", ["methods", "full", "lora", "subspace"]),
         ("executor=kubernetes", ["executor", "local", "multigpu", "slurm"]),
         ("lora.r=[0]", ["lora.r", ">= 1"]),
         ("train.steps=many", ["train.steps", "integer"]),
         ("task.name=imagenet", ["task.name", "digits", "glue/<name>"]),
-        ("lora.alpha=twice", ["lora.alpha", "2r"]),
+        ("lora.lora_alpha=twice", ["lora.lora_alpha", "2r"]),
         ("lora.target_modules=[qkv0, qv]", ["lora.target_modules[0]", "allowed aliases", "qkvo"]),
         ("subspace.said=[maybe]", ["subspace.said[0]", "true, false"]),
         ("nonsense", ["key=value"]),

@@ -93,7 +93,7 @@ def test_worker_gets_the_parents_entry(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_multigpu_without_gpus_fails_before_anything_is_written(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from idlab.sweep.grid import run_sweep
+    from idlab.sweep.driver import run_sweep
 
     if torch.cuda.is_available():
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
@@ -112,7 +112,7 @@ def test_multigpu_without_gpus_fails_before_anything_is_written(tmp_path: Path,
 ])
 def test_bad_device_or_precision_fails_before_anything_is_written(tmp_path: Path, over: dict[str, Any],
                                                                   match: str) -> None:
-    from idlab.sweep.grid import run_sweep
+    from idlab.sweep.driver import run_sweep
 
     if torch.cuda.is_available() and over.get("device") == "cuda":
         pytest.skip("this machine has CUDA")
@@ -135,7 +135,7 @@ def test_auto_device_with_a_visible_devices_value_naming_no_gpu_fails_before_any
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str, match: str) -> None:
     """On a GPU machine (faked nvidia-smi) torch sees no device through CUDA_VISIBLE_DEVICES: auto would
     silently train on the CPU, so the sweep stops first; '' means the CPU on purpose."""
-    from idlab.sweep.grid import run_sweep
+    from idlab.sweep.driver import run_sweep
     from idlab.training import devices
 
     monkeypatch.setattr(devices, "nvidia_gpus", lambda: ["GPU 0: NVIDIA H100 (UUID: GPU-1234)"])
@@ -153,7 +153,7 @@ def test_auto_device_with_a_visible_devices_value_naming_no_gpu_fails_before_any
 
 
 def test_config_auto_follows_where_the_runs_execute(monkeypatch: pytest.MonkeyPatch) -> None:
-    from idlab.sweep.grid import auto_config, resolve_config_path
+    from idlab.sweep.driver import auto_config, resolve_config_path
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert auto_config([])[0] == "cpu_study_converged"
@@ -219,7 +219,7 @@ def test_cpu_torch_on_a_gpu_machine_warns_with_the_fix(tmp_path: Path, monkeypat
 def test_idlab_sweep_prints_the_cpu_torch_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """`make sweep` (idlab sweep) on a GPU machine with a CPU-only torch says so, with the fix, first."""
-    from idlab.sweep.grid import main_sweep
+    from idlab.cli import main_sweep
     from idlab.training import devices
 
     monkeypatch.setattr(devices, "cpu_torch_on_gpu_machine", lambda: "warning: nvidia-smi lists 1 GPU(s) but ...")

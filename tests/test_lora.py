@@ -1,4 +1,4 @@
-"""idlab.lora: PEFT LoRA wrapping, counting, LowRankDelta read-out, PEFT-format adapters."""
+"""idlab.methods.lora_peft: PEFT LoRA wrapping, counting, LowRankDelta read-out, PEFT-format adapters."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from idlab.deltas.lowrank import LowRankDelta
-from idlab.lora import (
+from idlab.methods.lora_peft import (
     apply_lora,
     count_parameters,
     load_adapter,

@@ -12,17 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from idlab import methods
+from idlab.cli import main_plan
 from idlab.config.run import RunConfig
-from idlab.methods import prepare
-from idlab.models import head_module_name
+from idlab.methods.subspace import subspace_memory
 from idlab.sweep.plan import (
     CPU_RUNTIME_BYTES,
     SLURM_HEADROOM,
     activation_bytes,
-    main_plan,
     plan_memory,
     plan_run,
-    subspace_memory,
 )
 from tests.memory_probe import build, run_config
 
@@ -31,13 +30,11 @@ RECIPES = REPO / "experiments" / "configs" / "recipes"
 
 
 def _meta_plan(name: str, method: str, batch: int = 16, seq: int = 128):  # type: ignore[no-untyped-def]
-    model = build(name).to("meta")
-    if method == "lora":
-        model = prepare(model, run_config(name, method)).model
+    run = run_config(name, method)
+    model = methods.get(method).plan_model(build(name).to("meta"), run.axes, run.seed)
     ids = {"input_ids": torch.ones(batch, seq, dtype=torch.long, device="meta")}
-    sub = {"subspace_dim": 1000, "head": head_module_name(model), "streamed": True} if method == "subspace" else {}
     return plan_memory(model, ids, torch.zeros(batch, dtype=torch.long, device="meta"), method=method,
-                       precision="fp32", device="cpu", **sub)
+                       axes=run.axes, precision="fp32", device="cpu")
 
 
 @pytest.mark.parametrize(("name", "method"), [
@@ -87,9 +84,10 @@ def test_terms_and_counts() -> None:
 
 def test_bf16_mixed_keeps_trainable_in_fp32() -> None:
     model = build("llama").to(torch.bfloat16).to("meta")
-    model = prepare(model, run_config("llama", "lora")).model
+    run = run_config("llama", "lora")
+    model = methods.get("lora").plan_model(model, run.axes, run.seed)
     ids = {"input_ids": torch.ones(2, 16, dtype=torch.long, device="meta")}
-    p = plan_memory(model, ids, torch.zeros(2, dtype=torch.long, device="meta"), method="lora",
+    p = plan_memory(model, ids, torch.zeros(2, dtype=torch.long, device="meta"), method="lora", axes=run.axes,
                     precision="bf16-mixed", device="cuda")
     trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
     assert p.grads_bytes == 4 * trainable and p.optimizer_bytes == 8 * trainable
@@ -104,7 +102,7 @@ def test_subspace_run_counts_d_plus_the_head() -> None:
     assert p.total_parameters == 64 * 16 + 16 + 16 * 10 + 10
     # MLP has no classifier head name: everything is projected, d trainable
     assert p.trainable_parameters == 50 and p.method_bytes == subspace_memory(p.total_parameters, 64 * 16, 4)
-    streamed = plan_run(dataclasses.replace(run, layout="blocks"))  # the default engine: one weight at a time
+    streamed = plan_run(dataclasses.replace(run, axes=dataclasses.replace(run.axes, layout="blocks")))  # the default engine: one weight at a time
     assert streamed.method_bytes == subspace_memory(p.total_parameters, 64 * 16, 4, streamed=True) < p.method_bytes
 
 

@@ -62,7 +62,7 @@ def test_mixed_keeps_trainable_in_fp32_and_frozen_as_loaded() -> None:
 
 
 def test_lora_adapters_theta_d_and_head_stay_fp32_under_mixed() -> None:
-    from idlab.lora import apply_lora
+    from idlab.methods.lora_peft import apply_lora
     from idlab.subspace import SubspaceModel
 
     peft_model = apply_lora(_mlp(torch.bfloat16), 2, target_modules=["net.0"], modules_to_save=["net.2"])
@@ -233,11 +233,12 @@ def test_cuda_precisions_and_sync_debug_mode() -> None:
                          [(torch.bfloat16, "bf16-mixed"), (torch.float32, "bf16"), (torch.float32, "fp32")])
 def test_full_delta_is_exact_against_theta_0(model_dtype: torch.dtype, precision: str) -> None:
     """Full FT's Delta W equals the float64 difference of what trained and where it started (< 1%)."""
-    from idlab.methods import prepare
+    from idlab import methods
 
     model = _mlp(model_dtype)
     w0 = model.net[0].weight.detach().clone()
-    prep = prepare(model, RunConfig(method="full"))
+    run = RunConfig(method="full")
+    prep = methods.get(run.method).prepare(model, run.axes, run.seed)
     train(prep.model, blobs(), _cfg(precision, steps=5, eval_every=None, lr=1e-4))
     start = w0.to(model.net[0].weight.dtype)  # pure bf16: training started from the bf16-rounded W_0
     ref = model.net[0].weight.detach().double() - start.double()
@@ -250,11 +251,12 @@ def test_full_delta_is_exact_against_theta_0(model_dtype: torch.dtype, precision
 
 
 def test_lora_deltas_do_not_copy_w0() -> None:
-    from idlab.lora import apply_lora, lora_deltas
-    from idlab.methods import prepare
+    from idlab import methods
+    from idlab.methods.lora import LoraAxes
+    from idlab.methods.lora_peft import apply_lora, lora_deltas
 
-    run = RunConfig(method="lora", r=2, target_modules=("net.0",), lora_alpha=4.0)
-    prep = prepare(_mlp(torch.bfloat16), run)
+    run = RunConfig(method="lora", axes=LoraAxes(r=2, target_modules=("net.0",), lora_alpha=4.0))
+    prep = methods.get(run.method).prepare(_mlp(torch.bfloat16), run.axes, run.seed)
     deltas = prep.deltas()
     assert deltas and all(d.base_weight is None for d in deltas.values())  # no W_0 on the host
     assert all(d.A.dtype == d.B.dtype == torch.float32 and d.A.device.type == "cpu" for d in deltas.values())

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from idlab.config import TARGET_SETS, StudyConfig, load_study
-from idlab.sweep.grid import expand, resolve_config_path
+from idlab.config import StudyConfig, load_study
+from idlab.methods.lora import TARGET_SETS
+from idlab.sweep.driver import resolve_config_path
+from idlab.sweep.grid import expand
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 RECIPES = CONFIGS / "recipes"
@@ -64,5 +66,5 @@ def test_recipe_settings_that_matter() -> None:
     for name in ("tinyllama_rank_grid.yaml", "llama2_7b_rank_grid.yaml"):
         study = load_study(RECIPES / name)
         assert study.lora.r == (1, 2, 4, 8, 16, 32, 64) and study.lora.target_modules == grid
-    llama = load_study(RECIPES / "llama2_7b_rank_grid.yaml", ["subspace.baseline=0.85"])
-    assert llama.model.dtype == "bfloat16" and llama.subspace.baseline == 0.85
+    llama = load_study(RECIPES / "llama2_7b_rank_grid.yaml", ["target.baseline=0.85"])
+    assert llama.model.dtype == "bfloat16" and llama.target.baseline == 0.85

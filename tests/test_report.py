@@ -13,7 +13,7 @@ import pytest
 
 from idlab.config import study_from_dict
 from idlab.report import cell_table, load_results, make_report, thin_crossings, threshold_crossing
-from idlab.sweep.grid import run_sweep
+from idlab.sweep.driver import run_sweep
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FIGURES = ["perf_vs_params", "perf_vs_d", "lora_rank_target_heatmap", "spectra", "energy", "phi_rank", "phi_seed",

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from idlab import methods
 from idlab.config import RunConfig, load_study
 from idlab.errors import ConfigError
-from idlab.methods import projection_options
 from idlab.runs import run_id
+from idlab.sweep.build import build_task_and_model
 from idlab.sweep.grid import expand
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def test_study_expansion_keeps_the_run_ids_of_before(case: str) -> None:
     new = expand(load_study(REPO / path, overrides))
     assert len(new) == len(old)
     for (rid_old, _), (rid_new, run_new) in zip(old, new, strict=True):
-        is_blocks = run_new.method == "subspace" and run_new.projection == "fastfood"
+        is_blocks = getattr(run_new.axes, "projection", None) == "fastfood"
         assert (rid_old != rid_new) == is_blocks
         assert run_new.to_dict().get("layout") == ("blocks" if is_blocks else None)
 
@@ -64,10 +65,13 @@ def test_fastfood_state_has_one_name_up_to_the_projection() -> None:
     study = load_study(REPO / "experiments/configs/smoke.yaml", ["methods=[subspace]", "subspace.layout=global",
                                                                    "subspace.fastfood_state=index"])
     (_, run), *_ = expand(study)
-    assert run.fastfood_state == "index" and run.to_dict()["fastfood_state"] == "index"
-    assert projection_options(run) == {"fastfood_state": "index"}
+    assert run.axes.fastfood_state == "index" and run.to_dict()["fastfood_state"] == "index"  # type: ignore[attr-defined]
+    prep = methods.get(run.method).prepare(build_task_and_model(run)[1], run.axes, run.seed)
+    assert prep.model.projection_options == {"fastfood_state": "index"}
     default = load_study(REPO / "experiments/configs/smoke.yaml", ["methods=[subspace]"])
-    assert projection_options(expand(default)[0][1]) is None
+    (_, drun), *_ = expand(default)
+    prep = methods.get(drun.method).prepare(build_task_and_model(drun)[1], drun.axes, drun.seed)
+    assert prep.model.projection_options == {}
 
 
 def test_study_train_block_is_train_config() -> None:
@@ -76,7 +80,7 @@ def test_study_train_block_is_train_config() -> None:
 
     study = load_study(REPO / "experiments/configs/smoke.yaml", ["train.betas=[0.9,0.99]"])
     assert isinstance(study.train, TrainConfig) and study.train.betas == (0.9, 0.99)
-    with pytest.raises(ConfigError, match=r"train\.lr.*per run.*full\.lr"):
+    with pytest.raises(ConfigError, match=r"train\.lr.*per run.*<method>\.lr"):
         load_study(REPO / "experiments/configs/smoke.yaml", ["train.lr=0.1"])
     with pytest.raises(ConfigError, match=r"train\.seed.*seeds"):
         load_study(REPO / "experiments/configs/smoke.yaml", ["train.seed=3"])

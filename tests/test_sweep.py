@@ -15,7 +15,8 @@ import pytest
 
 from idlab.config import study_from_dict
 from idlab.runs import RunStore
-from idlab.sweep.grid import expand, run_sweep
+from idlab.sweep.driver import run_sweep
+from idlab.sweep.grid import expand
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 REPO = Path(__file__).resolve().parents[1]
@@ -152,17 +153,17 @@ def test_d_auto_refines_near_the_crossing(tmp_path: Path) -> None:
     """d: auto adds bisection points between the bracketing grid values, derived from results only."""
     raw = tiny_study(tmp_path, seeds=[0], methods=["subspace"])
     raw["subspace"] = {"d": "auto", "auto_min": 1, "auto_max": 100, "auto_per_decade": 1, "refine": 1,
-                       "projection": ["dense"], "head": "project", "lr": [0.05], "baseline": 1.0,
-                       "threshold": 0.9}
+                       "projection": ["dense"], "head": "project", "lr": [0.05]}
+    raw["target"] = {"baseline": 1.0, "threshold": 0.9}
     study = study_from_dict(raw)
-    assert sorted(c.d for _, c in expand(study)) == [1, 10, 100]
+    assert sorted(c.axes.d for _, c in expand(study))  # type: ignore[attr-defined] == [1, 10, 100]
     store = RunStore(study.study_dir())
     # fake results: d=1 -> 0.3, d=10 -> 0.5, d=100 -> 0.95 (crossing between 10 and 100)
     for rid, c in expand(study, store):
-        acc = {1: 0.3, 10: 0.5, 100: 0.95}[c.d]
+        acc = {1: 0.3, 10: 0.5, 100: 0.95}[c.axes.d]  # type: ignore[attr-defined]
         store.write(rid, {"run_id": rid, "status": "ok", "config": c.to_dict(), "metric": "accuracy",
                           "metrics": {"accuracy": acc}, "best": {"accuracy": acc}})
-    ds = sorted(c.d for _, c in expand(study, store))
+    ds = sorted(c.axes.d for _, c in expand(study, store))  # type: ignore[attr-defined]
     assert ds == [1, 10, 32, 100]
 
 
@@ -187,7 +188,7 @@ def test_fastfood_state_index_same_results_new_key_only_when_set(tmp_path: Path)
 def test_bare_config_names_resolve_in_the_checkout_and_idlab_config_path(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bare name is looked up in ./experiments/configs, then $IDLAB_CONFIG_PATH; never next to the library."""
-    from idlab.sweep.grid import resolve_config_path
+    from idlab.sweep.driver import resolve_config_path
 
     mine = tmp_path / "studies"
     mine.mkdir()
@@ -207,15 +208,16 @@ def test_sweep_and_report_pick_the_same_full_ft_baseline(tmp_path: Path) -> None
     import pandas as pd
 
     from idlab.d90 import make_baseline
+    from idlab.methods.full import FullAxes
     from idlab.report.tables import baseline as report_baseline
     from idlab.runs import run_id
-    from idlab.sweep.grid import _base, baseline_value
+    from idlab.sweep.grid import baseline_value, run_config
 
     raw = tiny_study(tmp_path, seeds=[0, 1, 2], full={"lr": [1e-3, 1e-2, 1e-1]})
     study = study_from_dict(raw)
     # 1e-3: mean 0.80; 1e-2: mean 0.85 but a diverged seed (a failure); 1e-1: mean 0.70
     table = {1e-3: [0.9, 0.7, 0.8], 1e-2: [0.95, math.nan, 0.9], 1e-1: [0.7, 0.7, 0.7]}
-    stored = {run_id(_base(study, "full", seed, lr)): (lr, seed, sc)
+    stored = {run_id(run_config(study, "full", FullAxes(), lr, seed)): (lr, seed, sc)
               for lr, scs in table.items() for seed, sc in enumerate(scs)}
 
     class Store:

@@ -129,7 +129,7 @@ def test_lm_task_loss_and_metrics() -> None:
 
 
 def test_lm_task_trains_tiny_llama() -> None:
-    from idlab.lora import apply_lora
+    from idlab.methods.lora_peft import apply_lora
     from idlab.models import tiny_llama
     from idlab.training.loop import TrainConfig, train
 

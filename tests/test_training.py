@@ -69,7 +69,7 @@ def test_public_names_are_not_shadowed_by_submodules() -> None:
 
     import idlab
 
-    for name in ("training", "subspace", "subspace.projections", "lora", "d90", "models", "analysis"):
+    for name in ("training", "subspace", "subspace.projections", "methods", "methods.lora_peft", "d90", "models", "analysis"):
         importlib.import_module(f"idlab.{name}")
     for name in idlab.__all__:
         obj = getattr(idlab, name)

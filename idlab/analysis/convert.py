@@ -64,7 +64,7 @@ def deltas_to_adapter(
     """Truncate every update to rank r and write a PEFT adapter folder at ``path``.
 
     Each entry goes through `to_lora` (B = U_r S_r, A = Vh_r, alpha = r so scale = 1), then
-    ``idlab.lora.write_adapter`` writes ``adapter_config.json`` and
+    ``idlab.methods.lora_peft.write_adapter`` writes ``adapter_config.json`` and
     ``adapter_model.safetensors``. Keys are the base model's module names
     (``model.layers.3.self_attn.q_proj``).
 
@@ -74,10 +74,10 @@ def deltas_to_adapter(
     if not deltas:
         raise ValueError("deltas is empty; pass at least one module name -> update")
     try:
-        from idlab.lora import write_adapter
-    except ImportError as e:  # pragma: no cover - depends on idlab.lora being present
+        from idlab.methods.lora_peft import write_adapter
+    except ImportError as e:  # pragma: no cover - depends on idlab.methods.lora_peft being present
         raise ImportError(
-            "idlab.lora.write_adapter is needed to write a PEFT adapter but could not be "
+            "idlab.methods.lora_peft.write_adapter is needed to write a PEFT adapter but could not be "
             f"imported ({e}); make sure idlab/lora.py is present"
         ) from e
     converted: dict[str, LowRankDelta] = {}

@@ -22,10 +22,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from idlab import methods
 from idlab.config.schema import (
-    METHODS,
     PER_RUN_TRAIN_FIELDS,
-    TARGET_SETS,
     ConfigError,
     StudyConfig,
     TrainConfig,
@@ -83,8 +82,6 @@ def _coerce(tp: Any, value: Any, key: str, where: str) -> Any:
             if len(items) != len(typing.get_args(tp)):
                 raise _fail(where, key, f"got {value!r}; expected {len(typing.get_args(tp))} values")
             return tuple(_coerce(a, v, f"{key}[{i}]", where) for i, (a, v) in enumerate(zip(typing.get_args(tp), items)))
-        if key.endswith("target_modules") and typing.get_origin(inner) is tuple:
-            return _target_sets(value, key, where)
         if value is None:
             raise _fail(where, key, f"must not be null; expected {_type_name(tp)}")
         items = list(value) if isinstance(value, (list, tuple)) else [value]
@@ -115,37 +112,11 @@ def _coerce(tp: Any, value: Any, key: str, where: str) -> Any:
     raise _fail(where, key, f"unsupported field type {tp}")  # pragma: no cover
 
 
-def _target_sets(value: Any, key: str, where: str) -> tuple[tuple[str, ...], ...]:
-    items = value if isinstance(value, (list, tuple)) else [value]
-    if not items:
-        raise _fail(where, key, "must not be an empty list")
-    # a flat list of module names (not aliases) is one set
-    if all(isinstance(v, str) for v in items) and not any(v in TARGET_SETS or "," in v for v in items):
-        items = [list(items)]
-    out = []
-    for i, v in enumerate(items):
-        if isinstance(v, str):
-            if v in TARGET_SETS:
-                out.append(TARGET_SETS[v])
-            elif "," in v:
-                out.append(tuple(s.strip() for s in v.split(",") if s.strip()))
-            else:
-                raise _fail(
-                    where, f"{key}[{i}]",
-                    f"unknown target set {v!r}; allowed aliases: {', '.join(TARGET_SETS)} "
-                    "(or a list of module names)",
-                )
-        elif isinstance(v, (list, tuple)) and v and all(isinstance(s, str) for s in v):
-            out.append(tuple(v))
-        else:
-            raise _fail(where, f"{key}[{i}]", f"got {v!r}; expected an alias or a list of module names")
-    return tuple(out)
-
-
-def _build(cls: Any, raw: Any, path: str, where: str) -> Any:
+def _build(cls: Any, raw: Any, path: str, where: str, renamed: Mapping[str, str] | None = None) -> Any:
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     per_run = PER_RUN_TRAIN_FIELDS if cls is TrainConfig else {}
+    renamed = renamed or {}
     if isinstance(raw, (str, int)) and not isinstance(raw, bool) and "name" in fields:
         raw = {"name": raw}  # `model: smollm2-135m` == `model: {name: smollm2-135m}`
     if raw is None:
@@ -157,9 +128,19 @@ def _build(cls: Any, raw: Any, path: str, where: str) -> Any:
         full = f"{path}.{k}" if path else str(k)
         if k in per_run:
             raise _fail(where, full, f"is set per run, not in the train block; use {per_run[k]}")
+        if k in renamed and k not in fields:
+            raise _fail(where, full, f"was renamed: use {renamed[k]}")
         if k not in fields:
             raise _fail(where, full, f"unknown key; allowed keys{' under ' + repr(path) if path else ''}: "
                         + ", ".join(f for f in fields if f not in per_run))
+        parse = fields[k].metadata.get("parse")  # a field's own reader (e.g. LoRA target-set aliases)
+        if parse is not None:
+            try:
+                v = parse(v)
+            except ValueError as e:
+                msg = str(e)  # "[i]: why" names an item of the value
+                idx, sep, rest = msg.partition("]: ") if msg.startswith("[") else ("", "", msg)
+                raise _fail(where, full + (idx + "]" if sep else ""), rest) from None
         kwargs[k] = _coerce(hints[k], v, full, where)
     try:
         obj = cls(**kwargs)
@@ -173,29 +154,22 @@ def _validate(cfg: StudyConfig, where: str) -> None:
 
     check_task(cfg, where)
     if not cfg.methods:
-        raise _fail(where, "methods", f"must list at least one of {', '.join(METHODS)}")
+        raise _fail(where, "methods", f"must list at least one of {', '.join(methods.names())}")
     if len(set(cfg.methods)) != len(cfg.methods):
         raise _fail(where, "methods", f"duplicates in {list(cfg.methods)}")
-    for k, vals in (("lora.r", cfg.lora.r), ("seeds", cfg.seeds)):
-        lo = 1 if k == "lora.r" else 0
-        if any(v < lo for v in vals):
-            raise _fail(where, k, f"got {list(vals)}; every value must be >= {lo}")
-    if cfg.subspace.d != "auto" and any(d < 1 for d in cfg.subspace.d):
-        raise _fail(where, "subspace.d", f"got {list(cfg.subspace.d)}; every d must be >= 1 (or d: auto)")
-    if cfg.subspace.layout == "blocks" and cfg.subspace.fastfood_state not in ("auto", "none"):
-        raise _fail(where, "subspace.fastfood_state", f"got {cfg.subspace.fastfood_state!r} with layout 'blocks', "
-                    "which has no state to keep; use 'auto' (or 'none'), or subspace.layout=global")
-    if cfg.subspace.auto_per_decade not in (1, 2, 3):
-        raise _fail(where, "subspace.auto_per_decade", "allowed values: 1, 2, 3")
-    if not 0 < cfg.subspace.threshold <= 1:
-        raise _fail(where, "subspace.threshold", f"got {cfg.subspace.threshold}; must be in (0, 1]")
-    try:
-        cfg.lora.alpha_for(1)
-    except ValueError:
-        raise _fail(where, "lora.alpha", f"got {cfg.lora.alpha!r}; allowed: '<c>r' (e.g. 2r, r) or a number") from None
-    for name, lrs in (("full.lr", cfg.full.lr), ("lora.lr", cfg.lora.lr), ("subspace.lr", cfg.subspace.lr)):
-        if any(not lr > 0 for lr in lrs):
-            raise _fail(where, name, f"got {list(lrs)}; learning rates must be > 0")
+    unknown = [m for m in cfg.methods if m not in methods.names()]
+    if unknown:
+        raise _fail(where, "methods", f"unknown method(s) {unknown}; registered methods: {', '.join(methods.names())}")
+    if any(s < 0 for s in cfg.seeds):
+        raise _fail(where, "seeds", f"got {list(cfg.seeds)}; every value must be >= 0")
+    if not 0 < cfg.target.threshold <= 1:
+        raise _fail(where, "target.threshold", f"got {cfg.target.threshold}; must be in (0, 1]")
+    for name in cfg.methods:
+        m = methods.get(name)
+        settings = cfg.settings(name)
+        m.check(settings, where)
+        if any(not lr > 0 for lr in m.learning_rates(settings)):
+            raise _fail(where, f"{name}.lr", f"got {list(m.learning_rates(settings))}; learning rates must be > 0")
     # train.* values are checked by TrainConfig itself (its __post_init__), when it is built
 
 
@@ -229,8 +203,18 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 
 
 def study_from_dict(raw: Mapping[str, Any], where: str = "<dict>") -> StudyConfig:
-    """Build and validate a `StudyConfig` from a plain mapping (``where`` names the source in errors)."""
-    cfg: StudyConfig = _build(StudyConfig, dict(raw), "", where)
+    """Build and validate a `StudyConfig` from a plain mapping (``where`` names the source in errors).
+
+    A top-level key naming a registered method is that method's block (its ``settings_type``).
+    """
+    raw = dict(raw)
+    blocks = {}
+    for name in methods.names():
+        if name in raw:
+            m = methods.get(name)
+            blocks[name] = _build(m.settings_type, raw.pop(name), name, where, m.renamed)
+    cfg: StudyConfig = _build(StudyConfig, raw, "", where)
+    cfg = dataclasses.replace(cfg, method_settings=blocks)
     _validate(cfg, where)
     return cfg
 
@@ -259,7 +243,11 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> StudyConfig:
 
 
 def to_dict(cfg: Any) -> Any:
-    """A dataclass config as plain JSON-able data (tuples -> lists)."""
+    """A dataclass config as plain JSON-able data (tuples -> lists); a study's method blocks are
+    top-level keys named by their method (every registered method, so study.json is complete)."""
+    if isinstance(cfg, StudyConfig):
+        out = {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name != "method_settings"}
+        return {**out, **{name: to_dict(cfg.settings(name)) for name in methods.names()}}
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
         return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     if isinstance(cfg, (tuple, list)):
@@ -272,7 +260,7 @@ def describe_fields(cls: Any = StudyConfig, prefix: str = "") -> list[str]:
     lines = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if cls is TrainConfig and f.name in PER_RUN_TRAIN_FIELDS:
+        if (cls is TrainConfig and f.name in PER_RUN_TRAIN_FIELDS) or f.metadata.get("internal"):
             continue
         key = prefix + f.name
         tp = hints[f.name]
@@ -282,6 +270,11 @@ def describe_fields(cls: Any = StudyConfig, prefix: str = "") -> list[str]:
             continue
         default = f.default if f.default is not dataclasses.MISSING else "-"
         lines.append(f"  {key} ({_type_name(tp)}, default {to_dict(default)!r}): {f.metadata.get('help', '')}")
+    if cls is StudyConfig:
+        for name in methods.names():
+            m = methods.get(name)
+            lines.append(f"{name}: {m.help} (the method's block)")
+            lines += describe_fields(m.settings_type, name + ".")
     return lines
 
 

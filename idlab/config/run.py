@@ -1,29 +1,27 @@
 """`RunConfig`: the typed, frozen config of one run (what `idlab.sweep.expand` produces).
 
 One run = one method at one point of its axes, one learning rate, one seed. Every
-consumer reads typed fields (``run.d``, ``run.said``, ``run.train.lr``); the option names
-are the study file's names all the way to the projection (``subspace.fastfood_state`` is
-``RunConfig.fastfood_state``, passed on by `idlab.methods.projection_options`).
+consumer reads typed fields (``run.axes.d``, ``run.train.lr``); the option names are the study
+file's names all the way to the projection (``subspace.fastfood_state`` is
+``SubspaceAxes.fastfood_state``).
 
 Serialisation (`RunConfig.to_dict`, hashed by `idlab.runs.run_id`; the ``config`` of every
 ``result.json``) keeps the layout run ids have always been computed from::
 
     {"model": name, "model_options": {hidden, dtype}, "task": name,
      "task_options": {max_length, max_train, max_val, data_dir}, "train": {...},
-     "method": ..., "seed": ..., "lr": ...,
-     lora:     "r", "target_modules", "target_set", "lora_alpha", "use_rslora", "lora_dropout"
-     subspace: "projection", "said", "head", "d"
-               (Fastfood: + "layout" when not "global", + "fastfood_state" when not "auto"/"all")}
+     "method": ..., "seed": ..., "lr": ..., **axes.to_dict()}
+
+where the method's `idlab.methods.Axes` give their own keys (LoRA: r, target_modules,
+target_set, lora_alpha, use_rslora, lora_dropout; subspace: projection, said, head, d, and
+for Fastfood layout / fastfood_state when not at their pre-layout values).
 
 Compatibility defaults (so that every existing run id stays valid): the ``train`` mapping
 always holds the ten `LEGACY_TRAIN_KEYS`; any other `idlab.training.loop.TrainConfig` field
 (``betas``, ``eval_at_start``, and fields added later) enters it only when it differs from
 its default; ``lr`` and ``seed`` are top-level keys; ``device`` and ``progress`` (where and
 how, not what) never enter it. Model and task options follow the same rule with
-`LEGACY_MODEL_KEYS` / `LEGACY_TASK_KEYS`. ``fastfood_state`` enters only for a Fastfood
-projection and when not "auto" or "all" (it changes speed and memory, never P). ``layout``
-changes P: it enters for a Fastfood projection unless "global", the layout of every run
-made before layouts existed (a stored config without it is a global one).
+`LEGACY_MODEL_KEYS` / `LEGACY_TASK_KEYS`. The axes keep their own rules (`Axes.to_dict`).
 """
 
 from __future__ import annotations
@@ -31,9 +29,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from idlab.config.schema import ModelConfig, TaskConfig, TrainConfig, target_set_label
+from idlab import methods
+from idlab.config.schema import ModelConfig, TaskConfig, TrainConfig
+from idlab.methods import Axes
 
 LEGACY_TRAIN_KEYS = ("steps", "epochs", "batch_size", "eval_every", "eval_batch_size", "optimizer",
                      "weight_decay", "schedule", "warmup_steps", "grad_clip")
@@ -78,41 +78,32 @@ def _from_options(cls: Any, values: Mapping[str, Any], **extra: Any) -> Any:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One run: method and its axes, model, task, training settings (lr and seed filled in).
+    """One run: a method at one point of its axes, the model, the task, the training settings.
 
     Attributes:
-        method: "full", "lora" or "subspace".
+        method: a registered method name (`idlab.methods.names`).
         model, task: the study's model and task configs.
-        train: `idlab.training.loop.TrainConfig` of this run (``train.lr``, ``train.seed`` are the run's).
-        r, target_modules, lora_alpha, use_rslora, lora_dropout: LoRA axes (method "lora").
-        d, projection, said, head: subspace axes (method "subspace").
-        layout, fastfood_state: Fastfood only: the layout of P ("blocks" or Li's "global") and what
-            the projection keeps between calls ("auto": "none" for blocks, "all" for global).
+        train: `idlab.training.TrainConfig` of this run (``train.lr``, ``train.seed`` are the run's).
+        axes: the method's own axes (`idlab.methods.Axes` subclass of that method: rank and
+            target set for LoRA, d / projection / SAID for a subspace run, none for full).
     """
 
-    method: Literal["full", "lora", "subspace"]
+    method: str
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    r: int | None = None
-    target_modules: tuple[str, ...] | None = None
-    lora_alpha: float | None = None
-    use_rslora: bool = False
-    lora_dropout: float = 0.0
-    d: int | None = None
-    projection: Literal["dense", "sparse", "fastfood"] | None = None
-    said: bool = False
-    head: Literal["train", "project"] = "train"
-    layout: Literal["blocks", "global"] = "global"
-    fastfood_state: Literal["auto", "all", "index", "none"] = "auto"
+    axes: Axes = field(default_factory=Axes)
 
     def __post_init__(self) -> None:
-        if self.method == "lora" and (self.r is None or not self.target_modules or self.lora_alpha is None):
-            raise ValueError("RunConfig: a lora run needs r, target_modules and lora_alpha")
-        if self.method == "subspace" and (self.d is None or self.projection is None):
-            raise ValueError("RunConfig: a subspace run needs d and projection")
-        if self.method not in ("full", "lora", "subspace"):
-            raise ValueError(f"RunConfig: unknown method {self.method!r}; allowed values: full, lora, subspace")
+        m = methods.get(self.method)  # ValueError naming the registered methods
+        if type(self.axes) is Axes and m.axes_type is not Axes:  # the default: the method's empty axes
+            try:
+                object.__setattr__(self, "axes", m.axes_type())
+            except TypeError:
+                raise ValueError(f"RunConfig: a {self.method} run needs its axes ({m.axes_type.__name__})") from None
+        if type(self.axes) is not m.axes_type:
+            raise ValueError(f"RunConfig: method {self.method!r} takes {m.axes_type.__name__} axes, "
+                             f"got {type(self.axes).__name__}")
 
     @property
     def seed(self) -> int:
@@ -124,30 +115,14 @@ class RunConfig:
         """The run's learning rate (``train.lr``)."""
         return self.train.lr
 
-    @property
-    def target_set(self) -> str | None:
-        """Short label of the LoRA target modules (`target_set_label`)."""
-        return target_set_label(self.target_modules) if self.target_modules else None
-
     def to_dict(self) -> dict[str, Any]:
         """The JSON-able layout hashed into the run id (module docstring)."""
-        out: dict[str, Any] = {
+        return {
             "model": self.model.name, "model_options": _options(self.model, LEGACY_MODEL_KEYS),
             "task": self.task.name, "task_options": _options(self.task, LEGACY_TASK_KEYS),
             "train": _options(self.train, LEGACY_TRAIN_KEYS, _TRAIN_OUTSIDE),
-            "method": self.method, "seed": self.seed, "lr": self.lr,
+            "method": self.method, "seed": self.seed, "lr": self.lr, **self.axes.to_dict(),
         }
-        if self.method == "lora":
-            out.update({"r": self.r, "target_modules": list(self.target_modules or ()), "target_set": self.target_set,
-                        "lora_alpha": self.lora_alpha, "use_rslora": self.use_rslora,
-                        "lora_dropout": self.lora_dropout})
-        elif self.method == "subspace":
-            out.update({"projection": self.projection, "said": self.said, "head": self.head, "d": self.d})
-            if self.projection == "fastfood" and self.layout != "global":
-                out["layout"] = self.layout
-            if self.projection == "fastfood" and self.fastfood_state not in ("auto", "all"):
-                out["fastfood_state"] = self.fastfood_state
-        return out
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> RunConfig:
@@ -155,26 +130,12 @@ class RunConfig:
         model = _from_options(ModelConfig, cfg.get("model_options") or {}, name=cfg["model"])
         task = _from_options(TaskConfig, cfg.get("task_options") or {}, name=cfg["task"])
         train = _from_options(TrainConfig, cfg.get("train") or {}, lr=float(cfg["lr"]), seed=int(cfg["seed"]))
-        method = cfg["method"]
-        kw: dict[str, Any] = {}
-        if method == "lora":
-            kw = {"r": int(cfg["r"]), "target_modules": tuple(cfg["target_modules"]),
-                  "lora_alpha": float(cfg["lora_alpha"]), "use_rslora": bool(cfg.get("use_rslora", False)),
-                  "lora_dropout": float(cfg.get("lora_dropout", 0.0))}
-        elif method == "subspace":
-            kw = {"d": int(cfg["d"]), "projection": cfg["projection"], "said": bool(cfg["said"]),
-                  "head": cfg.get("head", "train"), "layout": cfg.get("layout", "global"),
-                  "fastfood_state": cfg.get("fastfood_state", "auto")}
-        return cls(method=method, model=model, task=task, train=train, **kw)
+        return cls(method=cfg["method"], model=model, task=task, train=train, axes=methods.axes_from_config(cfg))
 
     def label(self) -> str:
         """A short human label: ``lora r=4 qv lr=0.001 seed=0``."""
-        extra = ""
-        if self.method == "lora":
-            extra = f" r={self.r} {self.target_set}"
-        elif self.method == "subspace":
-            extra = f" d={self.d} {self.projection}{' said' if self.said else ''}"
-        return f"{self.method}{extra} lr={self.lr:g} seed={self.seed}"
+        extra = self.axes.label()
+        return f"{self.method}{' ' + extra if extra else ''} lr={self.lr:g} seed={self.seed}"
 
 
 __all__ = ["LEGACY_MODEL_KEYS", "LEGACY_TASK_KEYS", "LEGACY_TRAIN_KEYS", "RunConfig"]

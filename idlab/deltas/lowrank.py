@@ -1,6 +1,6 @@
 """LowRankDelta: a weight update kept in factored form, Delta W = scale * B @ A.
 
-Shared by the LoRA layer (`idlab.lora.lora_deltas`), the analysis package
+Shared by the LoRA layer (`idlab.methods.lora_peft.lora_deltas`), the analysis package
 (`idlab.analysis`, which never forms the dense matrix unless asked) and
 `idlab.analysis.to_lora` (which turns any dense update into one).
 """

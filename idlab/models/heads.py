@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 CLASSIFIER_HEADS: dict[str, str] = {
     "llama": "score",
@@ -42,10 +42,16 @@ def head_module_name(model: nn.Module) -> str | None:
 def classifier_head_name(model: nn.Module) -> str:
     """`head_module_name`, raising when the model has no classification head.
 
-    Pass it as ``modules_to_save`` to `idlab.lora.apply_lora` so the new head trains.
+    Pass it as ``modules_to_save`` to `idlab.methods.lora_peft.apply_lora` so the new head trains.
     """
     name = head_module_name(model)
     if name is None:
         raise ValueError(f"classifier_head_name: cannot tell the head of model_type {_model_type(model)!r}; "
                          "it has neither a 'score' nor a 'classifier' module")
     return name
+
+
+def linear_weights(model: nn.Module) -> dict[str, Tensor]:
+    """``{module name: weight}`` of every ``nn.Linear`` (2-D weights) in ``model``: the weights whose
+    Delta W a run records."""
+    return {n: m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.ndim == 2}

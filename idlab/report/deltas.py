@@ -90,7 +90,8 @@ def _const(weights: dict[str, Any]) -> Any:
 def base_weights(grp: pd.DataFrame) -> dict[str, Any]:
     """W_0 (every nn.Linear weight) of the base model of these runs' seed, rebuilt as the sweep built it."""
     from idlab.config import RunConfig
-    from idlab.methods import build_task_and_model, linear_weights
+    from idlab.models import linear_weights
+    from idlab.sweep.build import build_task_and_model
 
     res = read_json(Path(grp["run_dir"].iloc[0]) / "result.json") or {}
     _, model = build_task_and_model(RunConfig.from_dict(res["config"]))

@@ -206,7 +206,7 @@ def spectrum_label(row: Mapping[str, Any], targets: bool = False) -> str:
     if m == "lora":
         tm = row.get("target_modules")
         if targets and isinstance(tm, str) and tm:
-            from idlab.config import target_set_label
+            from idlab.methods.lora import target_set_label
 
             return f"LoRA {target_set_label(tm.split(','))} r={int(row['r'])}"
         return f"LoRA r={int(row['r'])}"

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from idlab import methods
+from idlab.config.schema import target_of
 from idlab.d90 import make_baseline, rate_baseline, rate_scores, select_lr
 
 CELL_KEYS = ["study", "method", "variant", "target_set", "r", "projection", "said", "d", "use_rslora"]
@@ -124,13 +126,15 @@ def amplification_table(align: pd.DataFrame, ranks: Sequence[int] = (4, 64)) -> 
 
 
 def baseline(runs: pd.DataFrame, meta: Mapping[str, Any], score: str) -> dict[str, Any]:
-    """The study's d90 baseline: ``subspace.baseline``, else the full-FT runs at the lr of `idlab.d90.rate_baseline`."""
-    sub = (meta.get("study") or {}).get("subspace") or {}
-    threshold = float(sub.get("threshold", 0.9))
-    if sub.get("baseline") is not None:
-        b = make_baseline(float(sub["baseline"]), threshold, "global (fixed)")
+    """The study's crossing baseline: ``target.baseline``, else the baseline method's runs (full FT) at the
+    lr of `idlab.d90.rate_baseline`."""
+    target = target_of(meta.get("study") or {})
+    threshold = target.threshold
+    if target.baseline is not None:
+        b = make_baseline(target.baseline, threshold, "global (fixed)")
         return {"value": b.value, "kind": b.kind, "threshold": b.threshold, "target": b.target}
-    full = runs[(runs["method"] == "full") & runs["status"].isin(["ok", "diverged"])] if not runs.empty else runs
+    base = methods.baseline_method().name
+    full = runs[(runs["method"] == base) & runs["status"].isin(["ok", "diverged"])] if not runs.empty else runs
     by_lr: dict[float, dict[int, float]] = {}
     for lr, seed, sc in zip(full.get("lr", []), full.get("seed", []), full.get(score, [])):
         if pd.notna(lr) and pd.notna(seed):

@@ -5,10 +5,28 @@ factory (`idlab.subspace.projections.make_projection`) sits above them.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor, nn
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant for mixing (seed, block) into one seed
+
+
+
+#: THE closed lists of the subspace engine (the config schema and every check read these).
+ProjectionKind = Literal["dense", "sparse", "fastfood"]
+KINDS: tuple[str, ...] = get_args(ProjectionKind)
+#: Fastfood layouts: "blocks" (hashed blocks, streamed per tensor) or "global" (Li et al.'s single block)
+Layout = Literal["blocks", "global"]
+LAYOUTS: tuple[str, ...] = get_args(Layout)
+#: THE default layout (study config, `make_projection`, `SubspaceModel`)
+DEFAULT_LAYOUT: Layout = "blocks"
+#: the layout of a stored Fastfood run config without a "layout" key (made before layouts existed)
+LEGACY_LAYOUT: Layout = "global"
+#: what a Fastfood projection keeps between calls ("auto": "none" for blocks, "all" for global)
+FastfoodState = Literal["auto", "all", "index", "none"]
+FASTFOOD_STATES: tuple[str, ...] = get_args(FastfoodState)
 
 
 def _generator(seed: int, stream: int = 0) -> torch.Generator:

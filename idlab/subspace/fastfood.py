@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from idlab.subspace.base import Projection, next_pow2
+from idlab.subspace.base import LAYOUTS, Projection, next_pow2
 from idlab.subspace.fastfood_global import (
     FASTFOOD_CHUNK,
     GLOBAL_STATES,
@@ -71,7 +71,6 @@ __all__ = [
     "hashed_perm",
 ]
 
-LAYOUTS = ("blocks", "global")
 BLOCK_STATES = ("none",)
 # "blocks": default largest block (power of two); pieces of a segment are at most this long.
 FASTFOOD_BLOCK = 1 << 20

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
+from idlab.subspace.base import DEFAULT_LAYOUT, LEGACY_LAYOUT
 from idlab.subspace.selection import (
     Slot,
     as_patterns,
@@ -137,7 +138,7 @@ class SubspaceModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         projection_options: Mapping[str, Any] | None = None,
         *,
-        layout: str = "blocks",
+        layout: str = DEFAULT_LAYOUT,
         recompute: bool = True,
     ) -> None:
         super().__init__()
@@ -442,7 +443,7 @@ class SubspaceModel(nn.Module):
         mine = self.config()
         keys = ["dim", "projection", "said", "D", "d_proj", "projected", "trained_excluded"]
         if self.kind == "fastfood":  # states saved before layouts existed used the global one
-            state = {**state, "layout": state.get("layout", "global")}
+            state = {**state, "layout": state.get("layout", LEGACY_LAYOUT)}
             keys.append("layout")
         for key in keys:
             if state.get(key) != mine[key]:

@@ -25,12 +25,9 @@ from collections.abc import Sequence
 
 import torch
 
-from idlab.subspace.base import Projection
+from idlab.subspace.base import DEFAULT_LAYOUT, KINDS, Projection
 from idlab.subspace.dense import DENSE_CACHE_LIMIT, DenseProjection
 from idlab.subspace.sparse import SparseProjection
-
-KINDS = ("dense", "sparse", "fastfood")
-
 
 # ----------------------------------------------------------------------------- factory
 
@@ -42,7 +39,7 @@ def make_projection(
     seed: int = 0,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
-    layout: str = "blocks",
+    layout: str = DEFAULT_LAYOUT,
     fastfood_state: str = "auto",
     keep_workspace: bool = True,
     dense_cache_limit: int = DENSE_CACHE_LIMIT,

@@ -14,38 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from idlab.config import RunConfig, StudyConfig
-from idlab.runs import RunStore
+from idlab.sweep.execute import run_one
 
 Run = tuple[str, RunConfig]  # (run id, resolved run config)
-
-
-# --------------------------------------------------------------------------- one run
-
-
-def run_one(study_dir: str, study_name: str, rid: str, run: RunConfig, device: str = "auto",
-            retry_failed: bool = True, progress: bool = False) -> str:
-    """Execute run ``rid`` and write it atomically, unless it is already complete. Returns its status.
-
-    This is what every executor calls (in-process, per-GPU worker, Slurm array task).
-    """
-    from idlab.methods import execute_run
-
-    store = RunStore(study_dir)
-    done, problem = store.check(rid)
-    if done is not None and problem is None and not (retry_failed and done.get("status") == "failed"):
-        return str(done.get("status", "ok"))
-    if problem is not None:
-        print(f"rerunning {rid}: {problem}", file=sys.stderr, flush=True)
-    result, writer = execute_run(run, rid, study_name, device=device, progress=progress)
-    try:
-        store.write(rid, result, writer)
-    except Exception as e:  # artifacts could not be written: record the failure instead
-        import traceback
-
-        result.update({"status": "failed", "error": f"writing artifacts: {type(e).__name__}: {e}",
-                       "traceback": traceback.format_exc()})
-        store.write(rid, result, None)
-    return str(result["status"])
 
 
 # --------------------------------------------------------------------------- executors

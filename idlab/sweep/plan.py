@@ -41,7 +41,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from idlab import methods
 from idlab.config.run import RunConfig
+from idlab.methods import Axes
 
 #: RSS of a fresh interpreter after ``import torch, transformers, peft, idlab.methods, idlab.training.loop,
 #: idlab.data.text`` (398 MB measured on the 2-core CPU box with torch 2.13.0+cpu, transformers 5.24).
@@ -99,22 +101,6 @@ class RunPlan:
 # --------------------------------------------------------------------------- the terms
 
 
-def subspace_memory(D: int, largest: int, weight_bytes: int, streamed: bool = False) -> int:
-    """Device bytes a subspace run adds on top of theta_0, its activations and theta_d's optimiser.
-
-    ``streamed`` (Fastfood layout "blocks", the default engine, docs/ENGINE.md): each weight is
-    built when its module reads it and rebuilt in the backward, so one tensor exists at a time:
-    the ``largest`` projected tensor in the weights' dtype (``weight_bytes`` each) plus its float32
-    offset and that offset's gradient, (weight_bytes + 2 x 4 B) x largest. Otherwise (layout
-    "global", dense, sparse): autograd keeps one reparameterised copy theta_0 + P theta_d of all
-    D projected entries, plus 2 x 4 B x the largest tensor. The projection's own state and scratch
-    are taken as negligible (one block of 2^20 floats for "blocks").
-    """
-    if streamed:
-        return (weight_bytes + 2 * 4) * largest
-    return D * weight_bytes + 2 * 4 * largest
-
-
 def _unique_params(model: nn.Module) -> list[nn.Parameter]:
     seen: set[int] = set()
     out = []
@@ -166,83 +152,56 @@ def activation_bytes(model: nn.Module, inputs: Tensor | Mapping[str, Tensor], ta
 
 
 def plan_memory(model: nn.Module, inputs: Tensor | Mapping[str, Tensor], targets: Tensor, *,
-                method: str, precision: str, device: str = "cpu", optimizer: str = "adamw",
-                loss: Literal["classification", "causal-lm"] = "classification",
-                subspace_dim: int = 0, head: str | None = None, run_id: str = "", label: str = "",
-                runtime_bytes: int | None = None, streamed: bool = False) -> RunPlan:
-    """The `RunPlan` of ``model`` (on ``meta``, prepared for ``method``) for one step of ``inputs``.
+                method: str, axes: Axes | None = None, precision: str, device: str = "cpu",
+                optimizer: str = "adamw", loss: Literal["classification", "causal-lm"] = "classification",
+                run_id: str = "", label: str = "", runtime_bytes: int | None = None) -> RunPlan:
+    """The `RunPlan` of ``model`` (on ``meta``, from ``Method.plan_model``) for one step of ``inputs``.
 
     Args:
-        model: on the meta device; for ``lora`` the PEFT-wrapped model; for ``full`` and
-            ``subspace`` the plain model (this function sets requires_grad as the method trains).
+        model: on the meta device, with ``requires_grad`` as the method's `plan_model` left it
+            (the LoRA-wrapped model; every float parameter for full and subspace runs).
         inputs, targets: one step's batch on meta (ids (B, T) or a dict of them; labels (B,)
             for classification, ids (B, T) for causal-LM).
-        method: full, lora or subspace; subspace_dim: d; head: the module trained directly
-            beside theta_d (subspace, head: train), else None; streamed: the subspace engine
-            builds one weight at a time (Fastfood layout "blocks", `subspace_memory`).
+        method, axes: the registered method and the run's axes (default: the method's empty
+            axes); the method adds its own terms (`idlab.methods.Method.plan_terms`).
         precision: fp32, tf32, bf16-mixed or bf16 (already resolved).
         device: cpu or cuda (the runtime term and where the copies live).
         runtime_bytes: overrides `CPU_RUNTIME_BYTES` / `CUDA_CONTEXT_BYTES`.
     """
+    m = methods.get(method)
+    axes = axes if axes is not None else m.axes_type()
     params = _unique_params(model)
     orig = {id(p): p.dtype for p in params}  # as loaded (the forward below may run in bf16)
-    D, largest, head_numel = 0, 0, 0
-    if method in ("full", "subspace"):
-        for p in params:
-            p.requires_grad_(p.is_floating_point())
     if precision in ("bf16", "bf16-mixed"):  # autocast: matmuls and what follows them in bf16
         for p in params:
             if p.is_floating_point():
                 p.data = p.data.to(torch.bfloat16)
     act, act_largest = activation_bytes(model, inputs, targets, loss)
-    if method == "subspace":
-        head_ids = {id(p) for p in model.get_submodule(head).parameters()} if head else set()
-        for p in params:
-            if not p.is_floating_point():
-                continue
-            if id(p) in head_ids:
-                head_numel += p.numel()
-            else:
-                D += p.numel()
-                largest = max(largest, p.numel())
-                p.requires_grad_(False)
+    terms = m.plan_terms(model, axes, precision, orig)  # may turn requires_grad off (subspace)
     total = sum(p.numel() for p in params)
     weights = sum(p.numel() * _BYTES.get(_train_dtype(p, orig[id(p)], precision), 4) for p in params)
     trainable = [p for p in params if p.requires_grad]
     t_bytes = sum(p.numel() * _BYTES.get(_train_dtype(p, orig[id(p)], precision), 4) for p in trainable)
-    n_trainable = sum(p.numel() for p in trainable)
-    method_bytes = 0
-    if method == "subspace":
-        n_trainable += subspace_dim
-        t_bytes += 4 * subspace_dim
-        wb = max((_BYTES.get(orig[id(p)], 4) for p in params if p.is_floating_point()), default=4)
-        method_bytes = subspace_memory(D, largest, 2 if precision == "bf16" else wb, streamed)
+    t_bytes += terms.extra_trainable_bytes
+    n_trainable = sum(p.numel() for p in trainable) + terms.extra_trainable
     if precision == "bf16-mixed":  # autocast keeps a bf16 copy of every fp32 linear weight it casts
-        weights += sum(2 * m.weight.numel() for m in model.modules()
-                       if isinstance(m, nn.Linear) and orig.get(id(m.weight)) == torch.float32)
+        weights += sum(2 * mod.weight.numel() for mod in model.modules()
+                       if isinstance(mod, nn.Linear) and orig.get(id(mod.weight)) == torch.float32)
     grads = t_bytes
     opt = {"adam": 2, "adamw": 2, "sgd": 1}.get(optimizer, 2) * t_bytes
     activations = act + 2 * act_largest
     runtime = runtime_bytes if runtime_bytes is not None else (CUDA_CONTEXT_BYTES if device == "cuda"
                                                                else CPU_RUNTIME_BYTES)
-    linear_numel = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     loaded = sum(p.numel() * _BYTES.get(orig[id(p)], 4) for p in params)
-    copies = 0
-    if method == "full":  # host copy of W_0 (as loaded) + Delta W in fp32
-        copies = sum(m.weight.numel() * _BYTES.get(orig.get(id(m.weight), torch.float32), 4)
-                     for m in model.modules() if isinstance(m, nn.Linear)) + 4 * linear_numel
-    elif method == "subspace":
-        copies = 4 * linear_numel
-    else:
-        copies = 4 * n_trainable
+    copies = terms.host_copies
     if device == "cuda":
         host = CPU_RUNTIME_BYTES + loaded + copies
     else:  # + glibc's retention of freed blocks (its mmap threshold grows): up to ~1.3 x the activations
-        host = weights + grads + opt + method_bytes + activations + runtime + copies + activations  # measured
+        host = weights + grads + opt + terms.method_bytes + activations + runtime + copies + activations  # measured
     tokens = int(math.prod(next(iter(inputs.values())).shape if isinstance(inputs, Mapping) else inputs.shape[:1]))
     return RunPlan(run_id=run_id, label=label, method=method, device=device, precision=precision,
                    total_parameters=total, trainable_parameters=n_trainable, tokens_per_step=tokens,
-                   weights_bytes=weights, grads_bytes=grads, optimizer_bytes=opt, method_bytes=method_bytes,
+                   weights_bytes=weights, grads_bytes=grads, optimizer_bytes=opt, method_bytes=terms.method_bytes,
                    activation_bytes=activations, runtime_bytes=runtime, host_bytes=host)
 
 
@@ -303,7 +262,7 @@ def model_config(name: str) -> tuple[Any, str]:
 def _meta_pretrained(name: str, task: str, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from idlab.methods import GLUE_LABELS
+    from idlab.sweep.build import GLUE_LABELS
 
     config, _ = model_config(name)
     with torch.device("meta"):
@@ -318,15 +277,15 @@ def _meta_pretrained(name: str, task: str, dtype: torch.dtype) -> nn.Module:
 
 
 def plan_run(run: RunConfig, rid: str = "", device: str = "cpu") -> RunPlan:
-    """The `RunPlan` of one run (as `idlab.sweep.expand` yields) on ``device``."""
-    from idlab.methods import _dtype, build_task_and_model, head_module_name
+    """The `RunPlan` of one run (as `idlab.sweep.grid.expand` yields) on ``device``."""
+    from idlab.sweep.build import build_task_and_model
 
     tname, mname = run.task.name, run.model.name
     bs = run.train.batch_size
     model_dtype = run.model.dtype
     loss: Literal["classification", "causal-lm"] = "classification"
     if tname.startswith(("glue/", "text/")) and ":" not in mname:
-        model = _meta_pretrained(mname, tname, _dtype(model_dtype))
+        model = _meta_pretrained(mname, tname, getattr(torch, model_dtype))
         seq = run.task.max_length
         inputs: Tensor | dict[str, Tensor] = {"input_ids": torch.ones(bs, seq, dtype=torch.long, device="meta")}
         if tname.startswith("text/"):
@@ -341,26 +300,14 @@ def plan_run(run: RunConfig, rid: str = "", device: str = "cpu") -> RunPlan:
         targets = y.to("meta")
         model_dtype = "float32"
     precision = plan_precision(run.train.precision, device, model_dtype)
-    head = None
-    if run.method == "lora":
-        from idlab.methods import prepare
-
-        model = prepare(model, run).model
-    elif run.method == "subspace" and run.head == "train":
-        head = head_module_name(model)
-    return plan_memory(model, inputs, targets, method=run.method, precision=precision, device=device,
-                       optimizer=run.train.optimizer, loss=loss, subspace_dim=run.d or 0, head=head,
-                       run_id=rid, label=_label(run),
-                       streamed=run.method == "subspace" and run.projection == "fastfood" and run.layout == "blocks")
+    model = methods.get(run.method).plan_model(model, run.axes, run.seed)
+    return plan_memory(model, inputs, targets, method=run.method, axes=run.axes, precision=precision,
+                       device=device, optimizer=run.train.optimizer, loss=loss, run_id=rid, label=_label(run))
 
 
 def _label(run: RunConfig) -> str:
     """The run's shape without lr and seed (plans are shared across those)."""
-    if run.method == "lora":
-        return f"lora r={run.r} {run.target_set or ''}".strip()
-    if run.method == "subspace":
-        return f"{'said' if run.said else 'did'} d={run.d} {run.projection or ''}".strip()
-    return "full"
+    return f"{run.method} {run.axes.label()}".strip()
 
 
 def plan_runs(study: Any, runs: Sequence[tuple[str, RunConfig]] | None = None,
@@ -408,23 +355,6 @@ def plan_table(plans: Sequence[RunPlan]) -> str:
     return "\n".join(lines)
 
 
-def main_plan(config: str, overrides: Sequence[str], device: str | None = None, as_json: bool = False) -> str:
-    """The body of ``idlab plan``: the table (or JSON lines) for a study."""
-    import json
-
-    from idlab.config import load_study
-    from idlab.sweep.grid import resolve_config_path
-
-    path = resolve_config_path(config, list(overrides))
-    study = load_study(path, list(overrides))
-    plans = plan_runs(study, device=device)
-    if as_json:
-        return "\n".join(json.dumps(p.to_dict()) for p in plans)
-    head = (f"plan {path}: study {study.name!r}, model {study.model.name} ({study.model.dtype}), "
-            f"{len(plans)} runs on {plans[0].device if plans else '?'}")
-    return head + "\n" + plan_table(plans)
-
-
-__all__ = ["CPU_RUNTIME_BYTES", "CUDA_CONTEXT_BYTES", "KNOWN_CONFIGS", "SLURM_HEADROOM", "RunPlan", "activation_bytes", "main_plan",
-           "model_config", "plan_memory", "plan_precision", "plan_run", "plan_runs", "plan_table", "subspace_memory",
+__all__ = ["CPU_RUNTIME_BYTES", "CUDA_CONTEXT_BYTES", "KNOWN_CONFIGS", "SLURM_HEADROOM", "RunPlan", "activation_bytes",
+           "model_config", "plan_memory", "plan_precision", "plan_run", "plan_runs", "plan_table",
            "target_device"]

@@ -27,21 +27,21 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from idlab.options import doc
+
 Until = Literal["steps", "converged"]
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 @dataclass(frozen=True)
 class ConvergenceRule:
     """The convergence rule (see the module docstring for the equations)."""
 
-    tol: float = field(default=0.002, metadata=_help("smallest improvement of the metric that counts (absolute)"))
-    window: float = field(default=0.2, metadata=_help("plateau window: the last fraction of the evaluated steps"))
+    tol: float = field(default=0.002, metadata=doc("smallest improvement of the metric that counts (absolute)"))
+    window: float = field(default=0.2, metadata=doc("plateau window: the last fraction of the evaluated steps"))
     patience: int | None = field(
-        default=3, metadata=_help("early stop after this many evaluations without a tol improvement (None: off)")
+        default=3, metadata=doc("early stop after this many evaluations without a tol improvement (None: off)")
     )
 
     def __post_init__(self) -> None:

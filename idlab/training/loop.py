@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from idlab.data.base import Task, inputs_to
+from idlab.options import doc
 from idlab.training.convergence import (
     ConvergenceRule,
     Until,
@@ -51,50 +52,48 @@ from idlab.training.devices import resolve_device as resolve_device
 DIVERGENCE_CHECK_EVERY = 100
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings shared by every method (one per run)."""
 
-    lr: float = field(default=1e-3, metadata=_help("peak learning rate"))
+    lr: float = field(default=1e-3, metadata=doc("peak learning rate"))
     optimizer: Literal["adam", "adamw", "sgd"] = field(
-        default="adamw", metadata=_help("optimizer: adam, adamw or sgd (momentum 0.9)")
+        default="adamw", metadata=doc("optimizer: adam, adamw or sgd (momentum 0.9)")
     )
-    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=_help("Adam betas"))
-    weight_decay: float = field(default=0.0, metadata=_help("decoupled (adamw) or L2 weight decay"))
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=doc("Adam betas"))
+    weight_decay: float = field(default=0.0, metadata=doc("decoupled (adamw) or L2 weight decay"))
     schedule: Literal["constant", "linear", "cosine"] = field(
-        default="constant", metadata=_help("learning-rate decay after warmup")
+        default="constant", metadata=doc("learning-rate decay after warmup")
     )
-    warmup_steps: int = field(default=0, metadata=_help("linear warmup steps"))
-    steps: int | None = field(default=None, metadata=_help("optimizer steps (overrides epochs)"))
-    epochs: float = field(default=1.0, metadata=_help("passes over the training set if steps is None"))
-    batch_size: int = field(default=32, metadata=_help("examples per step"))
+    warmup_steps: int = field(default=0, metadata=doc("linear warmup steps"))
+    steps: int | None = field(default=None, metadata=doc("optimizer steps (overrides epochs)"))
+    epochs: float = field(default=1.0, metadata=doc("passes over the training set if steps is None"))
+    batch_size: int = field(default=32, metadata=doc("examples per step"))
     eval_every: int | None = field(
-        default=None, metadata=_help("evaluate every N steps (None: only at the end)")
+        default=None, metadata=doc("evaluate every N steps (None: only at the end)")
     )
-    eval_batch_size: int = field(default=256, metadata=_help("examples per evaluation batch"))
-    eval_at_start: bool = field(default=False, metadata=_help("also evaluate before step 1"))
-    grad_clip: float | None = field(default=None, metadata=_help("clip the gradient norm to this"))
-    seed: int = field(default=0, metadata=_help("seed for data order, dropout and initialisation"))
-    device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:1, ..."))
+    eval_batch_size: int = field(default=256, metadata=doc("examples per evaluation batch"))
+    eval_at_start: bool = field(default=False, metadata=doc("also evaluate before step 1"))
+    grad_clip: float | None = field(default=None, metadata=doc("clip the gradient norm to this"))
+    seed: int = field(default=0, metadata=doc("seed for data order, dropout and initialisation"))
+    device: str = field(default="auto", metadata=doc("auto, cpu, cuda, cuda:1, ..."))
     precision: Precision = field(
         default="auto",
-        metadata=_help("auto | fp32 | tf32 | bf16-mixed (fp32 trainable parameters, bf16 autocast) | bf16 (pure); "
+        metadata=doc("auto | fp32 | tf32 | bf16-mixed (fp32 trainable parameters, bf16 autocast) | bf16 (pure); "
                        "auto: bf16-mixed on CUDA GPUs with bfloat16 (and for bf16/fp16 models), else fp32"),
     )
-    progress: bool = field(default=True, metadata=_help("show a tqdm progress bar"))
+    progress: bool = field(default=True, metadata=doc("show a tqdm progress bar"))
     until: Until = field(
         default="steps",
-        metadata=_help("steps: run steps/epochs; converged: stop early by patience, steps/epochs is the cap"),
+        metadata=doc("steps: run steps/epochs; converged: stop early by patience, steps/epochs is the cap"),
     )
     patience: int | None = field(
-        default=3, metadata=_help("evaluations without a tol improvement that stop an until=converged run")
+        default=3, metadata=doc("evaluations without a tol improvement that stop an until=converged run")
     )
-    tol: float = field(default=0.002, metadata=_help("smallest improvement of the metric that counts (absolute)"))
-    plateau_window: float = field(default=0.2, metadata=_help("plateau test: the last fraction of the steps"))
+    tol: float = field(default=0.002, metadata=doc("smallest improvement of the metric that counts (absolute)"))
+    plateau_window: float = field(default=0.2, metadata=doc("plateau test: the last fraction of the steps"))
 
     def __post_init__(self) -> None:
         self.convergence_rule()  # validates tol / window / patience

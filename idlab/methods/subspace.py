@@ -1,0 +1,257 @@
+"""Random-subspace training (Li et al. 2018 DID; Aghajanyan et al. 2021 SAID).
+
+theta = theta_0 + P theta_d (SAID: + one scale lambda_i per tensor) through
+`idlab.subspace.SubspaceModel`. Study block ``subspace:``: ``d`` (a list, or ``auto``: a log
+grid refined by bisection near the d90 crossing, one sweep stage per refinement step),
+``projection`` and ``said`` (axes), ``head`` (``train``: the classification head trains
+directly and is counted; ``project``: it is inside P), ``layout`` and ``fastfood_state``
+(Fastfood only), ``lr``. Delta W = the 2-D linear entries of ``SubspaceModel.delta()``;
+theta_d (and lambda, the head) are saved as ``subspace.safetensors``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from idlab.d90 import next_bisection, rate_scores, select_lr
+from idlab.errors import ConfigError
+from idlab.methods.base import Axes, Delta, GridContext, Method, PlanTerms, Prepared, Style
+from idlab.models import head_module_name, linear_weights
+from idlab.options import doc
+from idlab.subspace.base import DEFAULT_LAYOUT, LEGACY_LAYOUT, FastfoodState, Layout, ProjectionKind
+
+#: ``d: auto`` refinement stops once the bracket is this narrow, (hi - lo) / hi <= 1/6, i.e. hi / lo < 1.2
+REFINE_RTOL = 1 / 6
+
+
+def subspace_memory(D: int, largest: int, weight_bytes: int, streamed: bool = False) -> int:
+    """Device bytes a subspace run adds on top of theta_0, its activations and theta_d's optimiser.
+
+    ``streamed`` (Fastfood layout "blocks", the default engine, docs/ENGINE.md): each weight is
+    built when its module reads it and rebuilt in the backward, so one tensor exists at a time:
+    the ``largest`` projected tensor in the weights' dtype (``weight_bytes`` each) plus its float32
+    offset and that offset's gradient, (weight_bytes + 2 x 4 B) x largest. Otherwise (layout
+    "global", dense, sparse): autograd keeps one reparameterised copy theta_0 + P theta_d of all
+    D projected entries, plus 2 x 4 B x the largest tensor. The projection's own state and scratch
+    are taken as negligible (one block of 2^20 floats for "blocks").
+    """
+    if streamed:
+        return (weight_bytes + 2 * 4) * largest
+    return D * weight_bytes + 2 * 4 * largest
+
+
+@dataclass(frozen=True)
+class SubspaceSettings:
+    """The study's ``subspace:`` block."""
+
+    d: tuple[int, ...] | Literal["auto"] = field(
+        default=(100, 1000),
+        metadata=doc("subspace dimensions, or 'auto': a log grid from auto_min to auto_max refined near d90"))
+    projection: tuple[ProjectionKind, ...] = field(
+        default=("fastfood",), metadata=doc("projection kinds to sweep: dense, sparse, fastfood"))
+    said: tuple[bool, ...] = field(default=(False,), metadata=doc("False = DID, True = SAID (axis)"))
+    head: Literal["train", "project"] = field(
+        default="train",
+        metadata=doc("classification head: 'train' (directly, counted as trainable) or 'project' (inside P)"))
+    lr: tuple[float, ...] = field(default=(1e-2,), metadata=doc("learning rate(s) (nuisance search per cell)"))
+    layout: Layout = field(
+        default=DEFAULT_LAYOUT,
+        metadata=doc("Fastfood layout: 'blocks' (stacked hashed blocks, streamed per tensor, near-zero state) or "
+                     "'global' (Li et al.'s single block over next_pow2(D)); see docs/ENGINE.md"))
+    fastfood_state: FastfoodState = field(
+        default="auto",
+        metadata=doc("what a Fastfood projection keeps between calls (same P, same results): 'auto' ('none' for "
+                     "blocks, 'all' for global); global: 'all' (4 bytes per padded coordinate, fastest), 'index' "
+                     "(2 bytes; G redrawn each call), 'none' (slowest); blocks: 'none' only"))
+    auto_min: int = field(default=10, metadata=doc("d: auto -- smallest d of the initial log grid"))
+    auto_max: int = field(default=100_000, metadata=doc("d: auto -- largest d of the initial log grid"))
+    auto_per_decade: int = field(default=2, metadata=doc("d: auto -- grid points per decade (1, 2 or 3)"))
+    refine: int = field(default=2, metadata=doc("d: auto -- bisection steps (geometric) inside the crossing bracket"))
+
+    def auto_grid(self) -> tuple[int, ...]:
+        """The initial log-spaced grid of d for ``d: auto``."""
+        mult = {1: (1,), 2: (1, 3), 3: (1, 2, 5)}[self.auto_per_decade]
+        out: list[int] = []
+        dec = 1
+        while dec <= self.auto_max:
+            out += [m * dec for m in mult if self.auto_min <= m * dec <= self.auto_max]
+            dec *= 10
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class SubspaceAxes(Axes):
+    """One subspace run. ``layout`` and ``fastfood_state`` are Fastfood's only (None otherwise)."""
+
+    d: int
+    projection: ProjectionKind
+    said: bool = False
+    head: Literal["train", "project"] = "train"
+    layout: Layout | None = None
+    fastfood_state: FastfoodState | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        # run-id layout: layout enters for Fastfood unless Li's global (every run made before layouts
+        # existed); fastfood_state only when it changes memory from the old default ("auto"/"all")
+        out: dict[str, Any] = {"projection": self.projection, "said": self.said, "head": self.head, "d": self.d}
+        if self.projection == "fastfood" and self.layout not in (None, LEGACY_LAYOUT):
+            out["layout"] = self.layout
+        if self.projection == "fastfood" and self.fastfood_state not in (None, "auto", "all"):
+            out["fastfood_state"] = self.fastfood_state
+        return out
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any]) -> SubspaceAxes:
+        ff = cfg["projection"] == "fastfood"
+        return cls(d=int(cfg["d"]), projection=cfg["projection"], said=bool(cfg["said"]),
+                   head=cfg.get("head", "train"), layout=cfg.get("layout", LEGACY_LAYOUT) if ff else None,
+                   fastfood_state=cfg.get("fastfood_state", "auto") if ff else None)
+
+    def label(self) -> str:
+        return f"d={self.d} {self.projection}{' said' if self.said else ''}"
+
+    def variant(self) -> str:
+        return f"{'SAID' if self.said else 'DID'} {self.projection}"
+
+    def size(self) -> int:
+        return self.d
+
+    @property
+    def streamed(self) -> bool:
+        """The engine builds one weight at a time (Fastfood layout "blocks")."""
+        return self.projection == "fastfood" and self.layout == "blocks"
+
+
+class Subspace(Method[SubspaceSettings, SubspaceAxes]):
+    """DID / SAID: train theta_d in a random subspace."""
+
+    name = "subspace"
+    settings_type = SubspaceSettings
+    axes_type = SubspaceAxes
+    help = "random-subspace axes (Li et al. 2018 DID, Aghajanyan et al. 2021 SAID)"
+    size_key = "d"
+    quantity = "d90"
+    style = Style(marker="o", size=5.0)
+    renamed: ClassVar[dict[str, str]] = {"cache_state": "subspace.fastfood_state (values 'auto', 'all', 'index', 'none')",
+               "threshold": "target.threshold (the d90 / r90 / p90 threshold of every method)",
+               "baseline": "target.baseline (the fixed baseline of every method's crossing)"}
+
+    def check(self, settings: SubspaceSettings, where: str) -> None:
+        if settings.d != "auto" and any(d < 1 for d in settings.d):
+            raise ConfigError(f"{where}: key 'subspace.d': got {list(settings.d)}; every d must be >= 1 (or d: auto)")
+        if settings.layout == "blocks" and settings.fastfood_state not in ("auto", "none"):
+            raise ConfigError(f"{where}: key 'subspace.fastfood_state': got {settings.fastfood_state!r} with layout "
+                              "'blocks', which has no state to keep; use 'auto' (or 'none'), or subspace.layout=global")
+        if settings.auto_per_decade not in (1, 2, 3):
+            raise ConfigError(f"{where}: key 'subspace.auto_per_decade': allowed values: 1, 2, 3")
+
+    def _kinds(self, settings: SubspaceSettings) -> list[SubspaceAxes]:
+        """One cell per projection x said, at d = 0 (filled in by `cells`)."""
+        out = []
+        for p in settings.projection:
+            ff = p == "fastfood"
+            for said in settings.said:
+                out.append(SubspaceAxes(d=0, projection=p, said=said, head=settings.head,
+                                        layout=settings.layout if ff else None,
+                                        fastfood_state=settings.fastfood_state if ff else None))
+        return out
+
+    def cells(self, settings: SubspaceSettings, ctx: GridContext | None = None) -> list[SubspaceAxes]:
+        grid = settings.auto_grid() if settings.d == "auto" else tuple(settings.d)
+        target = ctx.target() if (ctx is not None and settings.d == "auto") else None
+        out = []
+        for kind in self._kinds(settings):
+            ds = list(grid)
+            if target is not None and ctx is not None:
+                ds += [d for d in self._refine(settings, ctx, kind, grid, target) if d not in ds]
+            out += [replace(kind, d=d) for d in ds]
+        return out
+
+    def _refine(self, settings: SubspaceSettings, ctx: GridContext, kind: SubspaceAxes, grid: Sequence[int],
+                target: float) -> list[int]:
+        """Bisection points of one cell (`idlab.d90.next_bisection`), from stored results only.
+
+        The curve is the seed mean (a diverged or unscored run a failure) at the best learning
+        rate of each d; a stage waits until every run of the previous one is stored, so a
+        restarted sweep recomputes the same points.
+        """
+        points: list[int] = []
+        for _ in range(settings.refine):
+            ds = sorted({*grid, *points})
+            means: list[float] = []
+            for d in ds:
+                scores = ctx.scores(replace(kind, d=d), settings.lr)
+                if scores is None:
+                    return points  # the previous stage is not complete yet
+                best = select_lr(scores)
+                means.append(-math.inf if best is None else rate_scores(scores)[best])
+            mid = next_bisection(ds, means, target, REFINE_RTOL)
+            if mid is None:
+                break
+            points.append(mid)
+        return points
+
+    def stages(self, settings: SubspaceSettings) -> int:
+        return 1 + (settings.refine if settings.d == "auto" else 0)
+
+    def describe(self, settings: SubspaceSettings, cells: Sequence[SubspaceAxes]) -> str:
+        ds = sorted({c.d for c in cells})
+        return (f"d {ds}{' (auto)' if settings.d == 'auto' else ''} x projection {list(settings.projection)} x said "
+                f"{list(settings.said)} x lr {list(settings.lr)}, head={settings.head}")
+
+    def prepare(self, model: nn.Module, axes: SubspaceAxes, seed: int) -> Prepared:
+        from idlab.subspace import SubspaceModel
+        from idlab.subspace.hadamard import backend
+
+        head = head_module_name(model) if axes.head == "train" else None
+        linear = linear_weights(model)
+        options = ({"fastfood_state": axes.fastfood_state}
+                   if axes.fastfood_state not in (None, "auto") else None)
+        sm = SubspaceModel(model, axes.d, projection=axes.projection, said=axes.said, seed=seed,
+                           exclude=[head] if head else None, train_excluded=bool(head),
+                           projection_options=options, layout=axes.layout or DEFAULT_LAYOUT)
+
+        def extract() -> dict[str, Delta]:
+            return {m: dt for m, dt in sm.delta(by_module=True).items() if m in linear}
+
+        def save(folder: Path) -> None:
+            from safetensors.torch import save_file
+
+            tensors = {n: p.detach().cpu().contiguous().clone() for n, p in sm.named_parameters() if p.requires_grad}
+            save_file(tensors, str(folder / "subspace.safetensors"), metadata={
+                "d": str(axes.d), "projection": str(axes.projection), "layout": str(axes.layout),
+                "said": str(axes.said), "seed": str(seed), "head": str(head)})
+
+        mode = "train" if head else ("project" if axes.head == "project" else "none")
+        info = {"head": mode, "head_module": head, "layout": axes.layout, "kernel": backend()}
+        return Prepared(sm, info, extract, save)
+
+    def plan_terms(self, model: nn.Module, axes: SubspaceAxes, precision: str,
+                   loaded: Mapping[int, torch.dtype]) -> PlanTerms:
+        # the weights are built from theta_d: they need no gradient of their own, the head trains directly
+        head = head_module_name(model) if axes.head == "train" else None
+        head_ids = {id(p) for p in model.get_submodule(head).parameters()} if head else set()
+        D, largest, seen = 0, 0, set()
+        for p in model.parameters():
+            if id(p) in seen or not p.is_floating_point() or id(p) in head_ids:
+                continue
+            seen.add(id(p))
+            D += p.numel()
+            largest = max(largest, p.numel())
+            p.requires_grad_(False)
+        wb = max((loaded.get(id(p), torch.float32).itemsize for p in model.parameters() if p.is_floating_point()),
+                 default=4)
+        method_bytes = subspace_memory(D, largest, 2 if precision == "bf16" else wb, axes.streamed)
+        linear = sum(w.numel() for w in linear_weights(model).values())
+        return PlanTerms(extra_trainable=axes.d, extra_trainable_bytes=4 * axes.d, method_bytes=method_bytes,
+                         host_copies=4 * linear)
+
+
+__all__ = ["REFINE_RTOL", "Subspace", "SubspaceAxes", "SubspaceSettings", "subspace_memory"]

@@ -1,0 +1,164 @@
+"""``idlab sweep``: expand a study into runs, skip the finished ones, run the rest.
+
+- Resumable: a run with a complete ``result.json`` is skipped (``failed`` ones are
+  retried unless ``retry_failed=false``); leftovers of a killed sweep are removed
+  at start once they are 10 minutes old. Kill it at any moment and start it again.
+- Two sweeps may share a study: give each a disjoint slice of the grid by overrides
+  (``methods=[subspace]`` in one, ``methods=[full,lora]`` in the other); every run
+  is written atomically, and neither removes the other's run in progress.
+- Stages: a method whose grid depends on stored results (``subspace.d: auto``) gets one
+  expansion per stage (`idlab.sweep.grid.stages`).
+- Executors (`idlab.sweep.executors`): ``local`` (in-process), ``multigpu`` (one worker process
+  per visible device), ``slurm`` (submitit job array, one run per task).
+- Device and precision (``device``, ``train.precision``, both ``auto`` by default) are
+  resolved where the runs execute: checked up front for ``local`` / ``multigpu``
+  (`preflight`, before anything is written), on each compute node for ``slurm``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from idlab.config import StudyConfig, to_dict
+from idlab.runs import RunStore, atomic_write_json
+from idlab.sweep.executors import EXECUTORS, preflight
+from idlab.sweep.grid import expand, plan_table, stages
+
+
+@dataclass
+class SweepSummary:
+    """What a sweep ended with."""
+
+    study_dir: Path
+    total: int
+    ok: list[str] = field(default_factory=list)
+    diverged: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    ran: int = 0
+    wall_time_s: float = 0.0
+
+    def text(self) -> str:
+        """Human-readable summary listing diverged, failed and missing runs."""
+        lines = [f"sweep finished in {self.wall_time_s:.1f}s: {self.total} runs, {len(self.ok)} ok, "
+                 f"{len(self.diverged)} diverged, {len(self.failed)} failed, {len(self.missing)} missing "
+                 f"({self.ran} run now); results in {self.study_dir}"]
+        for label, items in (("diverged", self.diverged), ("failed", self.failed)):
+            for rid, err in items:
+                lines.append(f"  {label} {rid}: {err}")
+        for rid in self.missing:
+            lines.append(f"  missing {rid}")
+        return "\n".join(lines)
+
+
+def run_sweep(study: StudyConfig, dry_run: bool = False, out: Any = None) -> SweepSummary:
+    """Run every missing run of ``study`` with its executor; return the summary.
+
+    Raises:
+        ConfigError: the study cannot run (`idlab.config.checks.check_study`); nothing is written.
+
+    Args:
+        study: the validated study.
+        dry_run: print the plan and stop.
+        out: stream for the plan and summary (default stdout).
+    """
+    from idlab.config.checks import check_study
+
+    check_study(study)  # task, model/task fit, model files: before anything is written (ConfigError)
+    out = out or sys.stdout
+    t0 = time.perf_counter()
+    resolved = preflight(study)  # before anything is written: a bad device / precision stops here
+    print(resolved, file=out)
+    store = RunStore(study.study_dir())
+    removed = store.clean_stale()
+    if removed:
+        print(f"removed {len(removed)} leftover temp folder(s) of an interrupted sweep", file=out)
+    executor = EXECUTORS[study.executor]
+    ran = 0
+    for stage in range(stages(study)):
+        runs = expand(study, store)
+        atomic_write_json(store.study_dir / "study.json", {
+            "study": to_dict(study), "run_ids": [rid for rid, _ in runs],
+            "runs": {rid: cfg.to_dict() for rid, cfg in runs}})
+        pending = [(rid, cfg) for rid, cfg in runs if not store.is_done(rid, study.retry_failed)]
+        if stage == 0 or pending:
+            print(plan_table(study, runs, store), file=out, flush=True)
+        for rid, _ in pending:
+            _, problem = store.check(rid)
+            if problem is not None:
+                print(f"run {rid} is pending again: {problem}", file=out, flush=True)
+        if dry_run or not pending:
+            break
+        executor(study, pending)
+        ran += len(pending)
+    runs = expand(study, store)
+    summary = SweepSummary(store.study_dir, len(runs), ran=ran)
+    for rid, _ in runs:
+        res, problem = store.check(rid)
+        if res is None or problem is not None:
+            summary.missing.append(rid)
+        elif res.get("status") == "ok":
+            summary.ok.append(rid)
+        elif res.get("status") == "diverged":
+            summary.diverged.append((rid, str(res.get("error"))))
+        else:
+            summary.failed.append((rid, str(res.get("error"))))
+    summary.wall_time_s = time.perf_counter() - t0
+    if not dry_run:
+        print(summary.text(), file=out, flush=True)
+    return summary
+
+
+def auto_config(overrides: Sequence[str] = ()) -> tuple[str, str]:
+    """What ``CONFIG=auto`` means for runs that execute where the overrides send them: (name, why).
+
+    ``gpu_study`` when this host has CUDA, or when ``executor=slurm`` sends the runs to nodes with
+    ``slurm.gpus_per_node`` >= 1 (default 1) -- a login node without a GPU then still submits the
+    GPU study; else ``cpu_study_converged`` (the CPU study trained until converged, 15 runs, about
+    24 minutes on 2 cores).
+    """
+    import torch
+
+    from idlab.config import SlurmConfig, parse_override
+
+    given = dict(parse_override(o) for o in overrides)
+    if torch.cuda.is_available():
+        return "gpu_study", f"this host has {torch.cuda.device_count()} CUDA device(s)"
+    gpus = given.get("slurm.gpus_per_node", SlurmConfig().gpus_per_node)
+    if given.get("executor") == "slurm" and isinstance(gpus, int) and gpus >= 1:
+        return "gpu_study", (f"executor=slurm with slurm.gpus_per_node={gpus}: the runs execute on GPU nodes "
+                             "(this host has no CUDA device)")
+    why = "no CUDA device on this host"
+    if given.get("executor") == "slurm":
+        why += f" and slurm.gpus_per_node={gpus}"
+    return "cpu_study_converged", why
+
+
+def resolve_config_path(config: str, overrides: Sequence[str] = ()) -> Path:
+    """``auto`` -> `auto_config` (gpu_study or cpu_study_converged); a bare name -> ``<root>/<name>.yaml``.
+
+    The roots are the study folder of the checkout the command runs in, ``./experiments/configs``,
+    then the folders of ``$IDLAB_CONFIG_PATH`` (``os.pathsep``-separated); the library itself knows
+    no path into ``experiments/``. A name found nowhere is returned as a path (the loader names it).
+    """
+    extra = [Path(x) for x in os.environ.get("IDLAB_CONFIG_PATH", "").split(os.pathsep) if x]
+    roots = [Path.cwd() / "experiments" / "configs", *extra]
+    if config == "auto":
+        config = auto_config(overrides)[0]
+    p = Path(config)
+    if p.is_file():
+        return p
+    for root in roots:
+        for cand in (root / config, root / f"{config}.yaml"):
+            if cand.is_file():
+                return cand
+    return p  # load_study names the missing file
+
+
+__all__ = ["SweepSummary", "auto_config", "resolve_config_path", "run_sweep"]

@@ -1,0 +1,107 @@
+"""One run from its config to its folder: build, wrap for its method, train, read out Delta W
+(`execute_run`, never raises), and write it atomically unless done (`run_one`, what every
+executor calls: in-process, per-GPU worker, Slurm array task).
+
+A failure becomes ``status: failed`` with the traceback, a NaN/inf loss ``status: diverged``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from idlab import methods
+from idlab.config.run import RunConfig
+from idlab.runs import RunStore
+from idlab.sweep.build import build_task_and_model
+
+
+def environment() -> dict[str, Any]:
+    """Host, versions and git commit recorded with every result."""
+    from idlab.runs import git_commit, package_versions
+
+    return {"versions": package_versions(), "git_commit": git_commit(), "hostname": platform.node(),
+            "python": platform.python_version(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
+                progress: bool = False) -> tuple[dict[str, Any], Callable[[Path], None] | None]:
+    """Build, train and extract one run. Never raises.
+
+    Returns:
+        ``(result, write_artifacts)``: the result.json content (status ok | diverged | failed)
+        and a function writing the artifacts (delta.safetensors, adapter/ or
+        subspace.safetensors) into a folder, or None when there are none.
+    """
+    from idlab.deltas import save_deltas
+    from idlab.training.loop import train
+
+    t0 = time.perf_counter()
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result: dict[str, Any] = {"run_id": rid, "study": study, "config": run.to_dict(), "started_at": started,
+                              **environment()}
+    try:
+        task, model = build_task_and_model(run)
+        total = sum(p.numel() for p in model.parameters())
+        prep = methods.get(run.method).prepare(model, run.axes, run.seed)
+        cfg = dataclasses.replace(run.train, device=device, progress=progress)
+        res = train(prep.model, task, cfg, desc=f"{rid} {run.method}")
+        status = "diverged" if res.diverged else "ok"
+        result.update({
+            "status": status, "error": res.error, "metrics": res.metrics, "best": res.best, "curve": res.curve,
+            "steps": res.steps, "trainable_parameters": res.trainable_parameters,
+            "total_parameters": total, "train_time_s": res.wall_time_s,
+            "peak_memory_bytes": res.peak_memory_bytes, "device": res.device, "precision": res.precision,
+            "task_info": task.describe(),
+            "metric": task.metric, "higher_is_better": task.higher_is_better, "method_info": prep.info,
+            "converged": res.converged, "convergence": res.convergence,
+        })
+        writer: Callable[[Path], None] | None = None
+        if status == "ok":
+            deltas = prep.deltas()
+
+            def writer(d: Path) -> None:
+                prep.save(d)
+                save_deltas(d / "delta.safetensors", deltas, metadata={"run_id": rid, "method": run.method})
+    except Exception as e:  # a failed run is a result, the sweep goes on
+        result.update({"status": "failed", "error": f"{type(e).__name__}: {e}",
+                       "traceback": traceback.format_exc(), "metrics": {}, "best": {}, "curve": []})
+        writer = None
+    result["wall_time_s"] = time.perf_counter() - t0
+    result["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return result, writer
+
+
+def run_one(study_dir: str, study_name: str, rid: str, run: RunConfig, device: str = "auto",
+            retry_failed: bool = True, progress: bool = False) -> str:
+    """Execute run ``rid`` and write it atomically, unless it is already complete. Returns its status.
+
+    This is what every executor calls (in-process, per-GPU worker, Slurm array task).
+    """
+    store = RunStore(study_dir)
+    done, problem = store.check(rid)
+    if done is not None and problem is None and not (retry_failed and done.get("status") == "failed"):
+        return str(done.get("status", "ok"))
+    if problem is not None:
+        print(f"rerunning {rid}: {problem}", file=sys.stderr, flush=True)
+    result, writer = execute_run(run, rid, study_name, device=device, progress=progress)
+    try:
+        store.write(rid, result, writer)
+    except Exception as e:  # artifacts could not be written: record the failure instead
+        import traceback
+
+        result.update({"status": "failed", "error": f"writing artifacts: {type(e).__name__}: {e}",
+                       "traceback": traceback.format_exc()})
+        store.write(rid, result, None)
+    return str(result["status"])
+
+
+__all__ = ["environment", "execute_run", "run_one"]
