@@ -1,4 +1,5 @@
-"""Run folders: stable run ids, atomic writes, artefact checks (`store`)."""
+"""Run folders: the typed result.json (`result`: `RunResult`), stable run ids, atomic writes,
+artefact checks (`store`)."""
 
 from idlab.runs.store import *  # noqa: F403
 from idlab.runs.store import __all__ as _store_all
