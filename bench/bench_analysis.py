@@ -17,7 +17,6 @@ Writes ``bench/results/analysis.md`` atomically and returns the markdown from ``
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -30,6 +29,7 @@ from bench.common import machine
 from idlab.analysis import analyze_runs, save_deltas, singular_values
 from idlab.atomic import atomic_write_text
 from idlab.deltas.lowrank import LowRankDelta
+from idlab.runs import RESULT_FILE, RunResult, atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "analysis.md"
@@ -112,9 +112,7 @@ def synthetic_run(root: Path, r: int = 8, seed: int = 0) -> tuple[Path, dict[str
         "target_modules": "all-linear",
         "d": None,
     }
-    (run / "result.json").write_text(
-        json.dumps({"run_id": run.name, "study": "bench", "config": config, "status": "ok"})
-    )
+    atomic_write_json(run / RESULT_FILE, RunResult(run_id=run.name, study="bench", config=config).to_dict())
     return run, base
 
 

@@ -61,8 +61,7 @@ from idlab.analysis import (
 )
 from idlab.atomic import atomic_file, atomic_write_text
 from idlab.deltas.lowrank import LowRankDelta
-from idlab.runs import iter_results
-from idlab.sweep.grid import run_score
+from idlab.runs import DELTA_FILE, Status, iter_results
 
 ROLE_NAMES: dict[str, tuple[str, ...]] = {"query": ("q_proj", "query"), "value": ("v_proj", "value")}
 """Module names of each role: Llama/Mistral/SmolLM (q_proj, v_proj), BERT/RoBERTa (query, value)."""
@@ -82,14 +81,14 @@ class Run:
     path: Path
     r: int
     seed: int
-    status: str
+    status: Status
     model: str
     task: str
     num_labels: int
     finished_at: str
     has_delta: bool
     converged: bool | None
-    score: float | None = None  # final validation metric (idlab.sweep.run_score)
+    score: float | None = None  # final validation metric (idlab.runs.RunResult.score)
     steps: int | None = None  # optimizer steps taken
 
 
@@ -124,26 +123,24 @@ def find_runs(results: Path) -> list[Run]:
     root = results / "runs" if (results / "runs").is_dir() else results
     runs = []
     for rj, res in iter_results(root):
-        cfg = res.get("config", {})
+        cfg = res.config
         if cfg.get("method") != "lora" or not is_query_value(cfg):
             continue
-        task_info = res.get("task_info") or {}
-        conv = res.get("converged")
         runs.append(
             Run(
-                run_id=str(res.get("run_id", rj.parent.name)),
+                run_id=res.run_id or rj.parent.name,
                 path=rj.parent,
                 r=int(cfg["r"]),
                 seed=int(cfg.get("seed", 0)),
-                status=str(res.get("status", "?")),
+                status=res.status,
                 model=str(cfg.get("model", "")),
                 task=str(cfg.get("task", "")),
-                num_labels=int(task_info.get("num_classes", 2)),
-                finished_at=str(res.get("finished_at", "")),
-                has_delta=(rj.parent / "delta.safetensors").is_file(),
-                converged=None if conv is None else bool(conv),
-                score=run_score(res),
-                steps=int(res["steps"]) if isinstance(res.get("steps"), int) else None,
+                num_labels=int(res.task_info.get("num_classes", 2)),
+                finished_at=res.finished_at or "",
+                has_delta=(rj.parent / DELTA_FILE).is_file(),
+                converged=res.converged,
+                score=res.score(),
+                steps=res.steps,
             )
         )
     return runs

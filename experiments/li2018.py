@@ -29,7 +29,8 @@ import argparse
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,9 @@ from idlab.d90 import analyze_d90, find_d90
 from idlab.data.base import ClassificationTask
 from idlab.data.vision import mnist_task
 from idlab.models import lenet, mnist_fc, num_parameters
-from idlab.runs import RunStore, iter_results
+from idlab.runs import RunResult, RunStore, iter_results
 from idlab.subspace import SubspaceModel
+from idlab.training.convergence import run_converged
 from idlab.training.loop import TrainConfig, train
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"fc": mnist_fc, "lenet": lenet}
@@ -64,7 +66,7 @@ def run_once(out: Path, tag: str, build: Callable[[], tuple[nn.Module, int]], ta
     if store.is_done(tag):
         done = store.result(tag)
         assert done is not None
-        return float(done["score"])
+        return LiRun.of(done).score
     model, d = build()
     extra = model.penalty(l2) if isinstance(model, SubspaceModel) and l2 > 0 else None
     if extra is None and l2 > 0:
@@ -73,16 +75,43 @@ def run_once(out: Path, tag: str, build: Callable[[], tuple[nn.Module, int]], ta
     t0 = time.perf_counter()
     res = train(model, task, cfg, extra_loss=extra, desc=tag)
     score = float("nan") if res.diverged else res.metrics["accuracy"]
-    store.write(tag, {"tag": tag, "score": score, "d": d, **meta, "wall_time_s": time.perf_counter() - t0,
-                      "converged": res.converged, "train": res.to_dict(), "config": {**cfg.__dict__, "l2": l2}})
+    # the li2018 record layout: RunResult's config, wall_time_s, converged; the rest kept as extra keys
+    store.write(tag, RunResult.from_dict({"tag": tag, "score": score, "d": d, **meta,
+                                          "wall_time_s": time.perf_counter() - t0, "converged": res.converged,
+                                          "train": res.to_dict(), "config": {**cfg.__dict__, "l2": l2}}))
     print(f"[li2018] {tag}: val acc {score:.4f}, {res.steps} steps, converged {res.converged} "
           f"({time.perf_counter() - t0:.1f}s)", flush=True)
     return score
 
 
-def _records(out: Path, model_name: str) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class LiRun:
+    """One training run of this script as its result.json records it (`idlab.runs.RunResult` with the
+    extra keys tag, score, d, model, method, seed and train, the `TrainResult` as a dict)."""
+
+    tag: str
+    score: float  # validation accuracy (NaN: diverged)
+    d: int  # subspace dimension, or D for direct training
+    method: str  # "direct" or "subspace/<projection>"
+    seed: int
+    converged: bool | None
+    wall_time_s: float
+    curve: tuple[Mapping[str, float], ...]  # the per-evaluation curve of the training loop
+
+    @classmethod
+    def of(cls, res: RunResult) -> LiRun:
+        x = res.extra
+        score = x.get("score")
+        train = x.get("train") or {}
+        return cls(tag=str(x.get("tag", "")), score=math.nan if score is None else float(score), d=int(x.get("d", 0)),
+                   method=str(x.get("method", "")), seed=int(x.get("seed", 0)), converged=run_converged(res),
+                   wall_time_s=float(res.wall_time_s or 0.0), curve=tuple(train.get("curve") or ()))
+
+
+def _records(out: Path, model_name: str) -> list[LiRun]:
     """The whole run records of ``model_name`` under ``<out>/runs`` (through `idlab.runs.iter_results`)."""
-    return [res for _, res in iter_results(out / "runs") if str(res.get("tag", "")).startswith(f"{model_name}_")]
+    runs = [LiRun.of(res) for _, res in iter_results(out / "runs")]
+    return [r for r in runs if r.tag.startswith(f"{model_name}_")]
 
 
 def measure(model_name: str, kind: str, args: argparse.Namespace, task: ClassificationTask) -> dict[str, Any]:
@@ -123,14 +152,14 @@ def measure(model_name: str, kind: str, args: argparse.Namespace, task: Classifi
                    log=lambda s: print(f"[li2018] {model_name}/{kind} {s}", flush=True))
     glob = analyze_d90(res.evaluations, 1.0, 0.9, n_bootstrap=1000)
     records = _records(out, model_name)
-    records = [r for r in records if r["method"] in ("direct", f"subspace/{kind}")]
-    unconverged = [r["tag"] for r in records if r.get("converged") is False]
+    records = [r for r in records if r.method in ("direct", f"subspace/{kind}")]
+    unconverged = [r.tag for r in records if r.converged is False]
     summary = {
         "model": model_name, "projection": kind, "D": PAPER[model_name]["D"], "paper": PAPER[model_name],
         "local": res.to_dict(), "global": {k: v for k, v in glob.to_dict().items() if k != "evaluations"},
         "epochs": args.epochs, "l2": args.l2, "seeds": list(args.seeds), "until": args.until,
         "patience": args.patience, "tol": args.tol, "unconverged_runs": unconverged,
-        "training_wall_time_s": sum(float(r["wall_time_s"]) for r in records),
+        "training_wall_time_s": sum(r.wall_time_s for r in records),
         "n_training_runs": len(res.evaluations) + len(baseline),
         "wall_time_s_this_invocation": time.perf_counter() - t_start,
     }
@@ -179,7 +208,7 @@ def plot(out: Path) -> Path | None:
     return path
 
 
-def _at_epoch(curve: list[dict[str, float]], step: int) -> tuple[float, bool]:
+def _at_epoch(curve: Sequence[Mapping[str, float]], step: int) -> tuple[float, bool]:
     """Accuracy of a run after ``step`` optimizer steps, read off its per-epoch curve, and whether
     the run reached that step (else: its last evaluation, the run having stopped before)."""
     pts = [c for c in curve if c["step"] <= step]
@@ -197,12 +226,12 @@ def cut_table(out: Path, model_name: str, kind: str, cuts: tuple[int, ...] = (1,
     per_epoch = math.ceil(50_000 / 128)
     rows = []
     for k in (*cuts, None):
-        def score(r: dict[str, Any], k: int | None = k) -> tuple[float, bool]:
+        def score(r: LiRun, k: int | None = k) -> tuple[float, bool]:
             if k is None:
-                return float(r["score"]), True
-            return _at_epoch(r["train"]["curve"], k * per_epoch)
-        direct = [score(r) for r in runs if r["method"] == "direct"]
-        sub = {(int(r["d"]), int(r["seed"])): score(r) for r in runs if r["method"] == f"subspace/{kind}"}
+                return r.score, True
+            return _at_epoch(r.curve, k * per_epoch)
+        direct = [score(r) for r in runs if r.method == "direct"]
+        sub = {(r.d, r.seed): score(r) for r in runs if r.method == f"subspace/{kind}"}
         res = analyze_d90({key: v for key, (v, _) in sub.items()}, [v for v, _ in direct], 0.9, n_bootstrap=1000)
         stopped = sum(not ok for _, ok in direct) + sum(not ok for _, ok in sub.values())
         rows.append({"epochs": "converged (rule)" if k is None else k, "baseline": res.baseline,
@@ -215,7 +244,7 @@ def cut_table(out: Path, model_name: str, kind: str, cuts: tuple[int, ...] = (1,
 def plot_curves(out: Path, model_name: str, kind: str) -> Path | None:
     """Validation accuracy against epoch for every run of one search (seed colour, d panel)."""
     runs = _records(out, model_name)
-    runs = [r for r in runs if r["method"] in ("direct", f"subspace/{kind}")]
+    runs = [r for r in runs if r.method in ("direct", f"subspace/{kind}")]
     if not runs:
         return None
     import matplotlib
@@ -225,17 +254,17 @@ def plot_curves(out: Path, model_name: str, kind: str) -> Path | None:
 
     per_epoch = math.ceil(50_000 / 128)
     fig, ax = plt.subplots(figsize=(8, 5))
-    ds = sorted({int(r["d"]) for r in runs if r["method"] != "direct"})
+    ds = sorted({r.d for r in runs if r.method != "direct"})
     colours = {d: f"C{i}" for i, d in enumerate(ds)}
     for r in runs:
-        c = r["train"]["curve"]
+        c = r.curve
         x = [p["step"] / per_epoch for p in c]
         y = [p["accuracy"] for p in c]
-        direct = r["method"] == "direct"
-        col = "k" if direct else colours[int(r["d"])]
-        lab = ("direct" if direct else f"d = {r['d']}") if int(r["seed"]) == 0 else None
+        direct = r.method == "direct"
+        col = "k" if direct else colours[r.d]
+        lab = ("direct" if direct else f"d = {r.d}") if r.seed == 0 else None
         ax.plot(x, y, color=col, lw=1, alpha=0.8, label=lab)
-        ax.plot(x[-1:], y[-1:], "o" if r.get("converged") else "x", color=col, ms=4)
+        ax.plot(x[-1:], y[-1:], "o" if r.converged else "x", color=col, ms=4)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
     ax.set_ylim(0.5, 1.0)

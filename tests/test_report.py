@@ -131,18 +131,18 @@ def test_threshold_crossing_interpolates_and_bootstraps() -> None:
     df = pd.DataFrame({"d": [10, 10, 100, 100, 1000, 1000], "seed": [0, 1] * 3,
                        "s": [0.2, 0.3, 0.6, 0.7, 0.95, 0.97]})
     res = threshold_crossing(df, "d", 0.8, "s")
-    assert res["value"] == 1000
-    assert 100 < res["interp"] < 1000
-    assert res["ci_low"] is not None and res["ci_low"] <= res["interp"] <= res["ci_high"]
-    assert threshold_crossing(df, "d", 0.99, "s")["value"] is None
-    assert res["n_seeds"] == [2, 2, 2] and thin_crossings({"DID": res}) == []
+    assert res.value == 1000
+    assert 100 < res.interp < 1000
+    assert res.ci_low is not None and res.ci_low <= res.interp <= res.ci_high
+    assert threshold_crossing(df, "d", 0.99, "s").value is None
+    assert res.n_seeds == (2, 2, 2) and thin_crossings({"DID": res}) == []
 
 
 def test_a_crossing_on_one_seed_is_flagged() -> None:
     # d = 1000 has one lucky seed; d = 10000 has three: the crossing at 1000 must be flagged
     df = pd.DataFrame({"d": [1000, 10000, 10000, 10000], "seed": [0, 0, 1, 2], "s": [0.9, 0.85, 0.8, 0.9]})
     res = threshold_crossing(df, "d", 0.8, "s")
-    assert res["value"] == 1000 and res["n_seeds"] == [1, 3]
+    assert res.value == 1000 and res.n_seeds == (1, 3)
     assert thin_crossings({"DID": res}) == ["DID (1 of 3 seeds)"]
     # no crossing: nothing to flag (the same seeds everywhere: see the test above)
     assert thin_crossings({"DID": threshold_crossing(df, "d", 0.95, "s")}) == []
@@ -194,9 +194,9 @@ def test_report_and_li2018_analysis_give_the_same_d90(results: Path, tmp_path: P
     target = float(means.iloc[0] + means.iloc[-1]) / 2
     li = analyze_d90(ev, target / 0.9, 0.9)
     rep = threshold_crossing(sub, "d", target, "score_final")
-    assert li.d90 == rep["value"] == int(means.index[-1])
-    assert li.d90_interp == pytest.approx(rep["interp"], rel=1e-12)
-    assert li.ci == pytest.approx((rep["ci_low"], rep["ci_high"]), rel=1e-12)
+    assert li.d90 == rep.value == int(means.index[-1])
+    assert li.d90_interp == pytest.approx(rep.interp, rel=1e-12)
+    assert li.ci == pytest.approx((rep.ci_low, rep.ci_high), rel=1e-12)
     # the local baseline of REPORT.md: its d90 row is analyze_d90 with full FT's scores
     local = analyze_d90(ev, full, 0.9)
     text = make_report(results, tmp_path / "r", analysis=False).read_text()

@@ -210,7 +210,7 @@ def test_sweep_and_report_pick_the_same_full_ft_baseline(tmp_path: Path) -> None
     from idlab.d90 import make_baseline
     from idlab.methods.full import FullAxes
     from idlab.report.tables import baseline as report_baseline
-    from idlab.runs import run_id
+    from idlab.runs import RunResult, run_id
     from idlab.sweep.grid import baseline_value, run_config
 
     raw = tiny_study(tmp_path, seeds=[0, 1, 2], full={"lr": [1e-3, 1e-2, 1e-1]})
@@ -221,12 +221,12 @@ def test_sweep_and_report_pick_the_same_full_ft_baseline(tmp_path: Path) -> None
               for lr, scs in table.items() for seed, sc in enumerate(scs)}
 
     class Store:
-        def result(self, rid: str) -> dict[str, object] | None:
+        def result(self, rid: str) -> RunResult | None:
             if rid not in stored:
                 return None
             sc = stored[rid][2]
-            return {"status": "diverged" if math.isnan(sc) else "ok", "metric": "accuracy",
-                    "metrics": {"accuracy": sc}}
+            return RunResult(status="diverged" if math.isnan(sc) else "ok", metric="accuracy",
+                             metrics={"accuracy": sc})
 
     swept = baseline_value(study, Store())  # type: ignore[arg-type]
     runs = pd.DataFrame([{"method": "full", "status": "diverged" if math.isnan(sc) else "ok", "lr": lr,

@@ -1,8 +1,8 @@
 """Run folders as the Delta W analysis sees them: `RunInfo`, `read_run`, `expand_run_dirs`,
 `auto_pairs`, and module-name helpers (`parse_layer`, `module_type`).
 
-Run folders are read through `idlab.runs` (`read_json`, `iter_result_files`), the one reader
-of the run-directory contract (docs/CONTRACTS.md).
+Run folders are read through `idlab.runs` (`read_result`, `iter_result_files`), the one reader
+of the run-directory contract (docs/CONTRACTS.md): result.json becomes a `idlab.runs.RunResult`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from idlab.runs import RESULT_FILE, artifact_problem, iter_result_files, read_json
+from idlab.runs import (
+    RESULT_FILE,
+    RunResult,
+    Status,
+    artifact_problem,
+    iter_result_files,
+    read_result,
+)
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 
@@ -31,13 +38,19 @@ def module_type(module: str) -> str:
 
 @dataclass(frozen=True)
 class RunInfo:
-    """What the analysis needs from one run directory."""
+    """What the analysis needs from one run directory (`read_run`): its folder and `RunResult` fields."""
 
     path: Path
     run_id: str
     study: str
-    status: str
+    status: Status
     config: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_result(cls, path: Path, result: RunResult) -> RunInfo:
+        """The run folder ``path`` holding ``result`` (the folder name is the id when the result has none)."""
+        return cls(path=path, run_id=result.run_id or path.name, study=result.study, status=result.status,
+                   config=dict(result.config))
 
     @property
     def model(self) -> str:
@@ -70,19 +83,13 @@ def read_run(path: str | Path) -> RunInfo:
     """
     path = Path(path)
     rj = path / RESULT_FILE
-    data = read_json(rj)
+    data = read_result(rj)
     if data is None:
         raise FileNotFoundError(f"{rj} does not exist or does not parse; pass run directories holding result.json")
     problem = artifact_problem(path, data)
     if problem is not None:
         raise ValueError(f"run {path.name}: {path}/{problem}; rerun the sweep (it redoes runs with broken files)")
-    return RunInfo(
-        path=path,
-        run_id=str(data.get("run_id") or path.name),
-        study=str(data.get("study", "")),
-        status=str(data.get("status", "ok")),
-        config=dict(data.get("config") or {}),
-    )
+    return RunInfo.from_result(path, data)
 
 
 def expand_run_dirs(paths: Iterable[str | Path]) -> list[Path]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from idlab.runs import atomic_write_text, read_json
+from idlab.runs import RESULT_FILE, atomic_write_text, read_json, read_result
 
 
 def study_tables(study_runs: pd.DataFrame, out: Path, enabled: bool) -> tuple[dict[str, pd.DataFrame], list[str]]:
@@ -89,12 +89,14 @@ def _const(weights: dict[str, Any]) -> Any:
 
 def base_weights(grp: pd.DataFrame) -> dict[str, Any]:
     """W_0 (every nn.Linear weight) of the base model of these runs' seed, rebuilt as the sweep built it."""
-    from idlab.config import RunConfig
     from idlab.models import linear_weights
     from idlab.sweep.build import build_task_and_model
 
-    res = read_json(Path(grp["run_dir"].iloc[0]) / "result.json") or {}
-    _, model = build_task_and_model(RunConfig.from_dict(res["config"]))
+    path = Path(grp["run_dir"].iloc[0]) / RESULT_FILE
+    res = read_result(path)
+    if res is None:
+        raise FileNotFoundError(f"{path} does not exist or is not a result")
+    _, model = build_task_and_model(res.run_config())
     return {n: w.detach().float().cpu() for n, w in linear_weights(model).items()}
 
 

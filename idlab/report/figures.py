@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from idlab.report.tables import groups
+from idlab.report.tables import CurveCrossing, groups
 
 
 def _mpl() -> Any:
@@ -89,11 +89,11 @@ def _log_axis(axis: Any) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def fig_perf_vs_d(sel: pd.DataFrame, runs: pd.DataFrame, d90: dict[str, dict[str, Any]], base: dict[str, Any],
-                  score: str, out: Path, meta: Mapping[str, Any]) -> list[Path]:
+def fig_perf_vs_d(sel: pd.DataFrame, runs: pd.DataFrame, d90: Mapping[str, CurveCrossing],
+                  base: Mapping[str, Any], score: str, out: Path, meta: Mapping[str, Any]) -> list[Path]:
     """Performance vs subspace dimension d per projection and DID/SAID, seeds, baseline, 90% line, d90.
 
-    Reads ``runs`` columns method, variant, d, metric and ``score``; ``d90[variant]`` keys interp,
+    Reads ``runs`` columns method, variant, d, metric and ``score``; ``d90[variant]``'s interp,
     ci_low, ci_high; ``base`` keys value, kind, target, threshold. ``sel`` is unused (uniform signature).
     """
     plt = _mpl()
@@ -109,11 +109,11 @@ def fig_perf_vs_d(sel: pd.DataFrame, runs: pd.DataFrame, d90: dict[str, dict[str
         ax.plot(x, m["mean"], "-o", color=colors[v], label=f"{v} (mean over seeds)", ms=4)
         ax.fill_between(x, m["min"], m["max"], color=colors[v], alpha=0.15, lw=0)
         res = d90.get(v)
-        if res and res.get("interp") is not None:
-            ax.axvline(res["interp"], color=colors[v], ls=":", lw=1.2)
-            if res.get("ci_low") is not None and math.isfinite(res["ci_high"]):
-                ax.axvspan(res["ci_low"], res["ci_high"], color=colors[v], alpha=0.08)
-            ax.annotate(f"d90≈{res['interp']:.0f}", (res["interp"], ax.get_ylim()[0]), xytext=(3, 6),
+        if res is not None and res.interp is not None:
+            ax.axvline(res.interp, color=colors[v], ls=":", lw=1.2)
+            if res.ci_low is not None and res.ci_high is not None and math.isfinite(res.ci_high):
+                ax.axvspan(res.ci_low, res.ci_high, color=colors[v], alpha=0.08)
+            ax.annotate(f"d90≈{res.interp:.0f}", (res.interp, ax.get_ylim()[0]), xytext=(3, 6),
                         textcoords="offset points", color=colors[v], fontsize=8)
     if base.get("value") is not None:
         ax.axhline(base["value"], color="k", lw=1, label=f"baseline ({base['kind']}) {base['value']:.3f}")
@@ -127,14 +127,15 @@ def fig_perf_vs_d(sel: pd.DataFrame, runs: pd.DataFrame, d90: dict[str, dict[str
     return _save(fig, out, "perf_vs_d")
 
 
-def fig_perf_vs_params(sel: pd.DataFrame, runs: pd.DataFrame, d90: dict[str, dict[str, Any]],
-                       r90: dict[str, dict[str, Any]], base: dict[str, Any], score: str, out: Path,
+def fig_perf_vs_params(sel: pd.DataFrame, runs: pd.DataFrame, d90: Mapping[str, CurveCrossing],
+                       r90: Mapping[str, CurveCrossing], base: Mapping[str, Any], score: str, out: Path,
                        meta: Mapping[str, Any]) -> list[Path]:
     """THE HEADLINE: performance vs trainable parameters (log x) for every method, d90 and r90 marked.
 
     Reads ``sel`` (the cell table) columns selected, mean, min, max, trainable_parameters, variant,
-    method, r, metric; ``runs`` columns model, task, seed (title); ``d90[variant]`` keys interp, extra;
-    ``r90[variant]`` keys params, mean, value; ``base`` keys value, kind, target, threshold, floor.
+    method, r, metric; ``runs`` columns model, task, seed (title); ``d90[variant]``'s interp_params
+    (interp + extra); ``r90[variant]``'s params, mean, value; ``base`` keys value, kind, target,
+    threshold, floor.
     """
     plt = _mpl()
     cells = sel[sel["selected"] & sel["mean"].notna() & sel["trainable_parameters"].notna()]
@@ -160,14 +161,14 @@ def fig_perf_vs_params(sel: pd.DataFrame, runs: pd.DataFrame, d90: dict[str, dic
     if base.get("floor") is not None:
         ax.axhline(base["floor"], color="grey", ls=":", lw=1, label="majority class")
     for v, res in sorted(d90.items()):
-        if res.get("interp") is not None:
-            ax.axvline(res["interp"] + res.get("extra", 0), color=colors.get(v, "grey"), ls=":", lw=1.2)
-            ax.annotate(f"d90 {v}", (res["interp"] + res.get("extra", 0), base.get("target", 0)), rotation=90,
+        if res.interp_params is not None:
+            ax.axvline(res.interp_params, color=colors.get(v, "grey"), ls=":", lw=1.2)
+            ax.annotate(f"d90 {v}", (res.interp_params, base.get("target", 0)), rotation=90,
                         fontsize=7, xytext=(-9, -60), textcoords="offset points", color=colors.get(v, "grey"))
     for v, res in sorted(r90.items()):
-        if res.get("params") is not None:
-            ax.plot([res["params"]], [res["mean"]], marker="o", ms=13, mfc="none", mec=colors.get(v, "grey"), mew=1.8)
-            ax.annotate(f"r90={int(res['value'])}", (res["params"], res["mean"]), xytext=(6, -12),
+        if res.params is not None and res.mean is not None and res.value is not None:
+            ax.plot([res.params], [res.mean], marker="o", ms=13, mfc="none", mec=colors.get(v, "grey"), mew=1.8)
+            ax.annotate(f"r90={int(res.value)}", (res.params, res.mean), xytext=(6, -12),
                         textcoords="offset points", fontsize=8, color=colors.get(v, "grey"))
     ax.set_xscale("log")
     _log_axis(ax.xaxis)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from idlab.runs import iter_results, read_json
+from idlab.runs import RunResult, iter_results, read_json
 
 
 def variant(cfg: Mapping[str, Any]) -> str:
@@ -27,18 +27,15 @@ def variant(cfg: Mapping[str, Any]) -> str:
     return str(m)
 
 
-def _row(path: Path, res: Mapping[str, Any]) -> dict[str, Any]:
-    cfg = res.get("config") or {}
-    metric = res.get("metric") or "accuracy"
-    metrics, best = res.get("metrics") or {}, res.get("best") or {}
-    versions = res.get("versions") or {}
+def _row(path: Path, res: RunResult) -> dict[str, Any]:
+    cfg = res.config
     model = cfg.get("model")
     task = cfg.get("task")
     row: dict[str, Any] = {
-        "run_id": res.get("run_id", path.parent.name),
-        "study": res.get("study", path.parent.parent.parent.name),
-        "status": res.get("status"),
-        "error": res.get("error"),
+        "run_id": res.run_id or path.parent.name,
+        "study": res.study or path.parent.parent.parent.name,
+        "status": res.status,
+        "error": res.error,
         "method": cfg.get("method"),
         "variant": variant(cfg),
         "model": model.get("name") if isinstance(model, dict) else model,
@@ -53,27 +50,27 @@ def _row(path: Path, res: Mapping[str, Any]) -> dict[str, Any]:
         "d": cfg.get("d"),
         "projection": cfg.get("projection"),
         "said": cfg.get("said"),
-        "head": (res.get("method_info") or {}).get("head", cfg.get("head")),
-        "metric": metric,
-        "higher_is_better": res.get("higher_is_better", True),
-        "score_final": metrics.get(metric),
-        "score_best": best.get(metric),
-        "converged": res.get("converged"),
-        "best_step": best.get("step"),
-        "steps": res.get("steps"),
-        "trainable_parameters": res.get("trainable_parameters"),
-        "total_parameters": res.get("total_parameters"),
-        "majority_accuracy": (res.get("task_info") or {}).get("majority_accuracy"),
-        "wall_time_s": res.get("wall_time_s"),
-        "train_time_s": res.get("train_time_s"),
-        "peak_memory_bytes": res.get("peak_memory_bytes"),
-        "device": res.get("device"),
-        "git_commit": res.get("git_commit"),
-        **{f"version_{k}": v for k, v in sorted(versions.items())},
+        "head": res.head,
+        "metric": res.metric,
+        "higher_is_better": res.higher_is_better,
+        "score_final": res.metrics.get(res.metric),
+        "score_best": res.best.get(res.metric),
+        "converged": res.converged,
+        "best_step": res.best_step,
+        "steps": res.steps,
+        "trainable_parameters": res.trainable_parameters,
+        "total_parameters": res.total_parameters,
+        "majority_accuracy": res.majority_accuracy,
+        "wall_time_s": res.wall_time_s,
+        "train_time_s": res.train_time_s,
+        "peak_memory_bytes": res.peak_memory_bytes,
+        "device": res.device,
+        "git_commit": res.git_commit,
+        **{f"version_{k}": v for k, v in sorted(res.versions.items())},
         "run_dir": str(path.parent),
     }
-    for k, v in sorted(metrics.items()):
-        if k != metric and isinstance(v, (int, float)):
+    for k, v in sorted(res.metrics.items()):
+        if k != res.metric and isinstance(v, (int, float)):
             row[f"final_{k}"] = v
     return row
 
@@ -111,13 +108,14 @@ def load_results(results_dir: str | Path) -> pd.DataFrame:
 def load_curves(results_dir: str | Path) -> pd.DataFrame:
     """Learning curves, long format: run_id, study, method, variant, seed, step, key, value."""
     rows = []
-    for _, res in iter_results(results_dir, warn=lambda _line: None):  # load_results has warned
-        cfg = res.get("config") or {}
-        for point in res.get("curve") or []:
+    for path, res in iter_results(results_dir, warn=lambda _line: None):  # load_results has warned
+        cfg = res.config
+        for point in res.curve:
             step = point.get("step")
             for k, v in sorted(point.items()):
                 if k != "step" and isinstance(v, (int, float)):
-                    rows.append({"run_id": res.get("run_id"), "study": res.get("study"), "method": cfg.get("method"),
+                    rows.append({"run_id": res.run_id or path.parent.name,
+                                 "study": res.study or path.parent.parent.parent.name, "method": cfg.get("method"),
                                  "variant": variant(cfg), "seed": cfg.get("seed"), "step": step, "key": k,
                                  "value": float(v)})
     df = pd.DataFrame(rows, columns=["run_id", "study", "method", "variant", "seed", "step", "key", "value"])

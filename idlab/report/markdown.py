@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -42,6 +42,7 @@ from idlab.report.figures import (
 )
 from idlab.report.load import load_curves, load_results, score_col, study_meta, variant
 from idlab.report.tables import (
+    CurveCrossing,
     amplification_table,
     baseline,
     cell_table,
@@ -78,10 +79,19 @@ def md_table(df: pd.DataFrame, cols: Sequence[str] | None = None) -> str:
 
 
 
-def _ci_text(res: Mapping[str, Any], fmt: str) -> str:
+class _AboveChance(NamedTuple):
+    """The crossings for the target above the majority-class floor."""
+
+    floor: float
+    target: float
+    d90: dict[str, CurveCrossing]
+    r90: dict[str, CurveCrossing]
+
+
+def _ci_text(res: CurveCrossing, fmt: str) -> str:
     """'[lo, hi]' of a bootstrap interval; 'not reached' for an end beyond the grid; '–' without one."""
-    lo, hi = res.get("ci_low"), res.get("ci_high")
-    if res.get("value") is None or lo is None or hi is None:
+    lo, hi = res.ci_low, res.ci_high
+    if res.value is None or lo is None or hi is None:
         return "–"
 
     def one(v: float) -> str:
@@ -91,24 +101,22 @@ def _ci_text(res: Mapping[str, Any], fmt: str) -> str:
 
 
 
-def _grid_text(res: Mapping[str, Any]) -> str:
+def _grid_text(res: CurveCrossing) -> str:
     """'1000 (1 seed), 10000 (3 seeds)': the grid searched with the runs behind each point."""
-    return ", ".join(f"{int(x)} ({n} seed{'s' if n != 1 else ''})" for x, n in zip(res["grid"], res["n_seeds"]))
+    return ", ".join(f"{int(x)} ({n} seed{'s' if n != 1 else ''})" for x, n in zip(res.grid, res.n_seeds))
 
 
 
-def _crossing_rows(d90: Mapping[str, Mapping[str, Any]], r90: Mapping[str, Mapping[str, Any]],
+def _crossing_rows(d90: Mapping[str, CurveCrossing], r90: Mapping[str, CurveCrossing],
                    suffix: str = "") -> list[dict[str, Any]]:
     """Rows of the headline table: d90 per subspace variant, then r90 per LoRA target set."""
     rows = []
     for quantity, results, fmt in (("d90", d90, "{:.0f}"), ("r90", r90, "{:.2f}")):
         for v, res in sorted(results.items()):
-            if quantity == "d90":  # d plus the directly trained head
-                params = None if res["value"] is None else res["value"] + res.get("extra", 0)
-            else:
-                params = res.get("params")
-            rows.append({"method": v, "quantity": quantity + suffix, "grid value": res["value"],
-                         "interpolated": res["interp"], f"{res['ci_level']:.0%} interval (bootstrap over seeds)": _ci_text(res, fmt),
+            # d90: d plus the directly trained head; r90: the parameters of the selected cell
+            params = res.value_params if quantity == "d90" else res.params
+            rows.append({"method": v, "quantity": quantity + suffix, "grid value": res.value,
+                         "interpolated": res.interp, f"{res.ci_level:.0%} interval (bootstrap over seeds)": _ci_text(res, fmt),
                          "trainable parameters": params, "grid searched (runs per point)": _grid_text(res)})
     return rows
 
@@ -151,12 +159,11 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
     d90, r90 = crossings(sel_runs, cells, base.get("target"), score)
     # the same above the majority-class floor (when the published target is close to it)
     floor = majority_floor(runs)
-    chance: dict[str, Any] = {}
+    chance: _AboveChance | None = None
     if floor is not None and base.get("value") is not None:
         t = floor + base["threshold"] * (base["value"] - floor)
-        chance = {"floor": floor, "target": t}
         base["floor"] = floor
-        chance["d90"], chance["r90"] = crossings(sel_runs, cells, t, score)
+        chance = _AboveChance(floor, t, *crossings(sel_runs, cells, t, score))
     figs: list[tuple[str, list[Path]]] = []
     figs.append(("Headline: performance vs trainable parameters",
                  fig_perf_vs_params(cells, runs, d90, r90, base, score, fig_dir, meta)))
@@ -183,26 +190,27 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
         lines += [f"Baseline {base['value']:.4f} ({base['kind']}); target {base['threshold']:.0%} = "
                   f"{base['target']:.4f}.", ""]
         rows = _crossing_rows(d90, r90)
-        if chance:
-            floor, t = chance["floor"], chance["target"]
+        if chance is not None:
+            floor, t = chance.floor, chance.target
             lines += [f"Majority-class floor {floor:.4f} (always predicting the most frequent training class). "
                       + (f"**The {base['threshold']:.0%} target is at or below this floor: a model that ignores "
                          "its input meets it, so d90 / r90 by the published definition say nothing here.** "
                          if base["target"] <= floor else "")
                       + f"Rows marked 'above chance' use target = floor + {base['threshold']:.0%} x "
                       f"(baseline - floor) = {t:.4f}.", ""]
-            rows += _crossing_rows(chance["d90"], chance["r90"], " (above chance)")
+            rows += _crossing_rows(chance.d90, chance.r90, " (above chance)")
         if rows:
             lines += [md_table(pd.DataFrame(rows)), "",
                       "A grid value of – means the threshold was not reached on the grid. "
                       "Interpolation is linear in log(d) / log(r) between the bracketing grid points.", ""]
-            thin = [t for res in (d90, r90, *((chance["d90"], chance["r90"]) if chance else ()))
+            thin = [t for res in (d90, r90, *((chance.d90, chance.r90) if chance is not None else ()))
                     for t in thin_crossings(res)]
             if thin:
                 lines += ["**Warning: some crossings rest on fewer seeds than the rest of their curve:** "
                           + "; ".join(thin) + ". Run the missing seeds at that point before quoting them.", ""]
-            unconv = unconverged_crossings([(d90, "d"), (r90, "r"), *(((chance["d90"], "d"), (chance["r90"], "r"))
-                                                                     if chance else ())], sel_runs.to_dict("records"))
+            unconv = unconverged_crossings([(d90, "d"), (r90, "r"), *(((chance.d90, "d"), (chance.r90, "r"))
+                                                                     if chance is not None else ())],
+                                           sel_runs.to_dict("records"))
             if unconv:
                 lines += ["**Warning: some crossings rest on runs whose validation metric had not plateaued "
                           "(idlab.training.convergence):** " + "; ".join(unconv) + ". Train them longer "

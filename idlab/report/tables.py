@@ -1,11 +1,13 @@
 """Tables of the report: seed statistics per cell (`cell_table`), d90 / r90 crossings through
-`idlab.d90` (`threshold_crossing`, `crossings`), the baseline, the Hu et al. Table 7 layout.
+`idlab.d90` (`threshold_crossing`, `crossings`), the baseline, the Hu et al. Table 7 layout. A crossing stays typed (`CurveCrossing`) into the figures and
+the markdown.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -13,7 +15,7 @@ import pandas as pd
 
 from idlab import methods
 from idlab.config.schema import target_of
-from idlab.d90 import make_baseline, rate_baseline, rate_scores, select_lr
+from idlab.d90 import Crossing, make_baseline, rate_baseline, rate_scores, select_lr
 
 CELL_KEYS = ["study", "method", "variant", "target_set", "r", "projection", "said", "d", "use_rslora"]
 PALETTE_SEED = 0
@@ -69,13 +71,84 @@ def groups(df: pd.DataFrame, col: str) -> list[tuple[str, pd.DataFrame]]:
     return sorted(((str(k), g) for k, g in df.groupby(col, sort=True)), key=lambda kv: kv[0])
 
 
-def threshold_crossing(runs: pd.DataFrame, x: str, target: float, score: str) -> dict[str, Any]:
-    """d90 / r90 of one curve by `idlab.d90.threshold_crossing` (the one estimator), as a dict.
+@dataclass(frozen=True)
+class CurveCrossing:
+    """d90 / r90 of one curve of the report: the `idlab.d90.Crossing` and what the report adds to it.
+
+    Attributes:
+        crossing: the estimator's result (grid value, interpolation, bootstrap interval, grid).
+        extra: d90 only: trainable parameters beyond d (a directly trained head, median over
+            the variant's runs), added to d where the figures and tables count parameters.
+        params: r90 only: trainable parameters of the selected cell at the grid value (None:
+            no crossing, or no such cell).
+        mean: r90 only: that cell's seed mean.
+    """
+
+    crossing: Crossing
+    extra: float = 0.0
+    params: int | None = None
+    mean: float | None = None
+
+    @property
+    def value(self) -> float | None:
+        """The grid value: smallest evaluated x whose seed mean reaches the target (None: none)."""
+        return self.crossing.value
+
+    @property
+    def interp(self) -> float | None:
+        """The crossing interpolated linearly in log x (None without one)."""
+        return self.crossing.interp
+
+    @property
+    def ci_low(self) -> float | None:
+        """Lower end of the bootstrap interval (None without one)."""
+        return None if self.crossing.ci is None else self.crossing.ci[0]
+
+    @property
+    def ci_high(self) -> float | None:
+        """Upper end of the bootstrap interval (inf: not reached; None without one)."""
+        return None if self.crossing.ci is None else self.crossing.ci[1]
+
+    @property
+    def n_boot(self) -> int:
+        """Bootstrap resamples behind the interval (0 without one)."""
+        return self.crossing.n_bootstrap if self.crossing.ci is not None else 0
+
+    @property
+    def ci_level(self) -> float:
+        return self.crossing.ci_level
+
+    @property
+    def grid(self) -> tuple[float, ...]:
+        """The evaluated x, sorted."""
+        return self.crossing.grid
+
+    @property
+    def means(self) -> tuple[float, ...]:
+        """Seed mean at each grid point."""
+        return self.crossing.means
+
+    @property
+    def n_seeds(self) -> tuple[int, ...]:
+        """Seeds scored at each grid point (aligned with `grid`)."""
+        return self.crossing.n_seeds
+
+    @property
+    def value_params(self) -> float | None:
+        """d90: trainable parameters at the grid value (d + extra); None without a crossing."""
+        return None if self.value is None else self.value + self.extra
+
+    @property
+    def interp_params(self) -> float | None:
+        """The interpolated crossing in trainable parameters (interp + extra)."""
+        return None if self.interp is None else self.interp + self.extra
+
+
+def threshold_crossing(runs: pd.DataFrame, x: str, target: float, score: str) -> CurveCrossing:
+    """d90 / r90 of one curve by `idlab.d90.threshold_crossing` (the one estimator).
 
     ``runs``: one row per run with columns ``x`` (d or r), seed, ``score`` and status (rows of
-    status ok or diverged are used; a NaN score, a diverged run, counts as a failure at its x). Keys: value (grid value), interp
-    (linear in log x), ci_low / ci_high (the bootstrap interval at ``ci_level``), n_boot,
-    ci_level, grid, means and n_seeds (seeds scored at each grid point, aligned with grid).
+    status ok or diverged are used; a NaN score, a diverged run, counts as a failure at its x).
     """
     from idlab.d90 import threshold_crossing as crossing
 
@@ -83,11 +156,7 @@ def threshold_crossing(runs: pd.DataFrame, x: str, target: float, score: str) ->
         runs = runs[runs["status"].isin(["ok", "diverged"])]
     ev = runs[[x, "seed", score]].rename(columns={score: "score"})
     ev = ev[ev[x].notna() & ev["seed"].notna()]
-    cr = crossing(ev, target, x=x)
-    lo, hi = cr.ci if cr.ci is not None else (None, None)
-    return {"value": cr.value, "interp": cr.interp, "ci_low": lo, "ci_high": hi,
-            "n_boot": cr.n_bootstrap if cr.ci is not None else 0, "ci_level": cr.ci_level,
-            "grid": list(cr.grid), "means": list(cr.means), "n_seeds": list(cr.n_seeds)}
+    return CurveCrossing(crossing(ev, target, x=x))
 
 
 def amplification_table(align: pd.DataFrame, ranks: Sequence[int] = (4, 64)) -> tuple[pd.DataFrame, str]:
@@ -161,23 +230,22 @@ def selected_runs(runs: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
 
 
 def crossings(sel_runs: pd.DataFrame, cells: pd.DataFrame, target: float | None,
-               score: str) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+              score: str) -> tuple[dict[str, CurveCrossing], dict[str, CurveCrossing]]:
     """d90 per subspace variant and r90 per LoRA target set for one target score."""
-    d90: dict[str, dict[str, Any]] = {}
-    r90: dict[str, dict[str, Any]] = {}
+    d90: dict[str, CurveCrossing] = {}
+    r90: dict[str, CurveCrossing] = {}
     if target is None:
         return d90, r90
     for v, g in groups(sel_runs[sel_runs["method"] == "subspace"], "variant"):
-        res = threshold_crossing(g, "d", target, score)
         extra = g["trainable_parameters"].astype(float) - g["d"].astype(float)
-        res["extra"] = float(extra.median()) if len(extra) else 0.0  # directly trained head, counted
-        d90[v] = res
+        d90[v] = replace(threshold_crossing(g, "d", target, score),  # directly trained head, counted
+                         extra=float(extra.median()) if len(extra) else 0.0)
     for v, g in groups(sel_runs[sel_runs["method"] == "lora"], "variant"):
         res = threshold_crossing(g, "r", target, score)
-        if res["value"] is not None:
-            at = cells[(cells["variant"] == v) & cells["selected"] & (cells["r"] == res["value"])]
-            res["params"] = int(at["trainable_parameters"].iloc[0]) if len(at) else None
-            res["mean"] = float(at["mean"].iloc[0]) if len(at) else None
+        if res.value is not None:
+            at = cells[(cells["variant"] == v) & cells["selected"] & (cells["r"] == res.value)]
+            if len(at):
+                res = replace(res, params=int(at["trainable_parameters"].iloc[0]), mean=float(at["mean"].iloc[0]))
         r90[v] = res
     return d90, r90
 
@@ -190,12 +258,12 @@ def majority_floor(runs: pd.DataFrame) -> float | None:
     return float(v.iloc[0]) if len(v) else None
 
 
-def thin_crossings(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def thin_crossings(results: Mapping[str, CurveCrossing]) -> list[str]:
     """Variants whose grid value rests on fewer seeds than the best-covered point of their curve."""
     out = []
     for v, res in sorted(results.items()):
-        if res["value"] is not None:  # the grid value is one of res["grid"]
-            n_at, n_max = dict(zip(res["grid"], res["n_seeds"]))[res["value"]], max(res["n_seeds"])
+        if res.value is not None:  # the grid value is one of res.grid
+            n_at, n_max = dict(zip(res.grid, res.n_seeds))[res.value], max(res.n_seeds)
             if n_at < n_max:
                 out.append(f"{v} ({n_at} of {n_max} seeds)")
     return out
@@ -203,5 +271,5 @@ def thin_crossings(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 
 
-__all__ = ["CELL_KEYS", "amplification_table", "baseline", "cell_table", "crossings", "groups",
+__all__ = ["CELL_KEYS", "CurveCrossing", "amplification_table", "baseline", "cell_table", "crossings", "groups",
            "majority_floor", "selected_runs", "thin_crossings", "threshold_crossing"]

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from idlab.atomic import atomic_write_text, fsync_dir
+from idlab.runs.result import ArtifactEntry, ResultFormatError, RunResult, as_result
 
 if TYPE_CHECKING:
     from idlab.config.run import RunConfig
@@ -168,14 +169,14 @@ def safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def artifact_problem(run_dir: str | Path, result: Mapping[str, Any]) -> str | None:
+def artifact_problem(run_dir: str | Path, result: RunResult | Mapping[str, Any]) -> str | None:
     """Why the files of a run folder do not match its result.json (first problem found), or None.
 
-    With ``result["artifacts"]``: each listed file must exist with the listed size and sha256.
+    With ``result.artifacts``: each listed file must exist with the listed size and sha256.
     Without it (results from before the list): every ``*.safetensors`` must be whole.
     """
     root = Path(run_dir)
-    listed = result.get(ARTIFACTS_KEY)
+    listed = _listed(result)
     if listed is None:
         for f in sorted(root.rglob("*.safetensors")):
             prob = safetensors_problem(f)
@@ -183,15 +184,33 @@ def artifact_problem(run_dir: str | Path, result: Mapping[str, Any]) -> str | No
                 return f"{f.relative_to(root).as_posix()}: {prob}"
         return None
     for entry in listed:
-        f = root / str(entry["path"])
+        f = root / entry.path
         if not f.is_file():
-            return f"{entry['path']} is missing"
+            return f"{entry.path} is missing"
         size = f.stat().st_size
-        if size != int(entry["bytes"]):
-            return f"{entry['path']} has {size} bytes, result.json lists {entry['bytes']} (truncated or rewritten)"
-        if file_sha256(f) != entry["sha256"]:
-            return f"{entry['path']}: sha256 differs from result.json (corrupt)"
+        if size != entry.bytes:
+            return f"{entry.path} has {size} bytes, result.json lists {entry.bytes} (truncated or rewritten)"
+        if file_sha256(f) != entry.sha256:
+            return f"{entry.path}: sha256 differs from result.json (corrupt)"
     return None
+
+
+def _listed(result: RunResult | Mapping[str, Any]) -> tuple[ArtifactEntry, ...] | None:
+    """The artefact list of a result (a mapping is read by `RunResult.from_dict`'s rule)."""
+    if isinstance(result, RunResult):
+        return result.artifacts
+    return RunResult.from_dict({ARTIFACTS_KEY: result.get(ARTIFACTS_KEY)}).artifacts
+
+
+def read_result(path: str | Path) -> RunResult | None:
+    """The `RunResult` of the result.json at ``path``; None if absent, unreadable or not a result."""
+    raw = read_json(path)
+    if raw is None:
+        return None
+    try:
+        return RunResult.from_dict(raw)
+    except ResultFormatError:
+        return None
 
 
 def _publish_modes(folder: Path) -> None:
@@ -212,12 +231,13 @@ class RunStore:
         """Final folder of run ``rid``."""
         return self.runs_dir / rid
 
-    def result(self, rid: str) -> dict[str, Any] | None:
-        """The parsed result.json of ``rid``, or None if there is none (its artifacts unchecked: `check`)."""
-        return read_json(self.run_dir(rid) / RESULT_FILE)
+    def result(self, rid: str) -> RunResult | None:
+        """The result.json of ``rid``, or None if there is none or it is not a result (its artifacts
+        unchecked: `check`)."""
+        return read_result(self.run_dir(rid) / RESULT_FILE)
 
-    def check(self, rid: str) -> tuple[dict[str, Any] | None, str | None]:
-        """``(result, problem)``: the parsed result.json (None if absent) and why its files are not whole."""
+    def check(self, rid: str) -> tuple[RunResult | None, str | None]:
+        """``(result, problem)``: the result (None if absent or not a result) and why its files are not whole."""
         res = self.result(rid)
         if res is None:
             return None, None
@@ -228,7 +248,7 @@ class RunStore:
         res, problem = self.check(rid)
         if res is None or problem is not None:
             return False
-        return not (retry_failed and res.get("status") == "failed")
+        return not (retry_failed and res.status == "failed")
 
     def clean_stale(self, min_age_s: float = STALE_AFTER_S) -> list[Path]:
         """Remove leftovers of killed processes (``.tmp-*``, ``.trash-*``, run folders without result.json).
@@ -260,12 +280,16 @@ class RunStore:
                 removed.append(p)
         return removed
 
-    def write(self, rid: str, result: Mapping[str, Any], artifacts: Callable[[Path], None] | None = None) -> Path:
+    def write(self, rid: str, result: RunResult | Mapping[str, Any],
+              artifacts: Callable[[Path], None] | None = None) -> Path:
         """Write run ``rid`` atomically: artifacts and result.json into a temp folder, renamed last.
 
-        An existing folder for ``rid`` (a failed run being retried) is replaced. If
-        another process completed ``rid`` meanwhile, its result is kept.
+        result.json is ``result.to_dict()`` with ``artifacts`` set to the folder's manifest (a
+        mapping is read through `RunResult.from_dict` first, so it must be a valid result). An
+        existing folder for ``rid`` (a failed run being retried) is replaced. If another process
+        completed ``rid`` meanwhile, its result is kept.
         """
+        res = as_result(result)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.runs_dir / f".tmp-{rid}-{os.getpid()}-{secrets.token_hex(4)}"
         tmp.mkdir()
@@ -273,7 +297,9 @@ class RunStore:
             if artifacts is not None:
                 artifacts(tmp)
                 _publish_modes(tmp)
-            atomic_write_json(tmp / RESULT_FILE, {**result, ARTIFACTS_KEY: artifact_manifest(tmp)})
+            manifest = tuple(ArtifactEntry(str(e["path"]), int(e["bytes"]), str(e["sha256"]))
+                             for e in artifact_manifest(tmp))
+            atomic_write_json(tmp / RESULT_FILE, res.replace(artifacts=manifest).to_dict())
             fsync_dir(tmp)
             final = self.run_dir(rid)
             if final.exists():
@@ -304,17 +330,23 @@ def iter_result_files(results_dir: str | Path) -> Iterator[Path]:
 
 
 def iter_results(results_dir: str | Path, warn: Callable[[str], None] | None = None
-                 ) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """THE reader of run folders: ``(result.json path, parsed result)`` of every whole run, sorted.
+                 ) -> Iterator[tuple[Path, RunResult]]:
+    """THE reader of run folders: ``(result.json path, RunResult)`` of every whole run, sorted.
 
-    A result.json that does not parse, or whose artifacts are missing or corrupt
-    (`artifact_problem`), is skipped with one line to ``warn`` (default: stderr) naming the file.
+    A result.json that does not parse, does not parse into a `RunResult`, or whose artifacts
+    are missing or corrupt (`artifact_problem`), is skipped with one line to ``warn`` (default:
+    stderr) naming the file.
     """
     say = warn or (lambda line: print(line, file=sys.stderr))
     for p in iter_result_files(results_dir):
-        res = read_json(p)
-        if res is None:
+        raw = read_json(p)
+        if raw is None:
             say(f"warning: skipping run {p.parent.name}: {p} does not parse")
+            continue
+        try:
+            res = RunResult.from_dict(raw)
+        except ResultFormatError as e:
+            say(f"warning: skipping run {p.parent.name}: {p} is not a result ({e})")
             continue
         problem = artifact_problem(p.parent, res)
         if problem is not None:
@@ -342,6 +374,7 @@ __all__ = [
     "iter_results",
     "package_versions",
     "read_json",
+    "read_result",
     "run_id",
     "safetensors_problem",
 ]

@@ -103,12 +103,12 @@ def run_sweep(study: StudyConfig, dry_run: bool = False, out: Any = None) -> Swe
         res, problem = store.check(rid)
         if res is None or problem is not None:
             summary.missing.append(rid)
-        elif res.get("status") == "ok":
+        elif res.status == "ok":
             summary.ok.append(rid)
-        elif res.get("status") == "diverged":
-            summary.diverged.append((rid, str(res.get("error"))))
+        elif res.status == "diverged":
+            summary.diverged.append((rid, str(res.error)))
         else:
-            summary.failed.append((rid, str(res.get("error"))))
+            summary.failed.append((rid, str(res.error)))
     summary.wall_time_s = time.perf_counter() - t0
     if not dry_run:
         print(summary.text(), file=out, flush=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 from idlab import methods
 from idlab.config.run import RunConfig
-from idlab.runs import RunStore
+from idlab.runs import RunResult, RunStore
 from idlab.sweep.build import build_task_and_model
 
 
@@ -33,11 +33,11 @@ def environment() -> dict[str, Any]:
 
 
 def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
-                progress: bool = False) -> tuple[dict[str, Any], Callable[[Path], None] | None]:
+                progress: bool = False) -> tuple[RunResult, Callable[[Path], None] | None]:
     """Build, train and extract one run. Never raises.
 
     Returns:
-        ``(result, write_artifacts)``: the result.json content (status ok | diverged | failed)
+        ``(result, write_artifacts)``: the run's `RunResult` (status ok | diverged | failed)
         and a function writing the artifacts (delta.safetensors, adapter/ or
         subspace.safetensors) into a folder, or None when there are none.
     """
@@ -77,7 +77,7 @@ def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
         writer = None
     result["wall_time_s"] = time.perf_counter() - t0
     result["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    return result, writer
+    return RunResult.from_dict(result), writer
 
 
 def run_one(study_dir: str, study_name: str, rid: str, run: RunConfig, device: str = "auto",
@@ -88,20 +88,18 @@ def run_one(study_dir: str, study_name: str, rid: str, run: RunConfig, device: s
     """
     store = RunStore(study_dir)
     done, problem = store.check(rid)
-    if done is not None and problem is None and not (retry_failed and done.get("status") == "failed"):
-        return str(done.get("status", "ok"))
+    if done is not None and problem is None and not (retry_failed and done.status == "failed"):
+        return done.status
     if problem is not None:
         print(f"rerunning {rid}: {problem}", file=sys.stderr, flush=True)
     result, writer = execute_run(run, rid, study_name, device=device, progress=progress)
     try:
         store.write(rid, result, writer)
     except Exception as e:  # artifacts could not be written: record the failure instead
-        import traceback
-
-        result.update({"status": "failed", "error": f"writing artifacts: {type(e).__name__}: {e}",
-                       "traceback": traceback.format_exc()})
+        result = result.replace(status="failed", error=f"writing artifacts: {type(e).__name__}: {e}",
+                                traceback=traceback.format_exc())
         store.write(rid, result, None)
-    return str(result["status"])
+    return result.status
 
 
 __all__ = ["environment", "execute_run", "run_one"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
 
 from idlab import methods
 from idlab.config import RunConfig, StudyConfig
@@ -29,14 +28,6 @@ def run_config(study: StudyConfig, method: str, axes: Axes, lr: float, seed: int
     return RunConfig(method=method, model=study.model, task=study.task, train=train, axes=axes)
 
 
-def run_score(result: dict[str, Any], score: str = "final") -> float | None:
-    """Performance of a run: its final (or best) value of the task metric; None if unavailable."""
-    metric = result.get("metric") or (result.get("task_info") or {}).get("metric", "accuracy")
-    src = result.get("best" if score == "best" else "metrics") or {}
-    v = src.get(metric)
-    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
-
-
 def cell_scores(study: StudyConfig, store: RunStore, method: str, axes: Axes,
                 lrs: Sequence[float]) -> CellScores | None:
     """``{lr: {seed: score}}`` of one cell from stored results, or None until every run is stored.
@@ -49,7 +40,7 @@ def cell_scores(study: StudyConfig, store: RunStore, method: str, axes: Axes,
             res = store.result(run_id(run_config(study, method, axes, lr, seed)))
             if res is None:
                 return None
-            sc = run_score(res, study.score) if res.get("status") in ("ok", "diverged") else None
+            sc = res.score(study.score) if res.status in ("ok", "diverged") else None
             scores.setdefault(lr, {})[seed] = math.nan if sc is None else sc
     return scores
 
@@ -123,4 +114,4 @@ def plan_table(study: StudyConfig, runs: Sequence[Run], store: RunStore) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Run", "baseline_value", "cell_scores", "expand", "plan_table", "run_config", "run_score", "stages"]
+__all__ = ["Run", "baseline_value", "cell_scores", "expand", "plan_table", "run_config", "stages"]

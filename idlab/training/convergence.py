@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from idlab.options import doc
 
@@ -188,8 +188,18 @@ def validate_until(until: str, cap_steps: int | None, epochs: float | None, eval
         )
 
 
-def run_converged(record: Mapping[str, Any]) -> bool | None:
-    """The ``converged`` flag of a result.json record (top level or under ``train``); None if absent."""
+class _Record(Protocol):
+    converged: bool | None
+    extra: Mapping[str, Any]
+
+
+def run_converged(record: _Record | Mapping[str, Any]) -> bool | None:
+    """The ``converged`` flag of a run record (a `idlab.runs.RunResult`, or a mapping: a result.json
+    or a row), at top level or under ``train`` / ``result`` (li2018 records); None if absent."""
+    if not isinstance(record, Mapping):  # a RunResult (this layer does not import idlab.runs)
+        if record.converged is not None:
+            return record.converged
+        record = record.extra
     for src in (record, record.get("train") or {}, record.get("result") or {}):
         if isinstance(src, Mapping) and _flag(src.get("converged")) is not None:
             return _flag(src["converged"])
@@ -241,8 +251,19 @@ def _number(value: Any) -> float | None:
     return None if math.isnan(x) else x
 
 
+class GridCrossing(Protocol):
+    """What `unconverged_crossings` reads of a crossing (`idlab.report.tables.CurveCrossing` has it)."""
+
+    @property
+    def value(self) -> float | None: ...
+
+    @property
+    def grid(self) -> Sequence[float]: ...
+
+
 def unconverged_crossings(
-    crossings: Sequence[tuple[Mapping[str, Mapping[str, Any]], str]], rows: Iterable[Mapping[Any, Any]]
+    crossings: Sequence[tuple[Mapping[str, GridCrossing | Mapping[str, Any]], str]],
+    rows: Iterable[Mapping[Any, Any]],
 ) -> list[str]:
     """d90 / r90 values resting on runs that did not converge (the report's warning lines).
 
@@ -251,8 +272,9 @@ def unconverged_crossings(
 
     Args:
         crossings: ``[(results, axis)]``, ``results = {variant: crossing}`` with ``value`` (grid
-            value or None) and ``grid`` (axis values searched), as `idlab.report.threshold_crossing`
-            returns; ``axis`` = ``"d"`` (d90) or ``"r"`` (r90).
+            value or None) and ``grid`` (axis values searched): the `idlab.report.tables.CurveCrossing`
+            of `idlab.report.threshold_crossing` (or a mapping with those keys); ``axis`` = ``"d"``
+            (d90) or ``"r"`` (r90).
         rows: run rows with ``variant``, the axis column, ``seed`` and ``converged`` (True /
             False / None = not recorded, not counted).
 
@@ -263,10 +285,10 @@ def unconverged_crossings(
     out: set[str] = set()
     for results, axis in crossings:
         for v, res in results.items():
-            value = res.get("value")
+            value, grid = (res.get("value"), res.get("grid", ())) if isinstance(res, Mapping) else (res.value, res.grid)
             if value is None:
                 continue
-            below = [g for g in res.get("grid", []) if g < value]
+            below = [g for g in grid if g < value]
             points = {float(value), *([float(max(below))] if below else [])}
             bad: dict[float, list[int]] = {}
             for r in rows:
