@@ -42,7 +42,7 @@ def test_result_json_lists_every_file_with_size_and_sha256(swept: tuple[Path, An
     for rid, run in expand(study):
         res = store.result(rid)
         assert res is not None
-        listed = {e["path"]: e for e in res[ARTIFACTS_KEY]}
+        listed = {e["path"]: e for e in res.to_dict()[ARTIFACTS_KEY]}
         d = store.run_dir(rid)
         files = {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()} - {"result.json"}
         assert set(listed) == files and "delta.safetensors" in files

@@ -16,7 +16,7 @@ from idlab.report import cell_table, load_results, make_report, thin_crossings, 
 from idlab.sweep.driver import run_sweep
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-FIGURES = ["perf_vs_params", "perf_vs_d", "lora_rank_target_heatmap", "spectra", "energy", "phi_rank", "phi_seed",
+FIGURES = ["perf_vs_params", "perf_vs_d", "perf_vs_r", "lora_heatmap", "spectra", "energy", "phi_rank", "phi_seed",
            "curves"]
 
 

@@ -33,7 +33,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh sweep: blobs + MLP, full / LoRA r 1, 2 / DID d 4, 16, seed 0 (artefacts written)."""
-    from idlab.sweep.grid import run_sweep
+    from idlab.sweep.driver import run_sweep
 
     mp = pytest.MonkeyPatch()
     mp.syspath_prepend(str(FIXTURES))
@@ -72,14 +72,15 @@ def test_fresh_results_round_trip_exactly(swept: Path) -> None:
 
 
 def test_a_failed_result_round_trips_and_has_the_failed_layout(tmp_path: Path) -> None:
-    from idlab.methods import execute_run
+    from idlab.sweep.execute import execute_run
 
     stored = json.loads((FIXTURES / "stored_configs_v1.json").read_text())
     run = RunConfig.from_dict({**next(iter(stored.values())), "task": "idlab_fixture_tasks:nope"})
     raw, writer = execute_run(run, "x", "s", device="cpu")
     assert writer is None
     store = RunStore(tmp_path / "s")
-    store.write("x", raw)  # a mapping is accepted (idlab.sweep.executors.run_one passes one)
+    store.write("x", raw)  # what run_one writes
+    store.write("y", raw.to_dict())  # a mapping is accepted too
     d = json.loads((store.run_dir("x") / RESULT_FILE).read_text())
     assert set(d) == {*ALWAYS_KEYS, "traceback", "artifacts"} and d["artifacts"] == []
     res = store.result("x")
@@ -151,19 +152,20 @@ def test_typed_crossings_reach_the_figures(swept: Path, tmp_path: Path, monkeypa
     from idlab.report import make_report
 
     seen: dict[str, Any] = {}
-    for name in ("fig_perf_vs_params", "fig_perf_vs_d"):
+    for name in ("fig_perf_vs_params", "fig_perf_vs_size"):
         real = getattr(md, name)
 
         def spy(*args: Any, _name: str = name, _real: Any = real, **kwargs: Any) -> Any:
-            seen[_name] = args
+            seen.setdefault(_name, []).append(args)
             out = _real(*args, **kwargs)
             assert out, f"{_name} drew nothing"
             return out
 
         monkeypatch.setattr(md, name, spy)
     make_report(swept, tmp_path / "out", analysis=False)
-    d90, r90 = seen["fig_perf_vs_params"][2], seen["fig_perf_vs_params"][3]
-    assert seen["fig_perf_vs_d"][2] is d90
+    found = seen["fig_perf_vs_params"][0][2]
+    d90, r90 = found["subspace"], found["lora"]
+    assert {args[0]: args[2] for args in seen["fig_perf_vs_size"]} == found  # each method's own crossings
     assert set(d90) == {"DID dense"} and r90 and all(isinstance(c, CurveCrossing) for c in (*d90.values(),
                                                                                         *r90.values()))
     for c in d90.values():

@@ -84,6 +84,12 @@ class TargetConfig:
     )
 
 
+def _registered() -> tuple[str, ...]:
+    from idlab import methods
+
+    return methods.names()
+
+
 def target_of(study: Mapping[str, Any]) -> TargetConfig:
     """The crossing target recorded in a study.json's ``study`` mapping.
 
@@ -127,7 +133,7 @@ class StudyConfig:
     model: ModelConfig = field(default_factory=ModelConfig, metadata=doc("the network (name or mapping)"))
     task: TaskConfig = field(default_factory=TaskConfig, metadata=doc("the task (name or mapping)"))
     methods: tuple[str, ...] = field(
-        default=("full", "lora", "subspace"),
+        default_factory=lambda: _registered(),
         metadata=doc("methods to run (registered: idlab.methods.names()); each reads the block of its name"))
     target: TargetConfig = field(default_factory=TargetConfig, metadata=doc("the crossing target (d90, r90, p90)"))
     train: TrainConfig = field(

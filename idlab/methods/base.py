@@ -148,10 +148,15 @@ class Method(ABC, Generic[S, A]):
     axes_type: ClassVar[type[Axes]] = Axes
     #: one line of help (``idlab sweep --help-config``)
     help: ClassVar[str] = ""
+    #: how the report names the method in labels ("LoRA", "full FT")
+    title: ClassVar[str] = ""
     #: the column of the size axis a crossing is read on ("d", "r"), None: no curve of its own
     size_key: ClassVar[str | None] = None
     #: what the crossing on the size axis is called (d90, r90)
     quantity: ClassVar[str | None] = None
+    #: the size is the trainable count itself (d; plus a directly trained head): the report marks the
+    #: crossing at size + head on the parameter axis, and reads it in parameters, not grid points
+    size_counts_parameters: ClassVar[bool] = False
     #: the reference of the d90 / r90 target (full fine-tuning)
     baseline: ClassVar[bool] = False
     style: ClassVar[Style] = Style()

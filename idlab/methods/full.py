@@ -46,6 +46,7 @@ class FullFineTuning(Method[FullSettings, FullAxes]):
     settings_type = FullSettings
     axes_type = FullAxes
     help = "full fine-tuning: every parameter trainable (the baseline of d90 and r90)"
+    title = "full FT"
     baseline = True
     style = Style(marker="*", size=11.0)
 

@@ -143,6 +143,7 @@ class LoRA(Method[LoraSettings, LoraAxes]):
     settings_type = LoraSettings
     axes_type = LoraAxes
     help = "LoRA axes (Hu et al. 2021) through PEFT"
+    title = "LoRA"
     size_key = "r"
     quantity = "r90"
     style = Style(marker="s", size=5.0)

@@ -136,6 +136,8 @@ class Subspace(Method[SubspaceSettings, SubspaceAxes]):
     settings_type = SubspaceSettings
     axes_type = SubspaceAxes
     help = "random-subspace axes (Li et al. 2018 DID, Aghajanyan et al. 2021 SAID)"
+    title = "subspace"
+    size_counts_parameters = True
     size_key = "d"
     quantity = "d90"
     style = Style(marker="o", size=5.0)

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from idlab.report.tables import CurveCrossing, groups
+from idlab import methods
+from idlab.report.tables import Crossings, CurveCrossing, groups
 
 
 def _mpl() -> Any:
@@ -89,53 +90,55 @@ def _log_axis(axis: Any) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def fig_perf_vs_d(sel: pd.DataFrame, runs: pd.DataFrame, d90: Mapping[str, CurveCrossing],
-                  base: Mapping[str, Any], score: str, out: Path, meta: Mapping[str, Any]) -> list[Path]:
-    """Performance vs subspace dimension d per projection and DID/SAID, seeds, baseline, 90% line, d90.
+def fig_perf_vs_size(method: str, runs: pd.DataFrame, found: Mapping[str, CurveCrossing],
+                     base: Mapping[str, Any], score: str, out: Path, meta: Mapping[str, Any]) -> list[Path]:
+    """Performance vs a method's size axis (subspace d, LoRA r, ...) per variant: seeds, baseline, the
+    threshold line and the crossing (d90, r90, ...) with its bootstrap interval. File ``perf_vs_<size>``.
 
-    Reads ``runs`` columns method, variant, d, metric and ``score``; ``d90[variant]``'s interp,
-    ci_low, ci_high; ``base`` keys value, kind, target, threshold. ``sel`` is unused (uniform signature).
+    Reads ``runs`` columns method, variant, size, metric and ``score``; ``found[variant]``'s interp,
+    ci_low, ci_high; ``base`` keys value, kind, target, threshold.
     """
     plt = _mpl()
-    sub = runs[(runs["method"] == "subspace") & runs[score].notna()]
+    m = methods.get(method)
+    key, quantity = m.size_key or "size", m.quantity or "crossing"
+    sub = runs[(runs["method"] == method) & runs[score].notna() & runs["size"].notna()]
     if sub.empty:
         return []
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     colors = _colors(list(sub["variant"].unique()))
     for v, g in groups(sub, "variant"):
-        ax.scatter(g["d"].astype(float), g[score], s=14, alpha=0.45, color=colors[v])
-        m = g.groupby("d")[score].agg(["mean", "min", "max"]).sort_index()
-        x = m.index.astype(float)
-        ax.plot(x, m["mean"], "-o", color=colors[v], label=f"{v} (mean over seeds)", ms=4)
-        ax.fill_between(x, m["min"], m["max"], color=colors[v], alpha=0.15, lw=0)
-        res = d90.get(v)
+        ax.scatter(g["size"].astype(float), g[score], s=14, alpha=0.45, color=colors[v])
+        stats = g.groupby("size")[score].agg(["mean", "min", "max"]).sort_index()
+        x = stats.index.astype(float)
+        ax.plot(x, stats["mean"], "-o", color=colors[v], label=f"{v} (mean over seeds)", ms=4)
+        ax.fill_between(x, stats["min"], stats["max"], color=colors[v], alpha=0.15, lw=0)
+        res = found.get(v)
         if res is not None and res.interp is not None:
             ax.axvline(res.interp, color=colors[v], ls=":", lw=1.2)
             if res.ci_low is not None and res.ci_high is not None and math.isfinite(res.ci_high):
                 ax.axvspan(res.ci_low, res.ci_high, color=colors[v], alpha=0.08)
-            ax.annotate(f"d90≈{res.interp:.0f}", (res.interp, ax.get_ylim()[0]), xytext=(3, 6),
+            ax.annotate(f"{quantity}≈{res.interp:.3g}", (res.interp, ax.get_ylim()[0]), xytext=(3, 6),
                         textcoords="offset points", color=colors[v], fontsize=8)
     if base.get("value") is not None:
         ax.axhline(base["value"], color="k", lw=1, label=f"baseline ({base['kind']}) {base['value']:.3f}")
         ax.axhline(base["target"], color="k", ls="--", lw=1, label=f"{base['threshold']:.0%} of baseline")
     ax.set_xscale("log")
     _log_axis(ax.xaxis)
-    ax.set_xlabel("subspace dimension d (log)")
+    ax.set_xlabel(f"{m.title or method} {key} (log)")
     ax.set_ylabel(f"validation {sub['metric'].iloc[0]} ({score.replace('score_', '')})")
-    ax.set_title(_title(meta, "Performance vs subspace dimension (band: seed min-max)", sub))
+    ax.set_title(_title(meta, f"Performance vs {m.title or method} {key} (band: seed min-max)", sub))
     ax.legend(loc="best")
-    return _save(fig, out, "perf_vs_d")
+    return _save(fig, out, f"perf_vs_{key}")
 
 
-def fig_perf_vs_params(sel: pd.DataFrame, runs: pd.DataFrame, d90: Mapping[str, CurveCrossing],
-                       r90: Mapping[str, CurveCrossing], base: Mapping[str, Any], score: str, out: Path,
-                       meta: Mapping[str, Any]) -> list[Path]:
-    """THE HEADLINE: performance vs trainable parameters (log x) for every method, d90 and r90 marked.
+def fig_perf_vs_params(sel: pd.DataFrame, runs: pd.DataFrame, found: Crossings, base: Mapping[str, Any],
+                       score: str, out: Path, meta: Mapping[str, Any]) -> list[Path]:
+    """THE HEADLINE: performance vs trainable parameters (log x) for every method, each crossing marked.
 
     Reads ``sel`` (the cell table) columns selected, mean, min, max, trainable_parameters, variant,
-    method, r, metric; ``runs`` columns model, task, seed (title); ``d90[variant]``'s interp_params
-    (interp + extra); ``r90[variant]``'s params, mean, value; ``base`` keys value, kind, target,
-    threshold, floor.
+    method, size, metric; ``runs`` columns model, task, seed (title); per method in ``found``: a
+    size that counts parameters (d90) is a vertical line at interp_params (interp + extra), any other
+    (r90) a circle at its grid value's (params, mean); ``base`` keys value, kind, target, threshold, floor.
     """
     plt = _mpl()
     cells = sel[sel["selected"] & sel["mean"].notna() & sel["trainable_parameters"].notna()]
@@ -143,77 +146,85 @@ def fig_perf_vs_params(sel: pd.DataFrame, runs: pd.DataFrame, d90: Mapping[str, 
         return []
     fig, ax = plt.subplots(figsize=(7.4, 4.8))
     colors = _colors(list(cells["variant"].unique()))
-    markers = {"full": "*", "lora": "s", "subspace": "o"}
     for v, g in groups(cells, "variant"):
         g = g.sort_values("trainable_parameters")
-        method = g["method"].iloc[0]
+        m = methods.get(str(g["method"].iloc[0]))
         x = g["trainable_parameters"].astype(float).to_numpy()
         yerr = np.vstack([g["mean"] - g["min"], g["max"] - g["mean"]])
-        ax.errorbar(x, g["mean"], yerr=yerr, fmt="-" + markers.get(method, "o"), color=colors[v], label=v,
-                    ms=11 if method == "full" else 5, capsize=2, lw=1.2)
-        if method == "lora":
+        ax.errorbar(x, g["mean"], yerr=yerr, fmt="-" + m.style.marker, color=colors[v], label=v,
+                    ms=m.style.size, capsize=2, lw=1.2)
+        if m.size_key is not None and not m.size_counts_parameters:  # name the grid points (r4, ...)
             for xi, (_, row) in zip(x, g.iterrows()):
-                ax.annotate(f"r{int(row['r'])}", (xi, row["mean"]), xytext=(2, 4), textcoords="offset points",
-                            fontsize=7, color=colors[v])
+                if pd.notna(row["size"]):
+                    ax.annotate(f"{m.size_key}{int(row['size'])}", (xi, row["mean"]), xytext=(2, 4),
+                                textcoords="offset points", fontsize=7, color=colors[v])
     if base.get("value") is not None:
         ax.axhline(base["value"], color="k", lw=1, label=f"baseline ({base['kind']})")
         ax.axhline(base["target"], color="k", ls="--", lw=1, label=f"{base['threshold']:.0%} of baseline")
     if base.get("floor") is not None:
         ax.axhline(base["floor"], color="grey", ls=":", lw=1, label="majority class")
-    for v, res in sorted(d90.items()):
-        if res.interp_params is not None:
-            ax.axvline(res.interp_params, color=colors.get(v, "grey"), ls=":", lw=1.2)
-            ax.annotate(f"d90 {v}", (res.interp_params, base.get("target", 0)), rotation=90,
-                        fontsize=7, xytext=(-9, -60), textcoords="offset points", color=colors.get(v, "grey"))
-    for v, res in sorted(r90.items()):
-        if res.params is not None and res.mean is not None and res.value is not None:
-            ax.plot([res.params], [res.mean], marker="o", ms=13, mfc="none", mec=colors.get(v, "grey"), mew=1.8)
-            ax.annotate(f"r90={int(res.value)}", (res.params, res.mean), xytext=(6, -12),
-                        textcoords="offset points", fontsize=8, color=colors.get(v, "grey"))
+    for name, results in found.items():
+        m = methods.get(name)
+        for v, res in sorted(results.items()):
+            c = colors.get(v, "grey")
+            if m.size_counts_parameters and res.interp_params is not None:
+                ax.axvline(res.interp_params, color=c, ls=":", lw=1.2)
+                ax.annotate(f"{m.quantity} {v}", (res.interp_params, base.get("target", 0)), rotation=90,
+                            fontsize=7, xytext=(-9, -60), textcoords="offset points", color=c)
+            elif not m.size_counts_parameters and None not in (res.params, res.mean, res.value):
+                ax.plot([res.params], [res.mean], marker="o", ms=13, mfc="none", mec=c, mew=1.8)
+                ax.annotate(f"{m.quantity}={res.value:g}", (res.params, res.mean), xytext=(6, -12),
+                            textcoords="offset points", fontsize=8, color=c)
     ax.set_xscale("log")
     _log_axis(ax.xaxis)
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel(f"validation {cells['metric'].iloc[0]} (seed mean, bars min-max)")
-    ax.set_title(_title(meta, "Performance vs trainable parameters: full FT, DID/SAID, LoRA", runs))
+    ax.set_title(_title(meta, "Performance vs trainable parameters, every method", runs))
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return _save(fig, out, "perf_vs_params")
 
 
-def fig_lora_heatmap(sel: pd.DataFrame, runs: pd.DataFrame, out: Path, meta: Mapping[str, Any]) -> list[Path]:
-    """Rank x target-set heatmap of the seed-mean metric (selected lr).
+def fig_size_heatmap(method: str, sel: pd.DataFrame, runs: pd.DataFrame, out: Path,
+                     meta: Mapping[str, Any]) -> list[Path]:
+    """Size x variant heatmap of the seed-mean metric at the selected lr (LoRA: rank x target set).
+    File ``<method>_heatmap``.
 
-    Reads ``sel`` (the cell table) columns method, selected, target_set, r, mean, metric; ``runs``
+    Reads ``sel`` (the cell table) columns method, selected, variant, size, mean, metric; ``runs``
     columns method, model, task, seed (title).
     """
     plt = _mpl()
     import seaborn as sns
 
-    lo = sel[(sel["method"] == "lora") & sel["selected"]]
+    m = methods.get(method)
+    lo = sel[(sel["method"] == method) & sel["selected"] & sel["size"].notna()]
     if lo.empty:
         return []
-    piv = lo.pivot_table(index="target_set", columns="r", values="mean", aggfunc="mean").sort_index()
+    piv = lo.pivot_table(index="variant", columns="size", values="mean", aggfunc="mean").sort_index()
     piv.columns = [int(c) for c in piv.columns]
     fig, ax = plt.subplots(figsize=(1.2 + 0.75 * piv.shape[1], 1.4 + 0.55 * piv.shape[0]))
     sns.heatmap(piv, annot=True, fmt=".3f", cmap="viridis", ax=ax, cbar_kws={"label": f"{lo['metric'].iloc[0]}"})
-    ax.set_xlabel("LoRA rank r")
-    ax.set_ylabel("target modules")
-    ax.set_title(_title(meta, "LoRA: rank x target set (seed mean)", runs[runs["method"] == "lora"]))
-    return _save(fig, out, "lora_rank_target_heatmap")
+    ax.set_xlabel(f"{m.title or method} {m.size_key}")
+    ax.set_ylabel("variant")
+    ax.set_title(_title(meta, f"{m.title or method}: {m.size_key} x variant (seed mean)", runs[runs["method"] == method]))
+    return _save(fig, out, f"{method}_heatmap")
 
 
 def spectrum_label(row: Mapping[str, Any], targets: bool = False) -> str:
-    """Legend / table label of a run in the analysis tables (LoRA r, subspace d, full FT)."""
-    m = row["method"]
-    if m == "lora":
-        tm = row.get("target_modules")
-        if targets and isinstance(tm, str) and tm:
-            from idlab.methods.lora import target_set_label
-
-            return f"LoRA {target_set_label(tm.split(','))} r={int(row['r'])}"
-        return f"LoRA r={int(row['r'])}"
-    if m == "subspace":
-        return f"subspace d={int(row['d'])}"
-    return "full FT"
+    """Legend / table label of a run in the analysis tables: the method's title and its size
+    (``LoRA r=4``, ``subspace d=1000``, ``full FT``); ``targets`` adds the target modules."""
+    name = str(row["method"])
+    try:
+        m = methods.get(name)
+    except ValueError:
+        return name
+    label = m.title or name
+    size = row.get(m.size_key) if m.size_key else None
+    if size is not None and pd.notna(size):
+        label += f" {m.size_key}={int(size)}"
+    tm = row.get("target_modules")
+    if targets and isinstance(tm, str) and tm:
+        label += f" [{tm}]"
+    return label
 
 
 def _type_label(t: str, df: pd.DataFrame) -> str:
@@ -318,7 +329,7 @@ def fig_phi(sim: pd.DataFrame, kind: str, runs: pd.DataFrame, out: Path, meta: M
         a.tick_params(labelsize=6)
     what = (f"Subspace similarity phi, LoRA r={pair[0]} vs r={pair[1]} (same seed)" if kind == "rank"
             else f"Subspace similarity phi, LoRA r={pair[0]}, seed vs seed")
-    fig.suptitle(_title(meta, what, runs[runs["method"] == "lora"]))
+    fig.suptitle(_title(meta, what, runs[runs["r"].notna()]))
     return _save(fig, out, f"phi_{kind}")
 
 
@@ -351,5 +362,13 @@ def fig_curves(curves: pd.DataFrame, runs: pd.DataFrame, out: Path, meta: Mappin
 
 
 
-__all__ = ["fig_curves", "fig_lora_heatmap", "fig_perf_vs_d", "fig_perf_vs_params", "fig_phi", "fig_spectra",
-           "set_formats", "spectrum_label"]
+__all__ = [
+    "fig_curves",
+    "fig_perf_vs_params",
+    "fig_perf_vs_size",
+    "fig_phi",
+    "fig_size_heatmap",
+    "fig_spectra",
+    "set_formats",
+    "spectrum_label",
+]

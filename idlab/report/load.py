@@ -13,18 +13,13 @@ from typing import Any
 
 import pandas as pd
 
+from idlab import methods
 from idlab.runs import RunResult, iter_results, read_json
 
 
 def variant(cfg: Mapping[str, Any]) -> str:
-    m = cfg.get("method")
-    if m == "full":
-        return "full FT"
-    if m == "lora":
-        return f"LoRA {cfg.get('target_set', '?')}" + (" rsLoRA" if cfg.get("use_rslora") else "")
-    if m == "subspace":
-        return f"{'SAID' if cfg.get('said') else 'DID'} {cfg.get('projection', '?')}"
-    return str(m)
+    """The curve label of a stored run config (its method's `idlab.methods.Axes.variant`)."""
+    return methods.variant(cfg)
 
 
 def _row(path: Path, res: RunResult) -> dict[str, Any]:
@@ -38,6 +33,7 @@ def _row(path: Path, res: RunResult) -> dict[str, Any]:
         "error": res.error,
         "method": cfg.get("method"),
         "variant": variant(cfg),
+        "size": _size(cfg),
         "model": model.get("name") if isinstance(model, dict) else model,
         "task": task.get("name") if isinstance(task, dict) else task,
         "seed": cfg.get("seed"),
@@ -75,7 +71,15 @@ def _row(path: Path, res: RunResult) -> dict[str, Any]:
     return row
 
 
-_INT_COLS = ["seed", "r", "d", "steps", "trainable_parameters", "total_parameters", "peak_memory_bytes"]
+def _size(cfg: Mapping[str, Any]) -> int | None:
+    """The run's value on its method's size axis (r, d, ...), None without one."""
+    try:
+        return methods.axes_from_config(cfg).size()
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+_INT_COLS = ["seed", "size", "r", "d", "steps", "trainable_parameters", "total_parameters", "peak_memory_bytes"]
 
 
 def load_results(results_dir: str | Path) -> pd.DataFrame:

@@ -23,25 +23,27 @@ says so (selection on the validation split the score is measured on).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
+from idlab import methods
 from idlab.report import figures
 from idlab.report.figures import (
     fig_curves,
-    fig_lora_heatmap,
-    fig_perf_vs_d,
     fig_perf_vs_params,
+    fig_perf_vs_size,
     fig_phi,
+    fig_size_heatmap,
     fig_spectra,
     spectrum_label,
 )
 from idlab.report.load import load_curves, load_results, score_col, study_meta, variant
 from idlab.report.tables import (
+    Crossings,
     CurveCrossing,
     amplification_table,
     baseline,
@@ -84,8 +86,7 @@ class _AboveChance(NamedTuple):
 
     floor: float
     target: float
-    d90: dict[str, CurveCrossing]
-    r90: dict[str, CurveCrossing]
+    found: Crossings
 
 
 def _ci_text(res: CurveCrossing, fmt: str) -> str:
@@ -107,18 +108,30 @@ def _grid_text(res: CurveCrossing) -> str:
 
 
 
-def _crossing_rows(d90: Mapping[str, CurveCrossing], r90: Mapping[str, CurveCrossing],
-                   suffix: str = "") -> list[dict[str, Any]]:
-    """Rows of the headline table: d90 per subspace variant, then r90 per LoRA target set."""
+def _crossing_rows(found: Crossings, suffix: str = "") -> list[dict[str, Any]]:
+    """Rows of the headline table: each method's crossing (d90, r90, ...) per variant."""
     rows = []
-    for quantity, results, fmt in (("d90", d90, "{:.0f}"), ("r90", r90, "{:.2f}")):
+    for name, results in found.items():
+        m = methods.get(name)
+        fmt = "{:.0f}" if m.size_counts_parameters else "{:.2f}"
         for v, res in sorted(results.items()):
-            # d90: d plus the directly trained head; r90: the parameters of the selected cell
-            params = res.value_params if quantity == "d90" else res.params
-            rows.append({"method": v, "quantity": quantity + suffix, "grid value": res.value,
+            # a size that counts parameters: that size plus the directly trained head; otherwise the
+            # parameters of the selected cell at the grid value
+            params = res.value_params if m.size_counts_parameters else res.params
+            rows.append({"method": v, "quantity": f"{m.quantity}{suffix}", "grid value": res.value,
                          "interpolated": res.interp, f"{res.ci_level:.0%} interval (bootstrap over seeds)": _ci_text(res, fmt),
                          "trainable parameters": params, "grid searched (runs per point)": _grid_text(res)})
     return rows
+
+
+def _unconverged(found: Crossings, runs: pd.DataFrame) -> list[str]:
+    """`idlab.training.convergence.unconverged_crossings` with each method's size axis named."""
+    out = []
+    for name, results in found.items():
+        key = methods.get(name).size_key or "size"
+        mine = runs[runs["method"] == name]
+        out += unconverged_crossings([(results, key)], mine.assign(**{key: mine["size"]}).to_dict("records"))
+    return sorted(set(out))
 
 
 def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_dir: Path, out_dir: Path,
@@ -155,20 +168,27 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
     cells = cell_table(runs, score)
     base = baseline(runs, meta, score)
     sel_runs = selected_runs(runs, cells)
-    # d90 per subspace variant, r90 per LoRA target set
-    d90, r90 = crossings(sel_runs, cells, base.get("target"), score)
+    # each method's crossing on its size axis (d90 per subspace variant, r90 per LoRA target set, ...)
+    found = crossings(sel_runs, cells, base.get("target"), score)
     # the same above the majority-class floor (when the published target is close to it)
     floor = majority_floor(runs)
     chance: _AboveChance | None = None
     if floor is not None and base.get("value") is not None:
         t = floor + base["threshold"] * (base["value"] - floor)
         base["floor"] = floor
-        chance = _AboveChance(floor, t, *crossings(sel_runs, cells, t, score))
+        chance = _AboveChance(floor, t, crossings(sel_runs, cells, t, score))
     figs: list[tuple[str, list[Path]]] = []
     figs.append(("Headline: performance vs trainable parameters",
-                 fig_perf_vs_params(cells, runs, d90, r90, base, score, fig_dir, meta)))
-    figs.append(("Performance vs subspace dimension d", fig_perf_vs_d(cells, sel_runs, d90, base, score, fig_dir, meta)))
-    figs.append(("LoRA rank x target set", fig_lora_heatmap(cells, runs, fig_dir, meta)))
+                 fig_perf_vs_params(cells, runs, found, base, score, fig_dir, meta)))
+    for name in methods.names():  # one figure per method with a size axis, and its size x variant grid
+        m = methods.get(name)
+        if m.size_key is None or name not in set(runs["method"]):
+            continue
+        figs.append((f"Performance vs {m.title or name} {m.size_key}",
+                     fig_perf_vs_size(name, sel_runs, found.get(name, {}), base, score, fig_dir, meta)))
+        if not m.size_counts_parameters:
+            figs.append((f"{m.title or name}: {m.size_key} x variant",
+                         fig_size_heatmap(name, cells, runs, fig_dir, meta)))
     from idlab.report.deltas import study_tables  # torch: only when a report is written
 
     tables, notes = study_tables(runs, out_dir / "analysis" / study, analysis)
@@ -185,11 +205,11 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
     lines += ["### Headline: how many trainable parameters reach 90% of full fine-tuning", ""]
     if base.get("value") is None:
         lines += [f"No baseline: {base['kind']}. d90 and r90 need full fine-tuning results "
-                  "(or `subspace.baseline`).", ""]
+                  "(or `target.baseline`).", ""]
     else:
         lines += [f"Baseline {base['value']:.4f} ({base['kind']}); target {base['threshold']:.0%} = "
                   f"{base['target']:.4f}.", ""]
-        rows = _crossing_rows(d90, r90)
+        rows = _crossing_rows(found)
         if chance is not None:
             floor, t = chance.floor, chance.target
             lines += [f"Majority-class floor {floor:.4f} (always predicting the most frequent training class). "
@@ -198,19 +218,18 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
                          if base["target"] <= floor else "")
                       + f"Rows marked 'above chance' use target = floor + {base['threshold']:.0%} x "
                       f"(baseline - floor) = {t:.4f}.", ""]
-            rows += _crossing_rows(chance.d90, chance.r90, " (above chance)")
+            rows += _crossing_rows(chance.found, " (above chance)")
         if rows:
             lines += [md_table(pd.DataFrame(rows)), "",
                       "A grid value of – means the threshold was not reached on the grid. "
                       "Interpolation is linear in log(d) / log(r) between the bracketing grid points.", ""]
-            thin = [t for res in (d90, r90, *((chance.d90, chance.r90) if chance is not None else ()))
-                    for t in thin_crossings(res)]
+            every = [*found.values(), *(chance.found.values() if chance is not None else ())]
+            thin = [t for res in every for t in thin_crossings(res)]
             if thin:
                 lines += ["**Warning: some crossings rest on fewer seeds than the rest of their curve:** "
                           + "; ".join(thin) + ". Run the missing seeds at that point before quoting them.", ""]
-            unconv = unconverged_crossings([(d90, "d"), (r90, "r"), *(((chance.d90, "d"), (chance.r90, "r"))
-                                                                     if chance is not None else ())],
-                                           sel_runs.to_dict("records"))
+            unconv = sorted({*_unconverged(found, sel_runs),
+                             *(_unconverged(chance.found, sel_runs) if chance is not None else ())})
             if unconv:
                 lines += ["**Warning: some crossings rest on runs whose validation metric had not plateaued "
                           "(idlab.training.convergence):** " + "; ".join(unconv) + ". Train them longer "

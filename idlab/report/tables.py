@@ -17,7 +17,9 @@ from idlab import methods
 from idlab.config.schema import target_of
 from idlab.d90 import Crossing, make_baseline, rate_baseline, rate_scores, select_lr
 
-CELL_KEYS = ["study", "method", "variant", "target_set", "r", "projection", "said", "d", "use_rslora"]
+#: what tells cells apart: the method, its curve (variant) and the point on its size axis; the rest for
+#: the tables (a method's other axes are in its variant)
+CELL_KEYS = ["study", "method", "variant", "size", "target_set", "r", "projection", "said", "d", "use_rslora"]
 PALETTE_SEED = 0
 
 
@@ -166,7 +168,7 @@ def amplification_table(align: pd.DataFrame, ranks: Sequence[int] = (4, 64)) -> 
     when absent) for the most common module type (q_proj preferred), averaged over
     layers and seeds. Returns (table, caption).
     """
-    lo = align[align["method"] == "lora"] if not align.empty else align
+    lo = align[align["r"].notna()] if not align.empty else align  # the low-rank runs (a rank r)
     if lo.empty:
         return pd.DataFrame(), ""
     types = lo["module_type"].value_counts()
@@ -229,25 +231,32 @@ def selected_runs(runs: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
     return runs[key(runs).isin(set(key(sel)))]
 
 
-def crossings(sel_runs: pd.DataFrame, cells: pd.DataFrame, target: float | None,
-              score: str) -> tuple[dict[str, CurveCrossing], dict[str, CurveCrossing]]:
-    """d90 per subspace variant and r90 per LoRA target set for one target score."""
-    d90: dict[str, CurveCrossing] = {}
-    r90: dict[str, CurveCrossing] = {}
-    if target is None:
-        return d90, r90
-    for v, g in groups(sel_runs[sel_runs["method"] == "subspace"], "variant"):
-        extra = g["trainable_parameters"].astype(float) - g["d"].astype(float)
-        d90[v] = replace(threshold_crossing(g, "d", target, score),  # directly trained head, counted
-                         extra=float(extra.median()) if len(extra) else 0.0)
-    for v, g in groups(sel_runs[sel_runs["method"] == "lora"], "variant"):
-        res = threshold_crossing(g, "r", target, score)
-        if res.value is not None:
-            at = cells[(cells["variant"] == v) & cells["selected"] & (cells["r"] == res.value)]
-            if len(at):
-                res = replace(res, params=int(at["trainable_parameters"].iloc[0]), mean=float(at["mean"].iloc[0]))
-        r90[v] = res
-    return d90, r90
+#: ``{method name: {variant: crossing}}`` for every method with a size axis (d90, r90, ...)
+Crossings = dict[str, dict[str, CurveCrossing]]
+
+
+def crossings(sel_runs: pd.DataFrame, cells: pd.DataFrame, target: float | None, score: str) -> Crossings:
+    """The crossing of ``target`` on the size axis of every method that has one, per variant.
+
+    Each carries ``extra`` (median trainable - size: a directly trained head) and, at its grid
+    value, the selected cell's trainable parameters and seed mean (``params``, ``mean``).
+    """
+    out: Crossings = {}
+    if target is None or sel_runs.empty:
+        return out
+    for name in methods.names():
+        if methods.get(name).size_key is None:
+            continue
+        for v, g in groups(sel_runs[sel_runs["method"] == name], "variant"):
+            res = threshold_crossing(g, "size", target, score)
+            extra = g["trainable_parameters"].astype(float) - g["size"].astype(float)
+            res = replace(res, extra=float(extra.median()) if len(extra) else 0.0)
+            if res.value is not None:
+                at = cells[(cells["variant"] == v) & cells["selected"] & (cells["size"] == res.value)]
+                if len(at):
+                    res = replace(res, params=int(at["trainable_parameters"].iloc[0]), mean=float(at["mean"].iloc[0]))
+            out.setdefault(name, {})[v] = res
+    return out
 
 
 def majority_floor(runs: pd.DataFrame) -> float | None:
@@ -271,5 +280,5 @@ def thin_crossings(results: Mapping[str, CurveCrossing]) -> list[str]:
 
 
 
-__all__ = ["CELL_KEYS", "CurveCrossing", "amplification_table", "baseline", "cell_table", "crossings", "groups",
+__all__ = ["CELL_KEYS", "Crossings", "CurveCrossing", "amplification_table", "baseline", "cell_table", "crossings", "groups",
            "majority_floor", "selected_runs", "thin_crossings", "threshold_crossing"]
