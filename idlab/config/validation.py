@@ -32,14 +32,13 @@ _NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "
 
 def hidden(cls: Any) -> set[str]:
     """Fields of ``cls`` a study file may not set: internal ones and the train block's per-run ones."""
-    out = {f.name for f in dataclasses.fields(cls) if f.metadata.get("internal")}
-    return out | set(PER_RUN_TRAIN_FIELDS) if cls is TrainConfig else out
+    per_run = set(PER_RUN_TRAIN_FIELDS) if cls is TrainConfig else set()
+    return per_run | {f.name for f in dataclasses.fields(cls) if f.metadata.get("internal")}
 
 
-def _before(fn: Callable[[Any], Any], schema: CoreSchema, accepts: list[CoreSchema] | None = None) -> CoreSchema:
-    """``fn`` applied before ``schema``; ``accepts``: what the JSON Schema lets through instead of ``schema``."""
-    return cs.no_info_before_validator_function(
-        fn, schema, json_schema_input_schema=cs.union_schema(accepts) if accepts else None)
+def _before(fn: Callable[[Any], Any], schema: CoreSchema, *accepts: CoreSchema) -> CoreSchema:
+    """``fn`` applied before ``schema``; ``accepts``: what the JSON Schema lets through (``fn``'s input)."""
+    return cs.no_info_before_validator_function(fn, schema, json_schema_input_schema=cs.union_schema([*accepts]))
 
 
 def _listify(v: Any) -> Any:
@@ -80,30 +79,34 @@ def describe(schema: Any) -> str:
     return "mapping" if kind == "dataclass" else _NAMES.get(kind, kind)
 
 
-def _tune(schema: Any) -> Any:
+def _tune(schema: Any, defs: Mapping[str, Any]) -> Any:
     """A study file's rules on a pydantic core schema (a new schema; pydantic's lax mode otherwise).
 
     true/false only for bools, integers only for ints (strict: no "yes" or 1.0 coercion), a
     number-like string for a float, a number for a string; a scalar where a list is expected is a
     one-item list, an empty list is refused; a block may be null (its defaults) or, with a
     ``name`` field, that name; a field's ``metadata["parse"]`` reads its value first; hidden
-    fields are not accepted; a union fails as a whole ("expected ... or ...").
+    fields are not accepted; a union fails as a whole ("expected ... or ..."). A reference to
+    ``defs`` (a dataclass used twice) is replaced by a copy of its definition.
     """
     if isinstance(schema, (list, tuple)):
-        return type(schema)(_tune(s) for s in schema)
+        return type(schema)(_tune(s, defs) for s in schema)
     if not isinstance(schema, dict) or "type" not in schema:
         return schema
     kind = schema["type"]
-    s = {k: v if k in ("default", "metadata", "config", "serialization") else _tune(v) for k, v in schema.items()}
+    if kind == "definition-ref":
+        return _tune({k: v for k, v in defs[schema["schema_ref"]].items() if k != "ref"}, defs)
+    s = {k: v if k in ("default", "metadata", "config", "serialization") else _tune(v, defs)
+         for k, v in schema.items()}
     if kind in ("bool", "int"):
         return {**s, "strict": True}
     if kind == "float":
-        return _before(_number, {**s, "strict": True}, [s, cs.str_schema(pattern=_NUMBER)])
+        return _before(_number, {**s, "strict": True}, s, cs.str_schema(pattern=_NUMBER))
     if kind == "str":
-        return _before(_text, s, [s, cs.int_schema(), cs.float_schema()])
+        return _before(_text, s, s, cs.float_schema())
     if kind == "tuple" and "variadic_item_index" in s:
         s["min_length"] = 1
-        return _before(_listify, s, [s, s["items_schema"][0]])
+        return _before(_listify, s, s, s["items_schema"][0])
     if kind == "union":
         return {**s, "custom_error_type": "union_type", "custom_error_message": f"expected {describe(schema)}"}
     if kind == "dataclass":
@@ -117,28 +120,27 @@ def _tune(schema: Any) -> Any:
             fields.append({**f, "init": False} if f["name"] in hidden(cls) else f)
         s["schema"] = {**s["schema"], "fields": fields}
         names = [cs.str_schema()] if "name" in cls.__dataclass_fields__ else []
-        return _before(_block(cls), s, [s, cs.none_schema(), *names])
+        return _before(_block(cls), s, s, cs.none_schema(), *names)
     return s
 
 
-@dataclasses.dataclass(frozen=True)
 class _StudyFile:
     """``Annotated`` marker: the schema of a dataclass as a study file reads it (`_tune`)."""
 
-    config: ConfigDict
-
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
-        # nested stdlib dataclasses take the adapter's config (extra="forbid"); `| None` lets it be given
-        schema = TypeAdapter(source | None, config=self.config).core_schema
-        if schema["type"] == "definitions":
-            return {**schema, "schema": _tune(schema["schema"]["schema"]), "definitions": _tune(schema["definitions"])}
-        return typing.cast(CoreSchema, _tune(schema["schema"]))
+        # a dataclass takes no config argument, `source | None` does: nested stdlib dataclasses
+        # (which have no config of their own) take it, so an unknown key anywhere is an error
+        schema: Any = TypeAdapter(source | None, config=ConfigDict(extra="forbid")).core_schema
+        defs = {}
+        if schema["type"] == "definitions":  # a dataclass used twice is defined once, by reference
+            defs, schema = {d["ref"]: d for d in schema["definitions"]}, schema["schema"]
+        return typing.cast(CoreSchema, _tune(schema["schema"], defs))  # the dataclass inside the nullable
 
 
 @cache
 def adapter(cls: Any) -> TypeAdapter[Any]:
     """The `pydantic.TypeAdapter` reading a study-file block of dataclass ``cls``."""
-    return TypeAdapter(Annotated[cls, _StudyFile(ConfigDict(extra="forbid"))])
+    return TypeAdapter(Annotated[cls, _StudyFile()])
 
 
 def _key(loc: Sequence[Any]) -> str:
