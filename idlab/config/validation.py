@@ -191,6 +191,8 @@ def _config_error(e: ValidationError, cls: Any, where: str, prefix: str = "",
         msg = f"expected a mapping with keys {', '.join(_keys(_owner(cls, loc)))}, got {value!r}"
     elif kind == "too_short" and ctx.get("actual_length") == 0:
         msg = "must not be an empty list"
+    elif kind == "missing" and loc and isinstance(loc[-1], int):  # a fixed-length list (train.betas) too short
+        key, msg = key.rpartition("[")[0], f"got {value!r}; too few values"
     else:
         msg = f"got {value!r}; {_EXPECTED[kind].format(**ctx) if kind in _EXPECTED else err['msg']}"
     return ConfigError(f"{where}: key '{key or '<top>'}': {msg}")
