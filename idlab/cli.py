@@ -1,4 +1,4 @@
-"""``idlab`` command line: sweep, report, analyze, bench.
+"""``idlab`` command line: sweep, report, analyze, bench, plan, schema.
 
     idlab sweep CONFIG [key=value ...]   run a study (CONFIG: a YAML file, a name in
                                          experiments/configs/, or auto)
@@ -6,6 +6,7 @@
     idlab analyze RUN_DIR ...            Parquet analysis tables of runs' Delta W
     idlab bench                          the benchmarks (bench/run_all.py)
     idlab plan CONFIG [key=value ...]    parameter counts and projected peak memory per run
+    idlab schema [--out FILE]            the JSON Schema of a study file (editor validation)
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ Finished runs are skipped: rerun the same command after an interruption.
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="idlab", description="idlab: intrinsic dimension and LoRA rank on one axis.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    sub = p.add_subparsers(dest="command", metavar="{sweep,plan,report,analyze,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{sweep,plan,report,analyze,bench,schema}")
     s = sub.add_parser("sweep", help="run a study grid (resumable)", epilog=SWEEP_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("config", nargs="?", default="auto", help="study YAML, its name, or auto (default)")
@@ -72,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--device", choices=("cpu", "cuda"), default=None,
                     help="target device (default: where the study's runs execute)")
     pl.add_argument("--json", action="store_true", help="one JSON object per run instead of the table")
+    sc = sub.add_parser("schema", help="the JSON Schema of a study YAML file (editors validate and complete it)")
+    sc.add_argument("--out", default=None, help="write it to this file (default: print it)")
     return p
 
 
@@ -169,6 +172,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name}: {len(df)} rows -> {out / (name + '.parquet')}")
         for _, row in tables["notes"].iterrows():
             print(f"note: {row['run_id']} {row['module']} [{row['table']}]: {row['note']}")
+        return 0
+    if args.command == "schema":
+        import json
+
+        from idlab.config.jsonschema import modeline, study_schema, write_schema
+
+        if args.out is None:
+            print(json.dumps(study_schema(), indent=2))
+            return 0
+        out = write_schema(args.out)
+        print(f"wrote {out}; to have an editor check a study file against it (YAML language server, e.g. "
+              f"VS Code's YAML extension), add the line\n  {modeline(out.resolve())}\nto the file, or map "
+              f"it to experiments/configs/**/*.yaml in the yaml.schemas setting")
         return 0
     if args.command == "bench":
         # the benchmarks are repository scripts, not part of the library: run them as a command

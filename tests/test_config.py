@@ -60,6 +60,12 @@ def test_scalars_aliases_and_auto() -> None:
     assert sorted({c.axes.d for _, c in expand(s) if c.method == "subspace"})  # type: ignore[attr-defined] == [10, 30, 100, 300, 1000]
     assert parse_override("train.lr=1e-3") == ("train.lr", "1e-3")  # YAML string; coerced to float by the schema
     assert study_from_dict({"full": {"lr": "1e-3"}}).full.lr == (1e-3,)
+    assert study_from_dict({"model": {"name": "smollm2-135m"}}) == study_from_dict({"model": "smollm2-135m"})
+    empty = study_from_dict({"lora": None, "slurm": None})  # an empty block: its defaults
+    assert empty.lora == study_from_dict({}).lora and empty.slurm == study_from_dict({}).slurm
+    typed = study_from_dict({"subspace": {"said": True, "d": 30}, "train": {"epochs": 2, "grad_clip": "1e0"}})
+    assert typed.subspace.said == (True,) and typed.subspace.d == (30,)
+    assert isinstance(typed.train.epochs, float) and typed.train.grad_clip == 1.0
 
 
 @pytest.mark.parametrize(
@@ -78,6 +84,19 @@ def test_scalars_aliases_and_auto() -> None:
         ("lora.lora_alpha=twice", ["lora.lora_alpha", "2r"]),
         ("lora.target_modules=[qkv0, qv]", ["lora.target_modules[0]", "allowed aliases", "qkvo"]),
         ("subspace.said=[maybe]", ["subspace.said[0]", "true, false"]),
+        ("subspace.said=['yes', 1]", ["subspace.said[0]", "'yes'", "true, false"]),  # true/false only
+        ("subspace.said=[false, 1]", ["subspace.said[1]", "true, false"]),
+        ("lora.r=[4, true]", ["lora.r[1]", "True", "integer"]),
+        ("train.steps=2.5", ["train.steps", "2.5", "integer"]),  # not truncated
+        ("train.steps=0", ["key 'train'", "steps must be >= 1"]),  # TrainConfig's own check
+        ("lora.r=[]", ["lora.r", "empty list"]),
+        ("subspace.d=aut", ["subspace.d", "'aut'", "integer", "'auto'"]),
+        ("model=[mlp]", ["key 'model'", "mapping", "name, hidden, dtype"]),
+        ("train.betas=[0.9]", ["train.betas'", "[0.9]", "too few values"]),
+        ("train.betas=[0.9, 0.99, 0.999]", ["train.betas", "at most 2 values"]),
+        ("full.lr=fast", ["full.lr[0]", "'fast'", "number"]),
+        ("train.nosuch=1", ["train.nosuch", "allowed keys under 'train'", "batch_size"]),
+        ("method_settings={}", ["method_settings", "unknown key", "lora, subspace"]),
         ("nonsense", ["key=value"]),
     ],
 )

@@ -1,7 +1,9 @@
 """Study configuration: the schema (`idlab.config.schema`), the YAML loader
 (`idlab.config.loader`), the typed per-run config (`idlab.config.run.RunConfig`) and
-the checks a study passes before any run starts (`idlab.config.checks`)."""
+the checks a study passes before any run starts (`idlab.config.checks`); the JSON Schema of a
+study file (`idlab.config.jsonschema.study_schema`, ``idlab schema``)."""
 
+from idlab.config.jsonschema import study_schema
 from idlab.config.loader import (
     describe_fields,
     load_study,
@@ -39,5 +41,6 @@ __all__ = [
     "load_study",
     "parse_override",
     "study_from_dict",
+    "study_schema",
     "to_dict",
 ]
