@@ -54,6 +54,7 @@ def test_the_shortcuts_a_study_file_may_use_validate(validator: Any) -> None:
     ({"subspace": {"said": ["maybe"]}}, ["said", "maybe"]),
     ({"lora": {"r": [1.5]}}, ["r", "1.5"]),
     ({"full": {"lr": "fast"}}, ["lr", "fast"]),
+    ({"methods": ["full", "adapters"]}, ["methods", "adapters"]),  # not a registered method
 ])
 def test_mistakes_fail_the_schema(validator: Any, study: dict[str, Any], words: list[str]) -> None:
     errors = _errors(validator, study)

@@ -52,6 +52,9 @@ def study_schema() -> dict[str, Any]:
     for name, m in blocks.items():
         study["properties"][name] = {**refs[(m.settings_type, "validation")],
                                      "description": f"{m.help} (the '{name}' method's block)"}
+    names = {"enum": list(blocks)}  # the registered methods: a list of them, or one
+    study["properties"]["methods"] = {"anyOf": [{"type": "array", "items": names, "minItems": 1}, names],
+                                      "description": study["properties"]["methods"].get("description", "")}
     return {"$schema": DIALECT, **study, "title": "idlab study", "$defs": defs}
 
 
