@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "idlab"
 
 #: Layers, bottom up: a module may import its own component and any lower layer, never a higher one.
 LAYERS: list[set[str]] = [
-    {"errors", "atomic", "options"},
+    {"errors", "atomic", "options", "jsontypes"},
     {"deltas", "models", "data", "d90", "subspace"},
     {"training"},
     {"methods"},

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import pandas as pd
 import torch
@@ -51,6 +51,7 @@ from torch import Tensor
 from idlab.analysis.intruders import left_singular_basis
 from idlab.analysis.rows import (
     TABLE_COLUMNS,
+    Rows,
     alignment_rows,
     frame,
     intruder_rows,
@@ -58,7 +59,13 @@ from idlab.analysis.rows import (
     similarity_rows,
     spectrum_rows,
 )
-from idlab.analysis.runinfo import auto_pairs, expand_run_dirs, module_type, parse_layer, read_run
+from idlab.analysis.runinfo import (
+    auto_pairs,
+    expand_run_dirs,
+    module_columns,
+    parse_layer,
+    read_run,
+)
 from idlab.analysis.spectra import (
     check_update,
     svd,
@@ -205,7 +212,7 @@ def _analyze_runs(
     for r in runs:
         model_count[r.model] = model_count.get(r.model, 0) + 1
 
-    rows: dict[str, list[dict[str, Any]]] = {k: [] for k in TABLE_COLUMNS}
+    rows: Rows = {k: [] for k in TABLE_COLUMNS}
     subspaces: dict[tuple[str, str], Tensor] = {}
     base_cache: dict[str, Mapping[str, Tensor] | None] = {}
     basis_cache: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
@@ -242,7 +249,7 @@ def _analyze_runs(
                     )
             weights = base_cache[run.model]
         for name, delta in deltas.items():
-            mc = {"module": name, "layer": parse_layer(name), "module_type": module_type(name)}
+            mc = module_columns(name)
             try:
                 d_out, d_in = check_update(delta, f"module {name!r}")
                 full = svd(delta)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import pandas as pd
 import torch
@@ -14,7 +13,7 @@ from torch import Tensor
 
 from idlab.analysis.alignment import weight_alignment
 from idlab.analysis.intruders import intruder_dimensions
-from idlab.analysis.runinfo import RunInfo, module_type, parse_layer
+from idlab.analysis.runinfo import ModuleColumns, RunColumns, RunInfo, module_columns
 from idlab.analysis.similarity import random_baseline_map, subspace_similarity
 from idlab.analysis.spectra import (
     Svd,
@@ -27,6 +26,9 @@ from idlab.analysis.spectra import (
 from idlab.deltas.lowrank import LowRankDelta
 
 log = logging.getLogger("idlab.analysis.export")
+
+#: the rows of each table (`TABLE_COLUMNS`) before `frame` makes them a DataFrame
+Rows = dict[str, list[dict[str, object]]]
 
 RUN_COLUMNS = ["run_id", "study", "model", "task", "method", "r", "d", "seed", "target_modules"]
 MODULE_COLUMNS = ["module", "layer", "module_type"]
@@ -102,7 +104,7 @@ def lookup(weights: Mapping[str, Tensor], name: str) -> Tensor | None:
 
 
 
-def frame(name: str, rows: list[dict[str, Any]]) -> pd.DataFrame:
+def frame(name: str, rows: list[dict[str, object]]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=TABLE_COLUMNS[name])
     for col in ("r", "d", "seed", "layer", "r_a", "r_b", "seed_a", "seed_b"):
         if col in df.columns:
@@ -112,9 +114,9 @@ def frame(name: str, rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def spectrum_rows(
-    rows: dict[str, list[dict[str, Any]]],
-    rc: dict[str, Any],
-    mc: dict[str, Any],
+    rows: Rows,
+    rc: RunColumns,
+    mc: ModuleColumns,
     full: Svd,
     energy_p: float,
     d_out: int,
@@ -150,9 +152,9 @@ def spectrum_rows(
 
 
 def alignment_rows(
-    rows: dict[str, list[dict[str, Any]]],
-    rc: dict[str, Any],
-    mc: dict[str, Any],
+    rows: Rows,
+    rc: RunColumns,
+    mc: ModuleColumns,
     delta: Update,
     W0: Tensor,
     full: Svd,
@@ -195,9 +197,9 @@ def alignment_rows(
 
 
 def intruder_rows(
-    rows: dict[str, list[dict[str, Any]]],
-    rc: dict[str, Any],
-    mc: dict[str, Any],
+    rows: Rows,
+    rc: RunColumns,
+    mc: ModuleColumns,
     delta: Update,
     W0: Tensor,
     U0: Tensor,
@@ -232,7 +234,7 @@ def intruder_rows(
 
 
 def similarity_rows(
-    rows: dict[str, list[dict[str, Any]]],
+    rows: Rows,
     a: RunInfo,
     b: RunInfo,
     kind: str,
@@ -262,7 +264,7 @@ def similarity_rows(
         note(f"{a.run_id}|{b.run_id}", name, "similarity", "module in only one run of the pair")
     for name in sorted(modules_a & modules_b):
         Ua, Ub = subspaces[(a.run_id, name)], subspaces[(b.run_id, name)]
-        mc = {"module": name, "layer": parse_layer(name), "module_type": module_type(name)}
+        mc = module_columns(name)
         try:
             phi = subspace_similarity(Ua, Ub, orthonormalize=True)
         except ValueError as e:
@@ -304,5 +306,5 @@ def similarity_rows(
 
 
 
-__all__ = ["MODULE_COLUMNS", "PAIR_COLUMNS", "RUN_COLUMNS", "TABLE_COLUMNS", "alignment_rows", "frame", "intruder_rows",
+__all__ = ["MODULE_COLUMNS", "PAIR_COLUMNS", "RUN_COLUMNS", "TABLE_COLUMNS", "Rows", "alignment_rows", "frame", "intruder_rows",
            "lookup", "similarity_rows", "spectrum_rows"]

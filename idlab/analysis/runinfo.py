@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 from idlab.runs import (
     RESULT_FILE,
@@ -25,6 +25,28 @@ from idlab.runs import (
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 
 
+class RunColumns(TypedDict):
+    """The run columns shared by every analysis table (`RunInfo.columns`)."""
+
+    run_id: str
+    study: str
+    model: str
+    task: str
+    method: str
+    r: int | None
+    d: int | None
+    seed: int | None
+    target_modules: str | None
+
+
+class ModuleColumns(TypedDict):
+    """The module columns of a per-module row (`module_columns`)."""
+
+    module: str
+    layer: int | None
+    module_type: str
+
+
 def parse_layer(module: str) -> int | None:
     """Layer index of a qualified module name (``model.layers.3.self_attn.q_proj`` -> 3)."""
     m = _LAYER_RE.search(module)
@@ -34,6 +56,11 @@ def parse_layer(module: str) -> int | None:
 def module_type(module: str) -> str:
     """Last component of a qualified module name (``...self_attn.q_proj`` -> ``q_proj``)."""
     return module.rsplit(".", 1)[-1]
+
+
+def module_columns(module: str) -> ModuleColumns:
+    """module, layer and module_type of a qualified module name."""
+    return {"module": module, "layer": parse_layer(module), "module_type": module_type(module)}
 
 
 @dataclass(frozen=True)
@@ -56,7 +83,7 @@ class RunInfo:
     def model(self) -> str:
         return str(self.config.get("model", ""))
 
-    def columns(self) -> dict[str, Any]:
+    def columns(self) -> RunColumns:
         """The run columns shared by every table."""
         c = self.config
         targets = c.get("target_modules")
@@ -117,7 +144,8 @@ def auto_pairs(runs: Sequence[RunInfo]) -> list[tuple[RunInfo, RunInfo, str]]:
     for a_i, a in enumerate(runs):
         for b in runs[a_i + 1 :]:
             ca, cb = a.columns(), b.columns()
-            key = ("model", "task", "method", "target_modules", "d")
+            key: tuple[Literal["model", "task", "method", "target_modules", "d"], ...] = (
+                "model", "task", "method", "target_modules", "d")
             if any(ca[k] != cb[k] for k in key):
                 continue
             if ca["r"] != cb["r"] and ca["seed"] == cb["seed"]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import pandas as pd
 
@@ -16,11 +16,12 @@ from idlab.d90.estimator import (
     make_baseline,
     seed_mean,
 )
+from idlab.jsontypes import as_float
 
 
-def _check_score(d: int, seed: int, score: Any, on_nan: str) -> float:
+def _check_score(d: int, seed: int, score: object, on_nan: str) -> float:
     try:
-        v = float(score)
+        v = as_float(score)
     except (TypeError, ValueError) as e:
         raise TypeError(f"find_d90: evaluate(d={d}, seed={seed}) returned {score!r}, not a float") from e
     if math.isnan(v) and on_nan == "raise":

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from idlab.jsontypes import JsonObject
+
 Inputs = Tensor | dict[str, Tensor]
 Batch = tuple[Inputs, Tensor]  # (inputs, targets)
 
@@ -104,7 +106,7 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, batch_size: int = 256) -> dict[str, float]:
         """Metrics on the held-out split; must contain ``self.metric``. Runs under no_grad."""
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> JsonObject:
         """A JSON-able description recorded with every result."""
         return {"name": self.name, "metric": self.metric, "num_train": self.num_train}
 
@@ -182,7 +184,7 @@ class ClassificationTask(Task):
             out["f1"] = binary_f1(pred, self.y_val)
         return out
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> JsonObject:
         # majority_accuracy: dev accuracy of always predicting the most frequent training
         # class, the floor a model reaches without using its inputs
         majority = int(torch.bincount(self.y_train, minlength=self.num_classes).argmax())

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from idlab.data.base import Batch, Task, call_model
+from idlab.jsontypes import JsonObject
 
 LMMetric = Literal["neg_loss", "loss", "perplexity"]
 
@@ -98,7 +99,7 @@ class LMTask(Task):
         loss = total / count
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "neg_loss": -loss}
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> JsonObject:
         return {**super().describe(), "num_val": int(self.val_blocks.shape[0]), "block_size": self.block_size}
 
 

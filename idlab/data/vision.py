@@ -19,6 +19,7 @@ import gzip
 import importlib.metadata
 import io
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from idlab.data.base import Batch, ClassificationTask, Task
+from idlab.jsontypes import JsonObject
 
 __all__ = [
     "RestrictedUnpickler",
@@ -101,11 +103,11 @@ class ToyTask(Task):
         loss = float(self.loss(model, (torch.zeros(1, 1, device=device), self.targets.to(device))))
         return {"solved": float(loss < self.tol), "loss": loss, "neg_loss": -loss}
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> JsonObject:
         return {**super().describe(), "groups": self.groups, "tol": self.tol}
 
 
-def toy_subspace_min_loss(project: Any, theta0: Tensor, d: int, groups: int = 10) -> float:
+def toy_subspace_min_loss(project: Callable[[Tensor], Tensor], theta0: Tensor, d: int, groups: int = 10) -> float:
     """Exact min_z L(theta0 + P z) of the toy loss, by float64 least squares.
 
     Args:
@@ -131,10 +133,10 @@ def toy_subspace_min_loss(project: Any, theta0: Tensor, d: int, groups: int = 10
 
 # --------------------------------------------------------------------------- pickles
 
-_ALLOWED: dict[tuple[str, str], Any] = {}
+_ALLOWED: dict[tuple[str, str], Callable[..., object]] = {}
 
 
-def _allowed() -> dict[tuple[str, str], Any]:
+def _allowed() -> dict[tuple[str, str], Callable[..., object]]:
     if not _ALLOWED:
         try:
             from numpy._core.multiarray import _reconstruct
@@ -172,7 +174,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     pickles written by Python 3); every other global raises `pickle.UnpicklingError`.
     """
 
-    def find_class(self, module: str, name: str) -> Any:
+    def find_class(self, module: str, name: str) -> Callable[..., object]:
         obj = _allowed().get((module, name))
         if obj is None:
             raise pickle.UnpicklingError(

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -26,6 +25,7 @@ from torch import Tensor
 
 from idlab.atomic import atomic_file
 from idlab.deltas.lowrank import LowRankDelta, Update, check_update
+from idlab.jsontypes import JsonObject, JsonValue
 
 _SUFFIXES = (".lora_A", ".lora_B", ".delta")
 _PEFT_PREFIX = "base_model.model."
@@ -52,7 +52,7 @@ def _cpu(t: Tensor) -> Tensor:
 def save_deltas(
     path: str | Path,
     deltas: Mapping[str, Update],
-    metadata: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, JsonValue] | None = None,
 ) -> Path:
     """Write ``deltas`` (module name -> `LowRankDelta` or dense (d_out, d_in)) to ``path``.
 
@@ -92,7 +92,7 @@ def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return tensors, meta
 
 
-def load_delta_metadata(path: str | Path) -> dict[str, Any]:
+def load_delta_metadata(path: str | Path) -> JsonObject:
     """The caller metadata stored by `save_deltas` ({} when none)."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from idlab.deltas import LowRankDelta
+from idlab.jsontypes import JsonObject
 
 #: Delta W of one module: dense (d_out, d_in), or low-rank factors
 Delta = Tensor | LowRankDelta
@@ -47,12 +48,12 @@ class Axes:
     (`idlab.runs.run_id`) and `from_dict` reads them back from a stored config.
     """
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         """The run-id keys of these axes (JSON values)."""
         return {}
 
     @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any]) -> Axes:
+    def from_dict(cls, cfg: Mapping[str, object]) -> Axes:
         """The axes stored in a run config (``result.json["config"]``)."""
         return cls()
 
@@ -207,7 +208,7 @@ class Method(ABC, Generic[S, A]):
         return PlanTerms()
 
 
-def settings_fields(settings_type: type) -> list[dataclasses.Field[Any]]:
+def settings_fields(settings_type: type) -> list[dataclasses.Field[object]]:
     """The fields of a settings dataclass."""
     return list(dataclasses.fields(settings_type))
 

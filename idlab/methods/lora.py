@@ -11,15 +11,16 @@ format under ``adapter/``.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
 
 from idlab.errors import ConfigError
+from idlab.jsontypes import JsonObject, as_float, as_int
 from idlab.methods.base import Axes, GridContext, Method, PlanTerms, Prepared, Style
 from idlab.models import head_module_name
 from idlab.options import doc
@@ -48,7 +49,7 @@ def target_set_label(modules: Sequence[str]) -> str:
     return "+".join(modules)
 
 
-def parse_target_sets(value: Any) -> tuple[tuple[str, ...], ...]:
+def parse_target_sets(value: object) -> tuple[tuple[str, ...], ...]:
     """A YAML ``target_modules`` value -> the tuple of target sets it names.
 
     Accepts an alias, a comma-separated string, a flat list of module names (one set) or a list
@@ -57,7 +58,8 @@ def parse_target_sets(value: Any) -> tuple[tuple[str, ...], ...]:
     items = value if isinstance(value, (list, tuple)) else [value]
     if not items:
         raise ValueError("must not be an empty list")
-    if all(isinstance(v, str) for v in items) and not any(v in TARGET_SETS or "," in v for v in items):
+    if all(isinstance(v, str) for v in items) and not any(
+            isinstance(v, str) and (v in TARGET_SETS or "," in v) for v in items):
         items = [list(items)]  # a flat list of module names (not aliases) is one set
     out = []
     for i, v in enumerate(items):
@@ -116,15 +118,15 @@ class LoraAxes(Axes):
         """Short label of the target modules (`target_set_label`)."""
         return target_set_label(self.target_modules)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         return {"r": self.r, "target_modules": list(self.target_modules), "target_set": self.target_set,
                 "lora_alpha": self.lora_alpha, "use_rslora": self.use_rslora, "lora_dropout": self.lora_dropout}
 
     @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any]) -> LoraAxes:
-        return cls(r=int(cfg["r"]), target_modules=tuple(cfg["target_modules"]),
-                   lora_alpha=float(cfg["lora_alpha"]), use_rslora=bool(cfg.get("use_rslora", False)),
-                   lora_dropout=float(cfg.get("lora_dropout", 0.0)))
+    def from_dict(cls, cfg: Mapping[str, object]) -> LoraAxes:
+        return cls(r=as_int(cfg["r"]), target_modules=tuple(cast("Iterable[str]", cfg["target_modules"])),
+                   lora_alpha=as_float(cfg["lora_alpha"]), use_rslora=bool(cfg.get("use_rslora", False)),
+                   lora_dropout=as_float(cfg.get("lora_dropout", 0.0)))
 
     def label(self) -> str:
         return f"r={self.r} {self.target_set}"

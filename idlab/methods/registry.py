@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from idlab.methods.base import Axes, Method
+from idlab.methods.base import A, Axes, Method, S
 
 _REGISTRY: dict[str, Method[Any, Any]] = {}
 
 
-def register(method: Method[Any, Any], replace: bool = False) -> Method[Any, Any]:
+def register(method: Method[S, A], replace: bool = False) -> Method[S, A]:
     """Add ``method`` under ``method.name`` (a second method of one name is an error unless ``replace``)."""
     if method.name in _REGISTRY and not replace:
         raise ValueError(f"a method named {method.name!r} is already registered "
@@ -49,12 +49,12 @@ def baseline_method() -> Method[Any, Any]:
     raise LookupError("no registered method is marked baseline=True")
 
 
-def axes_from_config(cfg: Mapping[str, Any]) -> Axes:
+def axes_from_config(cfg: Mapping[str, object]) -> Axes:
     """The axes of a stored run config (``result.json["config"]``)."""
     return get(str(cfg["method"])).axes_type.from_dict(cfg)
 
 
-def variant(cfg: Mapping[str, Any]) -> str:
+def variant(cfg: Mapping[str, object]) -> str:
     """The report's curve label of a stored run config (its method's `Axes.variant`)."""
     try:
         return axes_from_config(cfg).variant()

@@ -15,13 +15,14 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal, cast
 
 import torch
 from torch import nn
 
 from idlab.d90 import next_bisection, rate_scores, select_lr
 from idlab.errors import ConfigError
+from idlab.jsontypes import JsonObject, as_int
 from idlab.methods.base import Axes, Delta, GridContext, Method, PlanTerms, Prepared, Style
 from idlab.models import head_module_name, linear_weights
 from idlab.options import doc
@@ -97,10 +98,10 @@ class SubspaceAxes(Axes):
     layout: Layout | None = None
     fastfood_state: FastfoodState | None = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         # run-id layout: layout enters for Fastfood unless Li's global (every run made before layouts
         # existed); fastfood_state only when it changes memory from the old default ("auto"/"all")
-        out: dict[str, Any] = {"projection": self.projection, "said": self.said, "head": self.head, "d": self.d}
+        out: JsonObject = {"projection": self.projection, "said": self.said, "head": self.head, "d": self.d}
         if self.projection == "fastfood" and self.layout not in (None, LEGACY_LAYOUT):
             out["layout"] = self.layout
         if self.projection == "fastfood" and self.fastfood_state not in (None, "auto", "all"):
@@ -108,11 +109,13 @@ class SubspaceAxes(Axes):
         return out
 
     @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any]) -> SubspaceAxes:
+    def from_dict(cls, cfg: Mapping[str, object]) -> SubspaceAxes:
         ff = cfg["projection"] == "fastfood"
-        return cls(d=int(cfg["d"]), projection=cfg["projection"], said=bool(cfg["said"]),
-                   head=cfg.get("head", "train"), layout=cfg.get("layout", LEGACY_LAYOUT) if ff else None,
-                   fastfood_state=cfg.get("fastfood_state", "auto") if ff else None)
+        # the literals are as stored (checked when the run was configured)
+        return cls(d=as_int(cfg["d"]), projection=cast(ProjectionKind, cfg["projection"]), said=bool(cfg["said"]),
+                   head=cast('Literal["train", "project"]', cfg.get("head", "train")),
+                   layout=cast(Layout, cfg.get("layout", LEGACY_LAYOUT)) if ff else None,
+                   fastfood_state=cast(FastfoodState, cfg.get("fastfood_state", "auto")) if ff else None)
 
     def label(self) -> str:
         return f"d={self.d} {self.projection}{' said' if self.said else ''}"

@@ -10,13 +10,17 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from idlab import methods
 from idlab.report.tables import Crossings, CurveCrossing, groups
+
+if TYPE_CHECKING:
+    from matplotlib.axis import Axis
+    from matplotlib.figure import Figure
 
 
 def _mpl() -> Any:
@@ -44,7 +48,7 @@ def set_formats(formats: Sequence[str]) -> None:
     _FORMATS = tuple(formats)
 
 
-def _save(fig: Any, out: Path, name: str) -> list[Path]:
+def _save(fig: Figure, out: Path, name: str) -> list[Path]:
     """Save ``fig`` as ``name``.png / .pdf without timestamps or version strings (byte-stable)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -59,7 +63,7 @@ def _save(fig: Any, out: Path, name: str) -> list[Path]:
     return paths
 
 
-def _title(meta: Mapping[str, Any], what: str, df: pd.DataFrame) -> str:
+def _title(meta: Mapping[str, object], what: str, df: pd.DataFrame) -> str:
     model = df["model"].dropna().iloc[0] if "model" in df and df["model"].notna().any() else "?"
     task = df["task"].dropna().iloc[0] if "task" in df and df["task"].notna().any() else "?"
     seeds = sorted(int(s) for s in df["seed"].dropna().unique()) if "seed" in df else []
@@ -69,7 +73,7 @@ def _title(meta: Mapping[str, Any], what: str, df: pd.DataFrame) -> str:
 _VARIANT_ORDER = ["full FT", "DID fastfood", "SAID fastfood", "DID dense", "SAID dense", "DID sparse", "SAID sparse"]
 
 
-def _colors(variants: Sequence[str]) -> dict[str, Any]:
+def _colors(variants: Sequence[str]) -> dict[str, tuple[float, float, float]]:
     """Fixed colour per variant (the same in every figure): DID/SAID/full first, LoRA sets after."""
     import seaborn as sns
 
@@ -82,7 +86,7 @@ def _colors(variants: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _log_axis(axis: Any) -> None:
+def _log_axis(axis: Axis) -> None:
     """Log scale with plain major labels and no crowded minor labels."""
     from matplotlib.ticker import LogLocator, NullFormatter
 
@@ -91,7 +95,7 @@ def _log_axis(axis: Any) -> None:
 
 
 def fig_perf_vs_size(method: str, runs: pd.DataFrame, found: Mapping[str, CurveCrossing],
-                     base: Mapping[str, Any], score: str, out: Path, meta: Mapping[str, Any]) -> list[Path]:
+                     base: Mapping[str, object], score: str, out: Path, meta: Mapping[str, object]) -> list[Path]:
     """Performance vs a method's size axis (subspace d, LoRA r, ...) per variant: seeds, baseline, the
     threshold line and the crossing (d90, r90, ...) with its bootstrap interval. File ``perf_vs_<size>``.
 
@@ -131,8 +135,8 @@ def fig_perf_vs_size(method: str, runs: pd.DataFrame, found: Mapping[str, CurveC
     return _save(fig, out, f"perf_vs_{key}")
 
 
-def fig_perf_vs_params(sel: pd.DataFrame, runs: pd.DataFrame, found: Crossings, base: Mapping[str, Any],
-                       score: str, out: Path, meta: Mapping[str, Any]) -> list[Path]:
+def fig_perf_vs_params(sel: pd.DataFrame, runs: pd.DataFrame, found: Crossings, base: Mapping[str, object],
+                       score: str, out: Path, meta: Mapping[str, object]) -> list[Path]:
     """THE HEADLINE: performance vs trainable parameters (log x) for every method, each crossing marked.
 
     Reads ``sel`` (the cell table) columns selected, mean, min, max, trainable_parameters, variant,
@@ -185,7 +189,7 @@ def fig_perf_vs_params(sel: pd.DataFrame, runs: pd.DataFrame, found: Crossings, 
 
 
 def fig_size_heatmap(method: str, sel: pd.DataFrame, runs: pd.DataFrame, out: Path,
-                     meta: Mapping[str, Any]) -> list[Path]:
+                     meta: Mapping[str, object]) -> list[Path]:
     """Size x variant heatmap of the seed-mean metric at the selected lr (LoRA: rank x target set).
     File ``<method>_heatmap``.
 
@@ -235,7 +239,7 @@ def _type_label(t: str, df: pd.DataFrame) -> str:
     return f"module {mods[0]}" if len(mods) == 1 else f"modules *.{t}"
 
 
-def fig_spectra(spectra: pd.DataFrame, runs: pd.DataFrame, out: Path, meta: Mapping[str, Any]) -> list[Path]:
+def fig_spectra(spectra: pd.DataFrame, runs: pd.DataFrame, out: Path, meta: Mapping[str, object]) -> list[Path]:
     """Normalised singular spectra and energy curves of Delta W per module type and rank/method.
 
     Reads ``spectra`` (analysis table) columns run_id, module, module_type, method, r, d, index,
@@ -288,7 +292,7 @@ def fig_spectra(spectra: pd.DataFrame, runs: pd.DataFrame, out: Path, meta: Mapp
     return paths
 
 
-def fig_phi(sim: pd.DataFrame, kind: str, runs: pd.DataFrame, out: Path, meta: Mapping[str, Any]) -> list[Path]:
+def fig_phi(sim: pd.DataFrame, kind: str, runs: pd.DataFrame, out: Path, meta: Mapping[str, object]) -> list[Path]:
     """phi(i, j) maps (Hu et al. 7.2) for rank pairs (r=8 vs 64 preferred) or seed pairs, beside the random baseline.
 
     Reads ``sim`` (analysis similarity table) columns pair_kind, r_a, r_b, module_type, module, i, j,
@@ -333,7 +337,7 @@ def fig_phi(sim: pd.DataFrame, kind: str, runs: pd.DataFrame, out: Path, meta: M
     return _save(fig, out, f"phi_{kind}")
 
 
-def fig_curves(curves: pd.DataFrame, runs: pd.DataFrame, out: Path, meta: Mapping[str, Any]) -> list[Path]:
+def fig_curves(curves: pd.DataFrame, runs: pd.DataFrame, out: Path, meta: Mapping[str, object]) -> list[Path]:
     """Learning curves (validation metric vs step), one line per run, coloured by variant.
 
     Reads ``curves`` columns run_id, variant, step, key, value; ``runs`` columns run_id, metric,

@@ -9,24 +9,42 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TypedDict, cast
 
 import pandas as pd
 
 from idlab import methods
+from idlab.jsontypes import JsonObject
 from idlab.runs import RunResult, iter_results, read_json
 
 
-def variant(cfg: Mapping[str, Any]) -> str:
+class StudySection(TypedDict, total=False):
+    """study.json's ``study``: the study config as the sweep stored it (the keys the report reads)."""
+
+    name: str
+    description: str
+    score: str
+
+
+class StudyMeta(TypedDict, total=False):
+    """A study's ``study.json`` (`idlab.sweep.driver` writes it): the study config, the run ids of the
+    grid and each run's resolved config; empty when there is none."""
+
+    study: StudySection
+    run_ids: list[str]
+    runs: dict[str, JsonObject]
+
+
+def variant(cfg: Mapping[str, object]) -> str:
     """The curve label of a stored run config (its method's `idlab.methods.Axes.variant`)."""
     return methods.variant(cfg)
 
 
-def _row(path: Path, res: RunResult) -> dict[str, Any]:
+def _row(path: Path, res: RunResult) -> JsonObject:
     cfg = res.config
     model = cfg.get("model")
     task = cfg.get("task")
-    row: dict[str, Any] = {
+    row: JsonObject = {
         "run_id": res.run_id or path.parent.name,
         "study": res.study or path.parent.parent.parent.name,
         "status": res.status,
@@ -71,7 +89,7 @@ def _row(path: Path, res: RunResult) -> dict[str, Any]:
     return row
 
 
-def _size(cfg: Mapping[str, Any]) -> int | None:
+def _size(cfg: Mapping[str, object]) -> int | None:
     """The run's value on its method's size axis (r, d, ...), None without one."""
     try:
         return methods.axes_from_config(cfg).size()
@@ -129,18 +147,20 @@ def load_curves(results_dir: str | Path) -> pd.DataFrame:
 # --------------------------------------------------------------------------- aggregation
 
 
-def study_meta(results_dir: Path, study: str) -> dict[str, Any]:
+def study_meta(results_dir: Path, study: str) -> StudyMeta:
+    """The ``study.json`` of ``study`` (in its folder or at ``results_dir``), else ``{}``."""
     for cand in (results_dir / study / "study.json", results_dir / "study.json"):
         meta = read_json(cand)
-        if meta and (meta.get("study") or {}).get("name") == study:
-            return meta
+        section = (meta.get("study") or {}) if meta else {}
+        if meta and isinstance(section, dict) and section.get("name") == study:
+            return cast(StudyMeta, meta)  # a study.json the sweep wrote (its study's name matches)
     return {}
 
 
-def score_col(meta: Mapping[str, Any]) -> str:
+def score_col(meta: StudyMeta) -> str:
     return "score_best" if (meta.get("study") or {}).get("score") == "best" else "score_final"
 
 
 
 
-__all__ = ["load_curves", "load_results", "score_col", "study_meta", "variant"]
+__all__ = ["StudyMeta", "StudySection", "load_curves", "load_results", "score_col", "study_meta", "variant"]

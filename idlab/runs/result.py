@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, cast
 
+from idlab.jsontypes import JsonObject, JsonScalar, JsonValue
+
 if TYPE_CHECKING:
     from idlab.config.run import RunConfig
 
@@ -57,7 +59,7 @@ class ArtifactEntry:
     bytes: int
     sha256: str
 
-    def to_dict(self) -> dict[str, str | int]:
+    def to_dict(self) -> JsonObject:
         return {"path": self.path, "bytes": self.bytes, "sha256": self.sha256}
 
 
@@ -139,7 +141,7 @@ class RunResult:
     # ------------------------------------------------------------------ reading and writing
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> RunResult:
+    def from_dict(cls, raw: Mapping[str, object]) -> RunResult:
         """Parse a result.json object; missing keys take the defaults (see the class docstring).
 
         Raises `ResultFormatError` when a known key has a value of the wrong type.
@@ -155,7 +157,7 @@ class RunResult:
         conv = raw.get("convergence")
         return cls(
             run_id=_str(raw, "run_id") or "", study=_str(raw, "study") or "", status=cast(Status, status),
-            config=_mapping(raw, "config"), metrics=_mapping(raw, "metrics"), best=_mapping(raw, "best"),
+            config=_mapping(raw, "config"), metrics=_numbers(raw, "metrics"), best=_numbers(raw, "best"),
             curve=_curve(raw.get("curve")), steps=_int(raw, "steps"),
             trainable_parameters=_int(raw, "trainable_parameters"), total_parameters=_int(raw, "total_parameters"),
             train_time_s=_float(raw, "train_time_s"), wall_time_s=_float(raw, "wall_time_s"),
@@ -165,21 +167,21 @@ class RunResult:
             converged=_bool(raw.get("converged")),
             convergence=None if conv is None else _mapping(raw, "convergence"),
             error=_str(raw, "error"), traceback=_str(raw, "traceback"), started_at=_str(raw, "started_at"),
-            finished_at=_str(raw, "finished_at"), versions=_mapping(raw, "versions"),
+            finished_at=_str(raw, "finished_at"), versions=cast("dict[str, str | None]", _mapping(raw, "versions")),
             git_commit=_str(raw, "git_commit"), hostname=_str(raw, "hostname"), python=_str(raw, "python"),
             cuda_visible_devices=_str(raw, "cuda_visible_devices"), artifacts=_artifacts(raw.get("artifacts")),
             extra={k: v for k, v in raw.items() if k not in _FIELD_KEYS},
             layout=tuple(k for k in raw if k in _FIELD_KEYS),
         )
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         """The result.json object (plain dicts and lists; `idlab.runs.atomic_write_json` sorts the keys)."""
         if self.layout is not None:
             keys = list(self.layout)
         else:
             keys = list(ALWAYS_KEYS) + (list(TRAINED_KEYS) if self.status != "failed" else [])
         keys += [k for k in OPTIONAL_KEYS if getattr(self, k) is not None and k not in keys]
-        out: dict[str, Any] = {k: _plain(getattr(self, k)) for k in keys}
+        out: JsonObject = {k: _plain(getattr(self, k)) for k in keys}
         if "artifacts" in out and self.artifacts is not None:
             out["artifacts"] = [a.to_dict() for a in self.artifacts]
         out.update({k: _plain(v) for k, v in self.extra.items()})
@@ -224,16 +226,21 @@ class RunResult:
 _FIELD_KEYS = frozenset(f.name for f in dataclasses.fields(RunResult)) - {"extra", "layout"}
 
 
-def _plain(v: Any) -> Any:
+def _plain(v: object) -> JsonValue:
     """Mappings to dicts, sequences to lists (recursively): what json.dumps writes."""
     if isinstance(v, Mapping):
         return {str(k): _plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_plain(x) for x in v]
-    return v
+    return cast(JsonScalar, v)  # the fields' leaves are JSON scalars (from_dict / execute_run)
 
 
-def _mapping(raw: Mapping[str, Any], key: str) -> dict[str, Any]:
+def _numbers(raw: Mapping[str, object], key: str) -> dict[str, Number]:
+    """`_mapping` of a metrics object (numbers or null by the result.json contract; not checked)."""
+    return cast("dict[str, Number]", _mapping(raw, key))
+
+
+def _mapping(raw: Mapping[str, object], key: str) -> JsonObject:
     v = raw.get(key)
     if v is None:
         return {}
@@ -242,12 +249,12 @@ def _mapping(raw: Mapping[str, Any], key: str) -> dict[str, Any]:
     return dict(v)
 
 
-def _str(raw: Mapping[str, Any], key: str) -> str | None:
+def _str(raw: Mapping[str, object], key: str) -> str | None:
     v = raw.get(key)
     return None if v is None else str(v)
 
 
-def _int(raw: Mapping[str, Any], key: str) -> int | None:
+def _int(raw: Mapping[str, object], key: str) -> int | None:
     v = raw.get(key)
     if v is None:
         return None
@@ -256,7 +263,7 @@ def _int(raw: Mapping[str, Any], key: str) -> int | None:
     return int(v)
 
 
-def _float(raw: Mapping[str, Any], key: str) -> float | None:
+def _float(raw: Mapping[str, object], key: str) -> float | None:
     v = raw.get(key)
     if v is None:
         return None
@@ -265,11 +272,11 @@ def _float(raw: Mapping[str, Any], key: str) -> float | None:
     return float(v)
 
 
-def _bool(v: Any) -> bool | None:
+def _bool(v: object) -> bool | None:
     return None if v is None else bool(v)
 
 
-def _curve(v: Any) -> tuple[dict[str, Number], ...]:
+def _curve(v: object) -> tuple[dict[str, Number], ...]:
     if v is None:
         return ()
     if not isinstance(v, (list, tuple)) or not all(isinstance(p, Mapping) for p in v):
@@ -277,7 +284,7 @@ def _curve(v: Any) -> tuple[dict[str, Number], ...]:
     return tuple(dict(p) for p in v)
 
 
-def _artifacts(v: Any) -> tuple[ArtifactEntry, ...] | None:
+def _artifacts(v: object) -> tuple[ArtifactEntry, ...] | None:
     if v is None:
         return None
     if not isinstance(v, (list, tuple)):
@@ -288,7 +295,7 @@ def _artifacts(v: Any) -> tuple[ArtifactEntry, ...] | None:
         raise ResultFormatError(f"artifacts entries need path, bytes and sha256 ({type(e).__name__}: {e})") from e
 
 
-def as_result(result: RunResult | Mapping[str, Any]) -> RunResult:
+def as_result(result: RunResult | Mapping[str, object]) -> RunResult:
     """``result`` itself, or a mapping parsed by `RunResult.from_dict`."""
     return result if isinstance(result, RunResult) else RunResult.from_dict(result)
 

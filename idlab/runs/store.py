@@ -36,9 +36,10 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from idlab.atomic import atomic_write_text, fsync_dir
+from idlab.jsontypes import JsonObject, JsonValue
 from idlab.runs.result import ArtifactEntry, ResultFormatError, RunResult, as_result
 
 if TYPE_CHECKING:
@@ -56,12 +57,12 @@ ARTIFACTS_KEY = "artifacts"
 STALE_AFTER_S = 600.0
 
 
-def canonical_json(obj: Any) -> str:
+def canonical_json(obj: JsonValue) -> str:
     """Key-sorted, compact JSON: the same text for the same config on every machine."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
-def run_id(config: RunConfig | Mapping[str, Any]) -> str:
+def run_id(config: RunConfig | Mapping[str, JsonValue]) -> str:
     """First 12 hex digits of sha256 of the canonical JSON of a resolved run config.
 
     A `idlab.config.RunConfig` is hashed through its ``to_dict()`` (the layout stored as the
@@ -72,7 +73,7 @@ def run_id(config: RunConfig | Mapping[str, Any]) -> str:
 
 
 
-def _jsonable(obj: Any) -> Any:
+def _jsonable(obj: JsonValue) -> JsonValue:
     """Replace NaN/inf floats by None so the JSON is strict."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
@@ -84,12 +85,12 @@ def _jsonable(obj: Any) -> Any:
 
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
+def atomic_write_json(path: str | Path, obj: JsonValue) -> None:
     """Strict JSON (NaN -> null), indented, written atomically."""
     atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
-def read_json(path: str | Path) -> dict[str, Any] | None:
+def read_json(path: str | Path) -> JsonObject | None:
     """The parsed JSON object at ``path``, or None if absent or unreadable."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -140,10 +141,10 @@ def file_sha256(path: str | Path) -> str:
     return _DIGESTS[key]
 
 
-def artifact_manifest(run_dir: str | Path) -> list[dict[str, Any]]:
+def artifact_manifest(run_dir: str | Path) -> list[dict[str, str | int]]:
     """``[{"path", "bytes", "sha256"}]`` of every file under ``run_dir`` except result.json, sorted by path."""
     root = Path(run_dir)
-    out = []
+    out: list[dict[str, str | int]] = []
     for f in sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() != RESULT_FILE):
         out.append({"path": f.relative_to(root).as_posix(), "bytes": f.stat().st_size, "sha256": file_sha256(f)})
     return out
@@ -169,7 +170,7 @@ def safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def artifact_problem(run_dir: str | Path, result: RunResult | Mapping[str, Any]) -> str | None:
+def artifact_problem(run_dir: str | Path, result: RunResult | Mapping[str, object]) -> str | None:
     """Why the files of a run folder do not match its result.json (first problem found), or None.
 
     With ``result.artifacts``: each listed file must exist with the listed size and sha256.
@@ -195,7 +196,7 @@ def artifact_problem(run_dir: str | Path, result: RunResult | Mapping[str, Any])
     return None
 
 
-def _listed(result: RunResult | Mapping[str, Any]) -> tuple[ArtifactEntry, ...] | None:
+def _listed(result: RunResult | Mapping[str, object]) -> tuple[ArtifactEntry, ...] | None:
     """The artefact list of a result (a mapping is read by `RunResult.from_dict`'s rule)."""
     if isinstance(result, RunResult):
         return result.artifacts
@@ -280,7 +281,7 @@ class RunStore:
                 removed.append(p)
         return removed
 
-    def write(self, rid: str, result: RunResult | Mapping[str, Any],
+    def write(self, rid: str, result: RunResult | Mapping[str, object],
               artifacts: Callable[[Path], None] | None = None) -> Path:
         """Write run ``rid`` atomically: artifacts and result.json into a temp folder, renamed last.
 

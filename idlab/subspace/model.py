@@ -47,13 +47,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
+from idlab.jsontypes import JsonObject
 from idlab.subspace.base import DEFAULT_LAYOUT, LEGACY_LAYOUT
 from idlab.subspace.selection import (
     Slot,
@@ -62,7 +63,14 @@ from idlab.subspace.selection import (
     forgive_frozen_missing,
     select_tensors,
 )
-from idlab.subspace.streamed import SlotWeight, StreamedWeight, build_weight, recompute_hooks, tag
+from idlab.subspace.streamed import (
+    SegmentProjection,
+    SlotWeight,
+    StreamedWeight,
+    build_weight,
+    recompute_hooks,
+    tag,
+)
 
 __all__ = ["SubspaceModel"]
 
@@ -254,7 +262,7 @@ class SubspaceModel(nn.Module):
         finally:
             self._parametrize()
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> SubspaceModel:
+    def __deepcopy__(self, memo: dict[int, object]) -> SubspaceModel:
         """A deep copy whose parametrizations read the copy's theta_d (built on the plain model)."""
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
@@ -292,7 +300,8 @@ class SubspaceModel(nn.Module):
         lam = self.lambdas[i] if self.lambdas is not None else None
         module, attr = self._readers[i]
         t0 = getattr(module.parametrizations, attr).original  # theta_0,i, no lookup by name
-        return build_weight(self.theta_d, lam, t0, self.projection, i)
+        # streamed: P is a BlockFastfoodProjection
+        return build_weight(self.theta_d, lam, t0, cast(SegmentProjection, self.projection), i)
 
     def _versions(self) -> tuple[int, int]:
         lam = self.lambdas._version if self.lambdas is not None else 0
@@ -319,7 +328,7 @@ class SubspaceModel(nn.Module):
                 out.append(torch.addcmul(t0, piece, lams[i].to(t0.dtype)))
         return out
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: object, **kwargs: object) -> object:
         """The wrapped model's forward with theta_0 + offset in place of its projected tensors."""
         if self.streamed:  # the parametrizations build each tensor when its module reads it
             if self.recompute and torch.is_grad_enabled():
@@ -414,7 +423,7 @@ class SubspaceModel(nn.Module):
         return plain
 
     # ------------------------------------------------------------------ state
-    def config(self) -> dict[str, Any]:
+    def config(self) -> JsonObject:
         """JSON-able description: dim, kind, said, seed, D, d', m, patterns, projected names."""
         return {
             "version": _STATE_VERSION,
@@ -429,14 +438,14 @@ class SubspaceModel(nn.Module):
             "include": list(self.include) if self.include is not None else None,
             "exclude": list(self.exclude) if self.exclude is not None else None,
             "train_excluded": self.train_excluded,
-            "projected": self.projected_names,
+            "projected": list(self.projected_names),
             "trained_excluded": list(self._trained_excluded),
         }
 
-    def get_extra_state(self) -> dict[str, Any]:
+    def get_extra_state(self) -> JsonObject:
         return self.config()
 
-    def set_extra_state(self, state: Any) -> None:
+    def set_extra_state(self, state: object) -> None:
         """Restore the seed (rebuilding P if it differs); refuse a different structure."""
         if not isinstance(state, dict) or "seed" not in state:
             raise ValueError(f"SubspaceModel: unrecognised extra state {state!r}")
@@ -463,6 +472,6 @@ class SubspaceModel(nn.Module):
         )
 
 
-def _short(v: Any) -> str:
+def _short(v: object) -> str:
     s = repr(v)
     return s if len(s) < 120 else s[:117] + "..."

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 from torch import nn
 
@@ -109,7 +109,8 @@ def _frozen_prefixes(module: nn.Module) -> tuple[set[str], str]:
     return keep, "projection."
 
 
-def drop_frozen_from_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+def drop_frozen_from_state(module: nn.Module, state_dict: dict[str, object], prefix: str,
+                           local_metadata: Mapping[str, object]) -> None:
     """state_dict keeps theta_d, lambdas, extra state, buffers and directly trained tensors.
 
     theta_0 (frozen model parameters) and the projection (regenerated from the seed)
@@ -125,7 +126,14 @@ def drop_frozen_from_state(module: nn.Module, state_dict: dict[str, Any], prefix
             del state_dict[key]
 
 
-def forgive_frozen_missing(module: nn.Module, incompatible: Any) -> None:
+class IncompatibleKeys(Protocol):
+    """What `forgive_frozen_missing` edits of ``load_state_dict``'s result (torch's ``_IncompatibleKeys``)."""
+
+    @property
+    def missing_keys(self) -> list[str]: ...
+
+
+def forgive_frozen_missing(module: nn.Module, incompatible: IncompatibleKeys) -> None:
     """Missing theta_0 / projection keys are expected (see `drop_frozen_from_state`).
 
     The hook sees the whole load's keys (with any outer prefix), so keys are

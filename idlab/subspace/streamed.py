@@ -43,7 +43,27 @@ class _Owner(Protocol):
     def rebuild_weight(self, i: int) -> Tensor: ...
 
 
-def build_weight(theta: Tensor, lam: Tensor | None, t0: Tensor, proj: Any, i: int) -> Tensor:
+class SegmentProjection(Protocol):
+    """What `build_weight` and `StreamedWeight` need of P (`BlockFastfoodProjection` has it)."""
+
+    def segment_forward(self, theta: Tensor, i: int, /) -> Tensor: ...
+
+    def segment_adjoint(self, g: Tensor, i: int, /) -> Tensor: ...
+
+
+class _Ctx(Protocol):
+    """The autograd context of `StreamedWeight` with the attributes it stores."""
+
+    proj: SegmentProjection
+    i: int
+    has_lam: bool
+    saved_tensors: tuple[Tensor, ...]
+    needs_input_grad: tuple[bool, ...]
+
+    def save_for_backward(self, *tensors: Tensor) -> None: ...
+
+
+def build_weight(theta: Tensor, lam: Tensor | None, t0: Tensor, proj: SegmentProjection, i: int) -> Tensor:
     """theta_0,i + lambda_i P_i theta, shape and dtype of t0, no autograd.
 
     P_i theta is computed in theta's dtype (float32 by default), scaled, added to theta_0,i and
@@ -62,14 +82,14 @@ class StreamedWeight(torch.autograd.Function):
     """theta_i = theta_0,i + lambda_i P_i theta for one tensor; see the module docstring."""
 
     @staticmethod
-    def forward(ctx: Any, theta: Tensor, lam: Tensor | None, t0: Tensor, proj: Any, i: int) -> Tensor:
+    def forward(ctx: _Ctx, theta: Tensor, lam: Tensor | None, t0: Tensor, proj: SegmentProjection, i: int) -> Tensor:
         ctx.proj, ctx.i, ctx.has_lam = proj, i, lam is not None
         ctx.save_for_backward(theta, lam if lam is not None else theta.new_empty(0))
         return build_weight(theta, lam, t0, proj, i)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+    def backward(ctx: _Ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         theta, lam = ctx.saved_tensors
         a = ctx.proj.segment_adjoint(g.reshape(-1).to(theta.dtype), ctx.i)  # (d',) P_i^T g_i
         if not ctx.has_lam:
@@ -131,14 +151,14 @@ def recompute_hooks(owner: _Owner) -> torch.autograd.graph.saved_tensors_hooks:
     """
     me = id(owner)
 
-    def pack(t: Tensor) -> Any:
+    def pack(t: Tensor) -> Tensor | _Recipe:
         base = t if t._base is None else t._base
         mark = getattr(base, _TAG, None)
         if mark is None or mark[0] != me or t.dtype != base.dtype:
             return t
         return _Recipe(mark[1], t.size(), t.stride(), int(t.storage_offset()))
 
-    def unpack(x: Any) -> Tensor:
+    def unpack(x: Tensor | _Recipe) -> Tensor:
         if not isinstance(x, _Recipe):
             return x
         with torch.no_grad():

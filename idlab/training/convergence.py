@@ -23,10 +23,11 @@ did not converge, the way `idlab.report.thin_crossings` marks thin seeds.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypedDict
 
+from idlab.jsontypes import JsonObject, as_float, as_int
 from idlab.options import doc
 
 Until = Literal["steps", "converged"]
@@ -72,11 +73,11 @@ class Convergence:
     early_stopped: bool
     rule: dict[str, Any]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         return asdict(self)
 
 
-def _points(curve: Sequence[Mapping[str, Any]], metric: str) -> list[tuple[float, float]]:
+def _points(curve: Sequence[Mapping[str, float]], metric: str) -> list[tuple[float, float]]:
     """(step, value) of the evaluations in ``curve`` that hold a finite ``metric``."""
     out = []
     for row in curve:
@@ -90,7 +91,7 @@ def _points(curve: Sequence[Mapping[str, Any]], metric: str) -> list[tuple[float
 
 
 def plateau_gain(
-    curve: Sequence[Mapping[str, Any]], metric: str, higher_is_better: bool = True, window: float = 0.2
+    curve: Sequence[Mapping[str, float]], metric: str, higher_is_better: bool = True, window: float = 0.2
 ) -> float | None:
     """``gain`` of the plateau test: best in the last ``window`` of steps minus best before it.
 
@@ -117,7 +118,7 @@ def plateau_gain(
 
 
 def patience_exhausted(
-    curve: Sequence[Mapping[str, Any]], metric: str, higher_is_better: bool, rule: ConvergenceRule
+    curve: Sequence[Mapping[str, float]], metric: str, higher_is_better: bool, rule: ConvergenceRule
 ) -> bool:
     """True when the last ``rule.patience`` evaluations all missed ``best_before + tol``."""
     if rule.patience is None:
@@ -131,7 +132,7 @@ def patience_exhausted(
 
 
 def check_convergence(
-    curve: Sequence[Mapping[str, Any]],
+    curve: Sequence[Mapping[str, float]],
     metric: str,
     higher_is_better: bool = True,
     rule: ConvergenceRule | None = None,
@@ -190,10 +191,10 @@ def validate_until(until: str, cap_steps: int | None, epochs: float | None, eval
 
 class _Record(Protocol):
     converged: bool | None
-    extra: Mapping[str, Any]
+    extra: Mapping[str, object]
 
 
-def run_converged(record: _Record | Mapping[str, Any]) -> bool | None:
+def run_converged(record: _Record | Mapping[str, object]) -> bool | None:
     """The ``converged`` flag of a run record (a `idlab.runs.RunResult`, or a mapping: a result.json
     or a row), at top level or under ``train`` / ``result`` (li2018 records); None if absent."""
     if not isinstance(record, Mapping):  # a RunResult (this layer does not import idlab.runs)
@@ -207,8 +208,8 @@ def run_converged(record: _Record | Mapping[str, Any]) -> bool | None:
 
 
 def unconverged_points(
-    rows: Iterable[Mapping[str, Any]], *, method_key: str = "method", axis_key: str = "axis_value"
-) -> dict[tuple[str, Any], list[int]]:
+    rows: Iterable[Mapping[str, object]], *, method_key: str = "method", axis_key: str = "axis_value"
+) -> dict[tuple[str, object], list[int]]:
     """Points of a study resting on runs that did not converge.
 
     Args:
@@ -219,20 +220,20 @@ def unconverged_points(
         ``{(method, axis value): [seeds whose run did not converge]}`` for every point with
         at least one such run; runs without a flag (older results) are not counted.
     """
-    out: dict[tuple[str, Any], list[int]] = {}
+    out: dict[tuple[str, object], list[int]] = {}
     for r in rows:
         if run_converged(r) is False:
-            out.setdefault((str(r.get(method_key)), r.get(axis_key)), []).append(int(r.get("seed", -1)))
+            out.setdefault((str(r.get(method_key)), r.get(axis_key)), []).append(as_int(r.get("seed", -1)))
     return {k: sorted(v) for k, v in out.items()}
 
 
-def mark_unconverged(value: Any, point: tuple[str, Any], flagged: Mapping[tuple[str, Any], list[int]]) -> str:
+def mark_unconverged(value: object, point: tuple[str, object], flagged: Mapping[tuple[str, object], list[int]]) -> str:
     """``value`` as text, with a trailing ``†`` when ``point`` rests on an unconverged run."""
     text = str(value)
     return f"{text} †" if point in flagged else text
 
 
-def _flag(value: Any) -> bool | None:
+def _flag(value: object) -> bool | None:
     """A converged flag as True / False, or None when absent (None, NaN, pandas NA)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
@@ -242,10 +243,10 @@ def _flag(value: Any) -> bool | None:
         return None
 
 
-def _number(value: Any) -> float | None:
+def _number(value: object) -> float | None:
     """A grid value as float, or None when absent (None, NaN, pandas NA)."""
     try:
-        x = float(value)
+        x = as_float(value)
     except (TypeError, ValueError):
         return None
     return None if math.isnan(x) else x
@@ -261,9 +262,16 @@ class GridCrossing(Protocol):
     def grid(self) -> Sequence[float]: ...
 
 
+class GridCrossingDict(TypedDict, total=False):
+    """A crossing given as a mapping (the keys `GridCrossing` has as attributes)."""
+
+    value: float | None
+    grid: Sequence[float]
+
+
 def unconverged_crossings(
-    crossings: Sequence[tuple[Mapping[str, GridCrossing | Mapping[str, Any]], str]],
-    rows: Iterable[Mapping[Any, Any]],
+    crossings: Sequence[tuple[Mapping[str, GridCrossing | GridCrossingDict], str]],
+    rows: Iterable[Mapping[Hashable, object]],
 ) -> list[str]:
     """d90 / r90 values resting on runs that did not converge (the report's warning lines).
 
@@ -295,7 +303,7 @@ def unconverged_crossings(
                 x = _number(r.get(axis))
                 if r.get("variant") != v or x not in points or _flag(r.get("converged")) is not False:
                     continue
-                bad.setdefault(x, []).append(int(r.get("seed", -1)))
+                bad.setdefault(x, []).append(as_int(r.get("seed", -1)))
             if bad:
                 out.add(f"{v}: " + ", ".join(f"{axis}={x:g} seeds {sorted(s)} unconverged" for x, s in sorted(bad.items())))
     return sorted(out)

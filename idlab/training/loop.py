@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from idlab.data.base import Task, inputs_to
+from idlab.jsontypes import JsonObject
 from idlab.options import doc
 from idlab.training.convergence import (
     ConvergenceRule,
@@ -162,7 +163,7 @@ class TrainResult:
     converged: bool = False
     convergence: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         return asdict(self)
 
 
