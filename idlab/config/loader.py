@@ -17,7 +17,7 @@ import dataclasses
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 import yaml
 from pydantic import TypeAdapter
@@ -25,6 +25,10 @@ from pydantic import TypeAdapter
 from idlab import methods
 from idlab.config.schema import ConfigError, StudyConfig
 from idlab.config.validation import describe, hidden, read
+from idlab.jsontypes import JsonValue
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 # --------------------------------------------------------------------------- reading
 
@@ -56,7 +60,7 @@ def _validate(cfg: StudyConfig, where: str) -> None:
     # train.* values are checked by TrainConfig itself (its __post_init__), when it is built
 
 
-def parse_override(text: str) -> tuple[str, Any]:
+def parse_override(text: str) -> tuple[str, object]:
     """``'lora.r=[4,8]'`` -> ``('lora.r', [4, 8])`` (value parsed as YAML)."""
     if "=" not in text:
         raise ConfigError(f"command line: override {text!r} is not of the form key=value (e.g. train.steps=50)")
@@ -71,7 +75,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+def _set_dotted(raw: dict[str, object], key: str, value: object) -> None:
     parts = key.split(".")
     node = raw
     for p in parts[:-1]:
@@ -85,13 +89,13 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def study_from_dict(raw: Mapping[str, Any], where: str = "<dict>") -> StudyConfig:
+def study_from_dict(raw: Mapping[str, object], where: str = "<dict>") -> StudyConfig:
     """Build and validate a `StudyConfig` from a plain mapping (``where`` names the source in errors).
 
     A top-level key naming a registered method is that method's block (its ``settings_type``).
     """
     raw = dict(raw)
-    blocks = {name: read(methods.get(name).settings_type, raw.pop(name), where, name, methods.get(name).renamed)
+    blocks: dict[str, object] = {name: read(methods.get(name).settings_type, raw.pop(name), where, name, methods.get(name).renamed)
               for name in methods.names() if name in raw}
     cfg: StudyConfig = dataclasses.replace(read(StudyConfig, raw, where), method_settings=blocks)
     _validate(cfg, where)
@@ -121,7 +125,7 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> StudyConfig:
     return study_from_dict(raw, where)
 
 
-def to_dict(cfg: Any) -> Any:
+def to_dict(cfg: object) -> JsonValue:
     """A dataclass config as plain JSON-able data (tuples -> lists); a study's method blocks are
     top-level keys named by their method (every registered method, so study.json is complete)."""
     if isinstance(cfg, StudyConfig):
@@ -131,10 +135,10 @@ def to_dict(cfg: Any) -> Any:
         return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     if isinstance(cfg, (tuple, list)):
         return [to_dict(v) for v in cfg]
-    return cfg
+    return cast(JsonValue, cfg)  # a scalar of a config dataclass
 
 
-def describe_fields(cls: Any = StudyConfig, prefix: str = "") -> list[str]:
+def describe_fields(cls: type[DataclassInstance] = StudyConfig, prefix: str = "") -> list[str]:
     """One line per configurable key: ``key (type, default): help``."""
     lines = []
     hints = typing.get_type_hints(cls)
@@ -143,7 +147,7 @@ def describe_fields(cls: Any = StudyConfig, prefix: str = "") -> list[str]:
             continue
         key = prefix + f.name
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             lines.append(f"{key}: {f.metadata.get('help', '')}")
             lines += describe_fields(tp, key + ".")
             continue

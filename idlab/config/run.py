@@ -29,11 +29,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from idlab import methods
 from idlab.config.schema import ModelConfig, TaskConfig, TrainConfig
+from idlab.jsontypes import JsonObject, JsonValue, as_float, as_int
 from idlab.methods import Axes
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+C = TypeVar("C", bound="DataclassInstance")
 
 LEGACY_TRAIN_KEYS = ("steps", "epochs", "batch_size", "eval_every", "eval_batch_size", "optimizer",
                      "weight_decay", "schedule", "warmup_steps", "grad_clip")
@@ -43,15 +49,15 @@ LEGACY_TASK_KEYS = ("max_length", "max_train", "max_val", "data_dir")
 _TRAIN_OUTSIDE = ("lr", "seed", "device", "progress")
 
 
-def _plain(v: Any) -> Any:
+def _plain(v: object) -> JsonValue:
     if isinstance(v, (tuple, list)):
         return [_plain(x) for x in v]
-    return v
+    return cast(JsonValue, v)  # the config dataclasses hold JSON scalars and tuples of them
 
 
-def _options(obj: Any, legacy: tuple[str, ...], skip: tuple[str, ...] = ("name",)) -> dict[str, Any]:
+def _options(obj: DataclassInstance, legacy: tuple[str, ...], skip: tuple[str, ...] = ("name",)) -> JsonObject:
     """A config dataclass as a dict: the legacy keys always, other fields only when not at their default."""
-    out: dict[str, Any] = {}
+    out: JsonObject = {}
     for f in dataclasses.fields(obj):
         if f.name in skip:
             continue
@@ -63,14 +69,16 @@ def _options(obj: Any, legacy: tuple[str, ...], skip: tuple[str, ...] = ("name",
     return out
 
 
-def _from_options(cls: Any, values: Mapping[str, Any], **extra: Any) -> Any:
+def _from_options(cls: type[C], values: object, **extra: object) -> C:
     """Build a config dataclass from a stored mapping (lists -> tuples; unknown keys are an error)."""
+    if not isinstance(values, Mapping):
+        raise ValueError(f"RunConfig: {cls.__name__} options must be a mapping, got {values!r}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"RunConfig: unknown {cls.__name__} keys {unknown}; allowed: {sorted(names)}")
 
-    def tup(v: Any) -> Any:
+    def tup(v: object) -> object:
         return tuple(tup(x) for x in v) if isinstance(v, list) else v
 
     return cls(**{k: tup(v) for k, v in values.items()}, **extra)
@@ -115,7 +123,7 @@ class RunConfig:
         """The run's learning rate (``train.lr``)."""
         return self.train.lr
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         """The JSON-able layout hashed into the run id (module docstring)."""
         return {
             "model": self.model.name, "model_options": _options(self.model, LEGACY_MODEL_KEYS),
@@ -125,12 +133,12 @@ class RunConfig:
         }
 
     @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any]) -> RunConfig:
+    def from_dict(cls, cfg: Mapping[str, object]) -> RunConfig:
         """Parse the ``config`` of a result.json / study.json (the inverse of `to_dict`)."""
         model = _from_options(ModelConfig, cfg.get("model_options") or {}, name=cfg["model"])
         task = _from_options(TaskConfig, cfg.get("task_options") or {}, name=cfg["task"])
-        train = _from_options(TrainConfig, cfg.get("train") or {}, lr=float(cfg["lr"]), seed=int(cfg["seed"]))
-        return cls(method=cfg["method"], model=model, task=task, train=train, axes=methods.axes_from_config(cfg))
+        train = _from_options(TrainConfig, cfg.get("train") or {}, lr=as_float(cfg["lr"]), seed=as_int(cfg["seed"]))
+        return cls(method=str(cfg["method"]), model=model, task=task, train=train, axes=methods.axes_from_config(cfg))
 
     def label(self) -> str:
         """A short human label: ``lora r=4 qv lr=0.001 seed=0``."""

@@ -16,7 +16,7 @@ import re
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from functools import cache
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from pydantic import ConfigDict, GetCoreSchemaHandler, TypeAdapter, ValidationError
 from pydantic_core import CoreSchema
@@ -25,36 +25,41 @@ from pydantic_core import core_schema as cs
 from idlab import methods
 from idlab.config.schema import PER_RUN_TRAIN_FIELDS, ConfigError, StudyConfig, TrainConfig
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+D = TypeVar("D", bound="DataclassInstance")
+
 #: a float written 1e-3 (no dot) is a string to YAML 1.1
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 _NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true/false", "none": "null"}
 
 
-def hidden(cls: Any) -> set[str]:
+def hidden(cls: type[DataclassInstance]) -> set[str]:
     """Fields of ``cls`` a study file may not set: internal ones and the train block's per-run ones."""
     per_run = set(PER_RUN_TRAIN_FIELDS) if cls is TrainConfig else set()
     return per_run | {f.name for f in dataclasses.fields(cls) if f.metadata.get("internal")}
 
 
-def _before(fn: Callable[[Any], Any], schema: CoreSchema, *accepts: CoreSchema) -> CoreSchema:
+def _before(fn: Callable[[object], object], schema: CoreSchema, *accepts: CoreSchema) -> CoreSchema:
     """``fn`` applied before ``schema``; ``accepts``: what the JSON Schema lets through (``fn``'s input)."""
     return cs.no_info_before_validator_function(fn, schema, json_schema_input_schema=cs.union_schema([*accepts]))
 
 
-def _listify(v: Any) -> Any:
+def _listify(v: object) -> object:
     return v if v is None or isinstance(v, (list, tuple)) else [v]  # lora.r: 4 == lora.r: [4]
 
 
-def _number(v: Any) -> Any:
+def _number(v: object) -> object:
     return float(v) if isinstance(v, str) and re.match(_NUMBER, v) else v
 
 
-def _text(v: Any) -> Any:
+def _text(v: object) -> object:
     return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v  # lora_alpha: 16
 
 
-def _block(cls: Any) -> Callable[[Any], Any]:
-    def read(v: Any) -> Any:
+def _block(cls: type[DataclassInstance]) -> Callable[[object], object]:
+    def read(v: object) -> object:
         if v is None:  # an empty block (`lora:`) is the defaults
             return {}
         named = isinstance(v, (str, int)) and not isinstance(v, bool) and "name" in cls.__dataclass_fields__
@@ -138,16 +143,18 @@ class _StudyFile:
 
 
 @cache
-def adapter(cls: Any) -> TypeAdapter[Any]:
+def adapter(cls: type[D]) -> TypeAdapter[D]:
     """The `pydantic.TypeAdapter` reading a study-file block of dataclass ``cls``."""
-    return TypeAdapter(Annotated[cls, _StudyFile()])
+    marked: Any = Annotated[cls, _StudyFile()]  # a special form: TypeAdapter takes it, mypy cannot type it
+    adapted: TypeAdapter[D] = TypeAdapter(marked)
+    return adapted
 
 
-def _key(loc: Sequence[Any]) -> str:
+def _key(loc: Sequence[int | str]) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
 
 
-def _owner(cls: Any, loc: Sequence[Any]) -> Any:
+def _owner(cls: type[DataclassInstance], loc: Sequence[int | str]) -> type[DataclassInstance]:
     """The dataclass of the block at ``loc`` inside ``cls``."""
     for part in loc:
         if isinstance(part, str):
@@ -155,7 +162,7 @@ def _owner(cls: Any, loc: Sequence[Any]) -> Any:
     return cls
 
 
-def _keys(cls: Any) -> list[str]:
+def _keys(cls: type[DataclassInstance]) -> list[str]:
     names = [f.name for f in dataclasses.fields(cls) if f.name not in hidden(cls)]
     return names + list(methods.names()) if cls is StudyConfig else names
 
@@ -165,7 +172,7 @@ _EXPECTED = {"bool_type": "allowed values: true, false", "int_type": "expected a
              "too_short": "expected at least {min_length} value(s)", "too_long": "expected at most {max_length} values"}
 
 
-def _config_error(e: ValidationError, cls: Any, where: str, prefix: str = "",
+def _config_error(e: ValidationError, cls: type[DataclassInstance], where: str, prefix: str = "",
                   renamed: Mapping[str, str] | None = None) -> ConfigError:
     """A pydantic error on block ``cls`` (at key ``prefix``) as a ConfigError naming key, value and fix."""
     err = e.errors(include_url=False)[0]
@@ -198,7 +205,7 @@ def _config_error(e: ValidationError, cls: Any, where: str, prefix: str = "",
     return ConfigError(f"{where}: key '{key or '<top>'}': {msg}")
 
 
-def read(cls: Any, raw: Any, where: str, prefix: str = "", renamed: Mapping[str, str] | None = None) -> Any:
+def read(cls: type[D], raw: object, where: str, prefix: str = "", renamed: Mapping[str, str] | None = None) -> D:
     """Block ``raw`` (the value of key ``prefix``; ``renamed``: its old keys) as dataclass ``cls``.
 
     Raises:
