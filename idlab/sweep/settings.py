@@ -121,8 +121,9 @@ def check_settings(study: StudyConfig, allow_mixed: bool = False) -> list[dict[s
     study_dir = study.study_dir()
     current = study_settings(study)
     rec = recorded_settings(study_dir)
-    if any(same_settings(s, current) for s in rec.sets):
-        return None if rec.source == SETTINGS_FILE else rec.sets
+    if any(same_settings(s, current) for s in rec.sets):  # derived sets lack target / score: the study's are whole
+        return None if rec.source == SETTINGS_FILE else [current if same_settings(s, current) else s
+                                                         for s in rec.sets]
     if rec.sets and not allow_mixed:
         raise ConfigError(_refusal(study, study_dir, rec, current))
     return [*rec.sets, current]
