@@ -107,11 +107,12 @@ def settings_diff(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> li
     """``(key, recorded value, current value)`` for every setting that differs, sorted by key.
 
     A key one side lacks (a record written before a field existed, or one derived from runs,
-    which carry no target or score) stands for its default.
+    which carry no target or score) stands for its default; a recorded key the schema no longer
+    has (neither in ``current`` nor in the defaults) is not compared.
     """
     defaults = default_settings()
     out = []
-    for key in sorted(set(recorded) | set(current)):
+    for key in sorted(set(current) | (set(recorded) & set(defaults))):
         a, b = recorded.get(key, defaults.get(key)), current.get(key, defaults.get(key))
         if _norm(a) != _norm(b):
             out.append((key, a, b))

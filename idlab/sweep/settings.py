@@ -29,6 +29,7 @@ from idlab.config import StudyConfig
 from idlab.config.schema import target_of
 from idlab.config.settings import (
     RUN_BLOCKS,
+    default_settings,
     run_settings,
     same_settings,
     settings_diff,
@@ -70,7 +71,9 @@ def settings_from_runs(study_dir: Path) -> list[dict[str, Any]]:
     study = meta.get("study") if isinstance(meta.get("study"), Mapping) else None
     extra: dict[str, Any] = {}
     if study is not None:
-        extra = {k: v for k, v in settings_of_mapping(study).items() if k.split(".")[0] not in RUN_BLOCKS}
+        known = default_settings()  # a key of an older schema is no setting of this one
+        extra = {k: v for k, v in settings_of_mapping(study).items()
+                 if k in known and k.split(".")[0] not in RUN_BLOCKS}
         target = target_of(study)  # also a study.json from before the target block
         extra.update({"target.threshold": target.threshold, "target.baseline": target.baseline})
     sets: list[dict[str, Any]] = []
