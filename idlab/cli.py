@@ -31,6 +31,10 @@ gpu_study, lora_rank_grid; looked up in ./experiments/configs, then $IDLAB_CONFI
   idlab sweep gpu_study executor=slurm slurm.partition=gpu slurm.time_min=120
 
 Finished runs are skipped: rerun the same command after an interruption.
+A study folder holds one experiment: its first sweep records the settings (model, task, train,
+target, score) in <results_dir>/<name>/settings.json, and a sweep with other settings is refused
+(exit 2) unless it gets its own name=... or --allow-mixed. New seeds, grid values, methods and
+learning rates are added freely.
 `idlab sweep --help-config` lists every key with its type, default and meaning."""
 
 
@@ -44,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="key=value overrides (YAML values), e.g. lora.r=[4,8]")
     s.add_argument("--dry-run", action="store_true", help="print the plan (cells, runs, done) and stop")
     s.add_argument("--help-config", action="store_true", help="list every configuration key and exit")
+    s.add_argument("--allow-mixed", action="store_true",
+                   help="add runs whose settings (model, task, train, target, score) differ from those the study "
+                        "folder records; the folder records both and the report keeps them apart "
+                        "(default: such a sweep is refused; give it its own name=...)")
     r = sub.add_parser("report", help="tables, figures and REPORT.md from a results folder")
     r.add_argument("results_dir", nargs="?", default="results", help="results folder (default results/)")
     r.add_argument("--out", default=None, help="where summary.parquet, figures/ and REPORT.md go (default RESULTS_DIR)")
@@ -78,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main_sweep(config: str, overrides: Iterable[str], dry_run: bool = False) -> SweepSummary:
+def main_sweep(config: str, overrides: Iterable[str], dry_run: bool = False,
+               allow_mixed: bool = False) -> SweepSummary:
     """Load (with overrides), validate and run a study; the body of ``idlab sweep``."""
     from idlab.config import load_study
     from idlab.sweep.driver import auto_config, resolve_config_path, run_sweep
@@ -92,7 +101,7 @@ def main_sweep(config: str, overrides: Iterable[str], dry_run: bool = False) -> 
     study = load_study(path, overrides)
     why = f" (CONFIG=auto: {auto_config(overrides)[1]})" if config == "auto" else ""
     print(f"config {path}{why}", flush=True)
-    return run_sweep(study, dry_run=dry_run)
+    return run_sweep(study, dry_run=dry_run, allow_mixed=allow_mixed)
 
 
 def main_plan(config: str, overrides: Sequence[str], device: str | None = None, as_json: bool = False) -> str:
@@ -132,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n".join(describe_fields()))
             return 0
         try:
-            summary = main_sweep(args.config, args.overrides, dry_run=args.dry_run)
+            summary = main_sweep(args.config, args.overrides, dry_run=args.dry_run, allow_mixed=args.allow_mixed)
         except ConfigError as e:
             print(f"idlab sweep: invalid configuration: {e}", file=sys.stderr)
             return 2

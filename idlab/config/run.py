@@ -84,6 +84,15 @@ def _from_options(cls: type[C], values: object, **extra: object) -> C:
     return cls(**{k: tup(v) for k, v in values.items()}, **extra)
 
 
+def parts_from_dict(cfg: Mapping[str, object]) -> tuple[ModelConfig, TaskConfig, TrainConfig]:
+    """The model, task and train configs of a stored run config (defaults filled in); the method and
+    its axes are not read, so a run of a method no longer registered parses too."""
+    model = _from_options(ModelConfig, cfg.get("model_options") or {}, name=cfg["model"])
+    task = _from_options(TaskConfig, cfg.get("task_options") or {}, name=cfg["task"])
+    train = _from_options(TrainConfig, cfg.get("train") or {}, lr=as_float(cfg["lr"]), seed=as_int(cfg["seed"]))
+    return model, task, train
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One run: a method at one point of its axes, the model, the task, the training settings.
@@ -135,9 +144,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, cfg: Mapping[str, object]) -> RunConfig:
         """Parse the ``config`` of a result.json / study.json (the inverse of `to_dict`)."""
-        model = _from_options(ModelConfig, cfg.get("model_options") or {}, name=cfg["model"])
-        task = _from_options(TaskConfig, cfg.get("task_options") or {}, name=cfg["task"])
-        train = _from_options(TrainConfig, cfg.get("train") or {}, lr=as_float(cfg["lr"]), seed=as_int(cfg["seed"]))
+        model, task, train = parts_from_dict(cfg)
         return cls(method=str(cfg["method"]), model=model, task=task, train=train, axes=methods.axes_from_config(cfg))
 
     def label(self) -> str:
@@ -146,4 +153,4 @@ class RunConfig:
         return f"{self.method}{' ' + extra if extra else ''} lr={self.lr:g} seed={self.seed}"
 
 
-__all__ = ["LEGACY_MODEL_KEYS", "LEGACY_TASK_KEYS", "LEGACY_TRAIN_KEYS", "RunConfig"]
+__all__ = ["LEGACY_MODEL_KEYS", "LEGACY_TASK_KEYS", "LEGACY_TRAIN_KEYS", "RunConfig", "parts_from_dict"]

@@ -67,7 +67,8 @@ def _title(meta: Mapping[str, object], what: str, df: pd.DataFrame) -> str:
     model = df["model"].dropna().iloc[0] if "model" in df and df["model"].notna().any() else "?"
     task = df["task"].dropna().iloc[0] if "task" in df and df["task"].notna().any() else "?"
     seeds = sorted(int(s) for s in df["seed"].dropna().unique()) if "seed" in df else []
-    return f"{what}\n{model} on {task}, seeds {seeds}"
+    group = f" ({meta['settings_label']})" if meta.get("settings_label") else ""  # one setting group
+    return f"{what}\n{model}{group} on {task}, seeds {seeds}"
 
 
 _VARIANT_ORDER = ["full FT", "DID fastfood", "SAID fastfood", "DID dense", "SAID dense", "DID sparse", "SAID sparse"]

@@ -15,6 +15,7 @@ import pandas as pd
 
 from idlab import methods
 from idlab.jsontypes import JsonObject
+from idlab.report.settings import setting_values, tidy_setting_columns
 from idlab.runs import RunResult, iter_results, read_json
 
 
@@ -82,6 +83,7 @@ def _row(path: Path, res: RunResult) -> JsonObject:
         "git_commit": res.git_commit,
         **{f"version_{k}": v for k, v in sorted(res.versions.items())},
         "run_dir": str(path.parent),
+        **setting_values(cfg),
     }
     for k, v in sorted(res.metrics.items()):
         if k != res.metric and isinstance(v, (int, float)):
@@ -107,12 +109,19 @@ def load_results(results_dir: str | Path) -> pd.DataFrame:
     Columns include run_id, study, status, method, variant, model, task, seed, lr, r,
     target_set, d, projection, said, metric, score_final, score_best,
     trainable_parameters, total_parameters, wall_time_s, peak_memory_bytes, device,
-    git_commit, version_*. Rows are sorted (study, method, variant, r, d, lr, seed, run_id).
+    git_commit, version_*, and one column per resolved setting of the run's stored config
+    (`idlab.report.settings.setting_values`): ``setting_<key>`` with the study file's dotted key,
+    e.g. ``setting_model.name``, ``setting_model.hidden`` (a list as JSON text, ``"[16]"``),
+    ``setting_model.dtype``, ``setting_task.name``, ``setting_task.max_train``, ``setting_train.steps``,
+    ``setting_train.optimizer``, ... (model, model options, task, task options and the train block
+    but its per-run lr, seed, device and progress; defaults filled in). Rows are sorted (study,
+    method, variant, r, d, lr, seed, run_id).
     """
     rows = [_row(p, res) for p, res in iter_results(results_dir)]
     df = pd.DataFrame(rows)
     if df.empty:
         return df
+    df = tidy_setting_columns(df)
     for c in _INT_COLS:
         if c in df:
             df[c] = pd.array([None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)

@@ -11,6 +11,10 @@ trains. Writes, into the output folder (default: the results folder):
   runs' ``delta.safetensors`` are there.
 - ``figures/<study>/*.png|pdf`` and ``REPORT.md``.
 
+A study whose runs differ in anything but grid point, learning rate and seed (its setting
+groups, `idlab.report.settings`) is reported per group (``figures/<study>/g<i>/``): no cell,
+baseline or crossing pools two groups.
+
 Deterministic: same results -> byte-identical tables and PNGs (no timestamps in
 files, fixed bootstrap seed, sorted rows). Partial results are fine: every
 figure is drawn only where its data exists, and REPORT.md names what is missing.
@@ -22,12 +26,10 @@ says so (selection on the validation split the score is measured on).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from idlab import methods
@@ -41,115 +43,40 @@ from idlab.report.figures import (
     fig_spectra,
     spectrum_label,
 )
+from idlab.report.headline import compute_headline, headline_lines
 from idlab.report.load import load_curves, load_results, score_col, study_meta, variant
-from idlab.report.tables import (
-    Crossings,
-    CurveCrossing,
-    amplification_table,
-    baseline,
-    cell_table,
-    crossings,
-    majority_floor,
-    selected_runs,
-    thin_crossings,
-)
+from idlab.report.settings import GROUP_COL, header_lines, setting_columns, setting_groups
+from idlab.report.tables import amplification_table, cell_table
+from idlab.report.text import fmt, md_table
 from idlab.runs import atomic_write_text
-from idlab.training.convergence import unconverged_crossings
 
-
-def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
-        return "–"
-    if isinstance(v, (bool, np.bool_)):
-        return "yes" if v else "no"
-    if isinstance(v, (float, np.floating)):
-        if float(v).is_integer():  # a count or a grid point stored as float: 10000.0 -> 10,000
-            return f"{int(v):,}"
-        return f"{v:.4g}" if abs(float(v)) < 1e5 else f"{float(v):,.0f}"
-    if isinstance(v, (int, np.integer)):
-        return f"{int(v):,}"
-    return str(v).replace("|", "\\|")
-
-
-def md_table(df: pd.DataFrame, cols: Sequence[str] | None = None) -> str:
-    """A GitHub markdown table (no external dependency)."""
-    cols = list(cols or df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, row in df.iterrows():
-        lines.append("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")
-    return "\n".join(lines)
-
-
-
-class _AboveChance(NamedTuple):
-    """The crossings for the target above the majority-class floor."""
-
-    floor: float
-    target: float
-    found: Crossings
-
-
-def _ci_text(res: CurveCrossing, fmt: str) -> str:
-    """'[lo, hi]' of a bootstrap interval; 'not reached' for an end beyond the grid; '–' without one."""
-    lo, hi = res.ci_low, res.ci_high
-    if res.value is None or lo is None or hi is None:
-        return "–"
-
-    def one(v: float) -> str:
-        return fmt.format(v) if math.isfinite(v) else "not reached"
-
-    return f"[{one(lo)}, {one(hi)}]"
-
-
-
-def _grid_text(res: CurveCrossing) -> str:
-    """'1000 (1 seed), 10000 (3 seeds)': the grid searched with the runs behind each point."""
-    return ", ".join(f"{int(x)} ({n} seed{'s' if n != 1 else ''})" for x, n in zip(res.grid, res.n_seeds))
-
-
-
-def _crossing_rows(found: Crossings, suffix: str = "") -> list[dict[str, Any]]:
-    """Rows of the headline table: each method's crossing (d90, r90, ...) per variant."""
-    rows = []
-    for name, results in found.items():
-        m = methods.get(name)
-        fmt = "{:.0f}" if m.size_counts_parameters else "{:.2f}"
-        for v, res in sorted(results.items()):
-            # a size that counts parameters: that size plus the directly trained head; otherwise the
-            # parameters of the selected cell at the grid value
-            params = res.value_params if m.size_counts_parameters else res.params
-            rows.append({"method": v, "quantity": f"{m.quantity}{suffix}", "grid value": res.value,
-                         "interpolated": res.interp, f"{res.ci_level:.0%} interval (bootstrap over seeds)": _ci_text(res, fmt),
-                         "trainable parameters": params, "grid searched (runs per point)": _grid_text(res)})
-    return rows
-
-
-def _unconverged(found: Crossings, runs: pd.DataFrame) -> list[str]:
-    """`idlab.training.convergence.unconverged_crossings` with each method's size axis named."""
-    out = []
-    for name, results in found.items():
-        key = methods.get(name).size_key or "size"
-        mine = runs[runs["method"] == name]
-        out += unconverged_crossings([(results, key)], mine.assign(**{key: mine["size"]}).to_dict("records"))
-    return sorted(set(out))
+_fmt = fmt  # the name the tests and older callers import
 
 
 def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_dir: Path, out_dir: Path,
                  analysis: bool = True) -> list[str]:
-    """Figures, analysis tables and the REPORT.md section (returned as lines) of one study."""
+    """Figures, analysis tables and the REPORT.md section (returned as lines) of one study.
+
+    A study whose runs differ in a setting (model options, task options, train block:
+    `idlab.report.settings`) is reported per setting group, each with its own baseline, crossings,
+    figures (``figures/<study>/g<i>/``) and analysis (``analysis/<study>/g<i>/``); the header names
+    every group and says in bold that the study holds several.
+    """
     meta = study_meta(results_dir, study)
     score = score_col(meta)
-    fig_dir = out_dir / "figures" / study
     lines = [f"## Study `{study}`", ""]
     desc = (meta.get("study") or {}).get("description")
     if desc:
         lines += [desc, ""]
-    model, task = runs["model"].dropna().unique(), runs["task"].dropna().unique()
     seeds = sorted(int(s) for s in runs["seed"].dropna().unique())
-    lines += [f"Model **{', '.join(map(str, model))}**, task **{', '.join(map(str, task))}**, seeds {seeds}; "
-              f"score = {score.replace('score_', '')} validation {runs['metric'].dropna().iloc[0]}. "
-              f"{len(runs)} runs: " + ", ".join(f"{(runs['status'] == s).sum()} {s}"
-                                                 for s in ("ok", "diverged", "failed")) + ".", ""]
+    counts = ", ".join(f"{(runs['status'] == s).sum()} {s}" for s in ("ok", "diverged", "failed"))
+    tail = (f"Seeds {seeds}; score = {score.replace('score_', '')} validation {runs['metric'].dropna().iloc[0]}. "
+            f"{len(runs)} runs: {counts}.")
+    if setting_columns(runs):
+        lines += header_lines(runs, tail)
+    else:  # runs whose config does not parse: the names alone
+        lines += [f"Model **{', '.join(map(str, runs['model'].dropna().unique()))}**, task "
+                  f"**{', '.join(map(str, runs['task'].dropna().unique()))}**. {tail}", ""]
     expected = meta.get("run_ids") or []
     present = set(runs["run_id"])
     missing = [rid for rid in expected if rid not in present]
@@ -166,17 +93,27 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
                          f"{str(row['error'])[:200]}")
         lines.append("")
     cells = cell_table(runs, score)
-    base = baseline(runs, meta, score)
-    sel_runs = selected_runs(runs, cells)
-    # each method's crossing on its size axis (d90 per subspace variant, r90 per LoRA target set, ...)
-    found = crossings(sel_runs, cells, base.get("target"), score)
-    # the same above the majority-class floor (when the published target is close to it)
-    floor = majority_floor(runs)
-    chance: _AboveChance | None = None
-    if floor is not None and base.get("value") is not None:
-        t = floor + base["threshold"] * (base["value"] - floor)
-        base["floor"] = floor
-        chance = _AboveChance(floor, t, crossings(sel_runs, cells, t, score))
+    groups = setting_groups(runs)
+    for i, (label, g) in enumerate(groups, 1):
+        where = f"g{i}" if len(groups) > 1 else ""
+        gcells = cells[cells[GROUP_COL] == label] if not cells.empty else cells
+        gcurves = curves[curves["run_id"].isin(set(g["run_id"]))]
+        if where:
+            lines += [f"### Setting group {where}: {label}", ""]
+        lines += _group_section(study, where, label, g.reset_index(drop=True), gcells, gcurves, meta, score,
+                                out_dir, analysis)
+    return lines
+
+
+def _group_section(study: str, where: str, label: str, runs: pd.DataFrame, cells: pd.DataFrame,
+                   curves: pd.DataFrame, meta: Mapping[str, Any], score: str, out_dir: Path,
+                   analysis: bool) -> list[str]:
+    """Headline, figures and tables of one setting group (the whole study when it has one group)."""
+    fig_dir = out_dir / "figures" / study / where if where else out_dir / "figures" / study
+    of = f" ({where}: {label})" if where else ""
+    meta = {**meta, "settings_label": label} if where else meta
+    head = compute_headline(runs, cells, meta, score)
+    base, found, sel_runs = head.base, head.found, head.sel_runs
     figs: list[tuple[str, list[Path]]] = []
     figs.append(("Headline: performance vs trainable parameters",
                  fig_perf_vs_params(cells, runs, found, base, score, fig_dir, meta)))
@@ -191,7 +128,8 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
                          fig_size_heatmap(name, cells, runs, fig_dir, meta)))
     from idlab.report.deltas import study_tables  # torch: only when a report is written
 
-    tables, notes = study_tables(runs, out_dir / "analysis" / study, analysis)
+    tables, notes = study_tables(runs, out_dir / "analysis" / study / where if where else
+                                 out_dir / "analysis" / study, analysis)
     spec = fig_spectra(tables.get("spectra", pd.DataFrame()), runs, fig_dir, meta)
     figs.append(("Singular spectra of ΔW", [p for p in spec if p.stem == "spectra"]))
     figs.append(("Energy curves of ΔW", [p for p in spec if p.stem == "energy"]))
@@ -201,41 +139,9 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
                  fig_phi(tables.get("similarity", pd.DataFrame()), "seed", runs, fig_dir, meta)))
     figs.append(("Learning curves", fig_curves(curves, sel_runs, fig_dir, meta)))
 
-    # headline numbers
-    lines += ["### Headline: how many trainable parameters reach 90% of full fine-tuning", ""]
-    if base.get("value") is None:
-        lines += [f"No baseline: {base['kind']}. d90 and r90 need full fine-tuning results "
-                  "(or `target.baseline`).", ""]
-    else:
-        lines += [f"Baseline {base['value']:.4f} ({base['kind']}); target {base['threshold']:.0%} = "
-                  f"{base['target']:.4f}.", ""]
-        rows = _crossing_rows(found)
-        if chance is not None:
-            floor, t = chance.floor, chance.target
-            lines += [f"Majority-class floor {floor:.4f} (always predicting the most frequent training class). "
-                      + (f"**The {base['threshold']:.0%} target is at or below this floor: a model that ignores "
-                         "its input meets it, so d90 / r90 by the published definition say nothing here.** "
-                         if base["target"] <= floor else "")
-                      + f"Rows marked 'above chance' use target = floor + {base['threshold']:.0%} x "
-                      f"(baseline - floor) = {t:.4f}.", ""]
-            rows += _crossing_rows(chance.found, " (above chance)")
-        if rows:
-            lines += [md_table(pd.DataFrame(rows)), "",
-                      "A grid value of – means the threshold was not reached on the grid. "
-                      "Interpolation is linear in log(d) / log(r) between the bracketing grid points.", ""]
-            every = [*found.values(), *(chance.found.values() if chance is not None else ())]
-            thin = [t for res in every for t in thin_crossings(res)]
-            if thin:
-                lines += ["**Warning: some crossings rest on fewer seeds than the rest of their curve:** "
-                          + "; ".join(thin) + ". Run the missing seeds at that point before quoting them.", ""]
-            unconv = sorted({*_unconverged(found, sel_runs),
-                             *(_unconverged(chance.found, sel_runs) if chance is not None else ())})
-            if unconv:
-                lines += ["**Warning: some crossings rest on runs whose validation metric had not plateaued "
-                          "(idlab.training.convergence):** " + "; ".join(unconv) + ". Train them longer "
-                          "(`train.until: converged`) before quoting them.", ""]
-    # figures
-    lines += ["### Figures", ""]
+    lines = [f"### Headline: how many trainable parameters reach 90% of full fine-tuning{of}", ""]
+    lines += headline_lines(head)
+    lines += [f"### Figures{of}", ""]
     for caption, paths in figs:
         pngs = [p for p in paths if p.suffix == ".png" and p.exists()]
         for p in pngs:
@@ -244,12 +150,11 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
             lines += [f"**{caption}**{pdf}", "", f"![{caption}]({rel})", ""]
         if not pngs:
             lines += [f"- *{caption}*: no data yet.", ""]
-    # tables
     if not cells.empty:
-        lines += ["### Results per cell (seed mean ± std; selected learning rate)", ""]
+        lines += [f"### Results per cell (seed mean ± std; selected learning rate){of}", ""]
         show = cells[cells["selected"]].copy()
         show["score"] = [f"{m:.4f} ± {s:.4f}" for m, s in zip(show["mean"], show["std"])]
-        cols = ["variant", "r", "d", "lr", "n_seeds", "score", "min", "max", "trainable_parameters"]
+        cols = ["variant", "r", "d", "lr", "n_seeds", "seeds", "score", "min", "max", "trainable_parameters"]
         lines += [md_table(show, cols), ""]
         multi_lr = cells.groupby("cell")["lr"].nunique()
         if (multi_lr > 1).any():
@@ -258,9 +163,20 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
                       "the rate with the highest is selected, here and in the sweep):", "",
                       md_table(cells, ["variant", "r", "d", "lr", "seeds", "mean", "std", "select_score",
                                        "selected"]), ""]
+    lines += _delta_lines(tables, of)
+    for n in notes:
+        lines += [f"- note: {n}"]
+    if notes:
+        lines.append("")
+    return lines
+
+
+def _delta_lines(tables: Mapping[str, pd.DataFrame], of: str) -> list[str]:
+    """The Delta W tables: Hu et al. Table 7 layout, ranks, intruder dimensions."""
+    lines: list[str] = []
     align = tables.get("alignment", pd.DataFrame())
     amp, cap = amplification_table(align) if not align.empty else (pd.DataFrame(), "")
-    lines += ["### ΔW versus W (Hu et al. Table 7 layout)", ""]
+    lines += [f"### ΔW versus W (Hu et al. Table 7 layout){of}", ""]
     if amp.empty:
         lines += ["No alignment table (needs LoRA runs with deltas and the base weights W_0).", ""]
     else:
@@ -272,7 +188,7 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
                        for r in rk[["method", "r", "d", "target_modules"]].to_dict("records")]
         agg = (rk.groupby(["label", "module_type"], sort=True)[["energy_rank", "effective_rank", "stable_rank",
                                                                  "fro_norm"]].mean().reset_index())
-        lines += ["### Ranks of ΔW (mean over layers and seeds; energy rank at p = 0.9)", "",
+        lines += [f"### Ranks of ΔW (mean over layers and seeds; energy rank at p = 0.9){of}", "",
                   md_table(agg), ""]
     intr = tables.get("intruders", pd.DataFrame())
     if not intr.empty:
@@ -280,11 +196,7 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
         ia["label"] = [spectrum_label(r, targets=True)  # type: ignore[arg-type]
                        for r in ia[["method", "r", "d", "target_modules"]].to_dict("records")]
         ia = ia.groupby(["label", "module_type"], sort=True)["count"].mean().reset_index(name="intruders (mean)")
-        lines += ["### Intruder dimensions (k = 10, eps = 0.5; Shuttleworth et al.)", "", md_table(ia), ""]
-    for n in notes:
-        lines += [f"- note: {n}"]
-    if notes:
-        lines.append("")
+        lines += [f"### Intruder dimensions (k = 10, eps = 0.5; Shuttleworth et al.){of}", "", md_table(ia), ""]
     return lines
 
 

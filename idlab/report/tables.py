@@ -16,6 +16,7 @@ import pandas as pd
 from idlab import methods
 from idlab.config.schema import target_of
 from idlab.d90 import Crossing, make_baseline, rate_baseline, rate_scores, select_lr
+from idlab.report.settings import GROUP_COL, group_labels, setting_columns, varying_settings
 
 #: what tells cells apart: the method, its curve (variant) and the point on its size axis; the rest for
 #: the tables (a method's other axes are in its variant)
@@ -26,16 +27,23 @@ PALETTE_SEED = 0
 def cell_table(df: pd.DataFrame, score: str = "score_final") -> pd.DataFrame:
     """Seed statistics per cell x learning rate (status ok/diverged), with ``selected`` = best lr of the cell.
 
+    A cell is a study's method at one point of its axes (`CELL_KEYS`) **in one setting group**: runs
+    whose settings differ (any ``setting_*`` column of `idlab.report.load.load_results` that is not the
+    same for every run of the study: model options, task options, train block) are never pooled. The
+    cells carry those columns and ``settings``, the group's label (``model.hidden=[4]``; "" in a study
+    of one group), `idlab.report.settings.group_labels`.
+
     ``select_score`` and ``selected`` come from `idlab.d90.rate_scores` / `select_lr`, the rule the
     sweep uses too: each rate's seed mean over the seeds every rate of the cell has (a one-seed
     probe is not weighed against a three-seed mean; all its seeds when none is shared), a
     diverged seed counting as a failure (-inf).
     """
-    ok = df[df["status"].isin(["ok", "diverged"])].copy()
+    vary = varying_settings(df)
+    ok = df.assign(**{GROUP_COL: group_labels(df)})[df["status"].isin(["ok", "diverged"])].copy()
     if ok.empty:
         return pd.DataFrame()
     ok["score"] = ok[score]
-    keys = [k for k in CELL_KEYS if k in ok] + ["lr"]
+    keys = [k for k in CELL_KEYS if k in ok] + [GROUP_COL, *vary, "lr"]
     filled = ok[keys].astype(object).where(ok[keys].notna(), "-")
     ok = ok.assign(**{f"_k_{k}": filled[k].astype(str) for k in keys})
     g = ok.groupby([f"_k_{k}" for k in keys], sort=True, dropna=False)
@@ -52,7 +60,7 @@ def cell_table(df: pd.DataFrame, score: str = "score_final") -> pd.DataFrame:
                      if grp["trainable_parameters"].notna().any() else None,
                      "model": first["model"], "task": first["task"], "metric": first["metric"]})
     cells = pd.DataFrame(rows)
-    ck = [k for k in CELL_KEYS if k in cells]
+    ck = [k for k in CELL_KEYS if k in cells] + [GROUP_COL, *vary]
     ck_str = cells[ck].astype(object).where(cells[ck].notna(), "-").astype(str).agg("|".join, axis=1)
     cells["cell"] = ck_str
     cells["select_score"] = -np.inf
@@ -64,7 +72,7 @@ def cell_table(df: pd.DataFrame, score: str = "score_final") -> pd.DataFrame:
         cells.loc[grp.index, "select_score"] = [ranked[lr] for lr in lrs]
         cells.loc[grp.index, "selected"] = [lr == best for lr in lrs]
     cells = cells.drop(columns="_by_seed")
-    order = [c for c in ("study", "method", "variant", "r", "d", "lr") if c in cells]
+    order = [c for c in ("study", GROUP_COL, "method", "variant", "r", "d", "lr") if c in cells]
     return cells.sort_values(order, na_position="first", kind="mergesort").reset_index(drop=True)
 
 
@@ -219,11 +227,11 @@ def baseline(runs: pd.DataFrame, meta: Mapping[str, Any], score: str) -> dict[st
 
 
 def selected_runs(runs: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
-    """Runs at the selected learning rate of their cell."""
+    """Runs at the selected learning rate of their cell (of their setting group: `cell_table`)."""
     if cells.empty:
         return runs.iloc[0:0]
     sel = cells[cells["selected"]]
-    keys = [k for k in CELL_KEYS if k in runs] + ["lr"]
+    keys = [k for k in CELL_KEYS if k in runs] + [c for c in setting_columns(cells) if c in runs] + ["lr"]
 
     def key(df: pd.DataFrame) -> pd.Series:
         return df[keys].astype(object).where(df[keys].notna(), "-").astype(str).agg("|".join, axis=1)

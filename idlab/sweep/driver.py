@@ -3,6 +3,9 @@
 - Resumable: a run with a complete ``result.json`` is skipped (``failed`` ones are
   retried unless ``retry_failed=false``); leftovers of a killed sweep are removed
   at start once they are 10 minutes old. Kill it at any moment and start it again.
+- One experiment per study folder: the first sweep records the study's settings (model, task,
+  train, target, score: not the grid, seeds or executor) in ``settings.json``; a sweep with other
+  settings is refused before anything is written, unless ``allow_mixed`` (`idlab.sweep.settings`).
 - Two sweeps may share a study: give each a disjoint slice of the grid by overrides
   (``methods=[subspace]`` in one, ``methods=[full,lora]`` in the other); every run
   is written atomically, and neither removes the other's run in progress.
@@ -29,6 +32,7 @@ from idlab.config import StudyConfig, to_dict
 from idlab.runs import RunStore, atomic_write_json
 from idlab.sweep.executors import EXECUTORS, preflight
 from idlab.sweep.grid import expand, plan_table, stages
+from idlab.sweep.settings import check_settings, write_settings
 
 
 @dataclass
@@ -57,24 +61,34 @@ class SweepSummary:
         return "\n".join(lines)
 
 
-def run_sweep(study: StudyConfig, dry_run: bool = False, out: Any = None) -> SweepSummary:
+def run_sweep(study: StudyConfig, dry_run: bool = False, out: Any = None,
+              allow_mixed: bool = False) -> SweepSummary:
     """Run every missing run of ``study`` with its executor; return the summary.
 
     Raises:
-        ConfigError: the study cannot run (`idlab.config.checks.check_study`); nothing is written.
+        ConfigError: the study cannot run (`idlab.config.checks.check_study`), or its folder holds
+            runs with other settings (`idlab.sweep.settings.check_settings`); nothing is written.
 
     Args:
         study: the validated study.
-        dry_run: print the plan and stop.
+        dry_run: print the plan and stop (the settings are checked, not recorded).
         out: stream for the plan and summary (default stdout).
+        allow_mixed: add runs whose settings (model, task, train, target, ...) differ from those the
+            study folder records (``idlab sweep --allow-mixed``); the folder then records both.
     """
     from idlab.config.checks import check_study
 
     check_study(study)  # task, model/task fit, model files: before anything is written (ConfigError)
+    to_record = check_settings(study, allow_mixed)  # one experiment per folder (ConfigError)
     out = out or sys.stdout
     t0 = time.perf_counter()
     resolved = preflight(study)  # before anything is written: a bad device / precision stops here
     print(resolved, file=out)
+    if to_record is not None and not dry_run:
+        path = write_settings(study.study_dir(), to_record)
+        if len(to_record) > 1:
+            print(f"{path} records {len(to_record)} setting sets (--allow-mixed): the report keeps them apart",
+                  file=out)
     store = RunStore(study.study_dir())
     removed = store.clean_stale()
     if removed:
