@@ -23,11 +23,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 from idlab.config.loader import to_dict
 from idlab.config.run import parts_from_dict
 from idlab.config.schema import PER_RUN_TRAIN_FIELDS, StudyConfig
+from idlab.jsontypes import JsonValue
 
 #: top-level StudyConfig fields that are not settings (the grid, where and how runs execute, the folder)
 NOT_SETTINGS = frozenset({"name", "description", "methods", "seeds", "executor", "device", "gpus", "progress",
@@ -36,15 +37,15 @@ NOT_SETTINGS = frozenset({"name", "description", "methods", "seeds", "executor",
 RUN_BLOCKS = ("model", "task", "train")
 
 
-def _flat(prefix: str, value: Any, out: dict[str, Any]) -> None:
+def _flat(prefix: str, value: object, out: dict[str, JsonValue]) -> None:
     if isinstance(value, Mapping):
         for k, v in value.items():
             _flat(f"{prefix}.{k}" if prefix else str(k), v, out)
     else:
-        out[prefix] = value
+        out[prefix] = cast(JsonValue, value)  # config values are JSON (to_dict / a stored config)
 
 
-def _settings_of(blocks: Mapping[str, Any], grid: Iterable[str]) -> dict[str, Any]:
+def _settings_of(blocks: Mapping[str, object], grid: Iterable[str]) -> dict[str, JsonValue]:
     skip = NOT_SETTINGS | set(grid)
     out: dict[str, Any] = {}
     for key, value in blocks.items():
@@ -62,24 +63,24 @@ def _method_names() -> tuple[str, ...]:
     return methods.names()
 
 
-def study_settings(study: StudyConfig) -> dict[str, Any]:
+def study_settings(study: StudyConfig) -> dict[str, JsonValue]:
     """The settings of a study (module docstring): flat dotted keys, sorted, JSON values."""
     flat = to_dict(study)
     assert isinstance(flat, dict)  # a study is a mapping
     return _settings_of(flat, _method_names())
 
 
-def settings_of_mapping(study: Mapping[str, Any]) -> dict[str, Any]:
+def settings_of_mapping(study: Mapping[str, object]) -> dict[str, JsonValue]:
     """The settings in a study.json's ``study`` mapping (`idlab.config.to_dict` of a StudyConfig)."""
     return _settings_of(study, (*_method_names(), *(k for k, v in study.items() if _is_method_block(k, v))))
 
 
-def _is_method_block(key: str, value: Any) -> bool:
+def _is_method_block(key: str, value: object) -> bool:
     """A block of a method no longer registered: a mapping holding learning rates."""
     return key not in RUN_BLOCKS and key != "target" and isinstance(value, Mapping) and "lr" in value
 
 
-def run_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def run_settings(cfg: Mapping[str, object]) -> dict[str, JsonValue]:
     """The settings of one run from its stored config (a result.json's ``config``): ``model.*``,
     ``task.*`` and ``train.*`` with every default filled in (`idlab.config.run.parts_from_dict`).
 
@@ -95,17 +96,17 @@ def _defaults_json() -> str:
     return json.dumps(study_settings(StudyConfig()), sort_keys=True)
 
 
-def default_settings() -> dict[str, Any]:
+def default_settings() -> dict[str, JsonValue]:
     """The settings of a study file that sets nothing: what a key missing from a record stands for."""
     out: dict[str, Any] = json.loads(_defaults_json())
     return out
 
 
-def _norm(v: Any) -> str:
+def _norm(v: object) -> str:
     return json.dumps(v, sort_keys=True)
 
 
-def settings_diff(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+def settings_diff(recorded: Mapping[str, object], current: Mapping[str, object]) -> list[tuple[str, object, object]]:
     """``(key, recorded value, current value)`` for every setting that differs, sorted by key.
 
     A key one side lacks (a record written before a field existed, or one derived from runs,
@@ -121,17 +122,17 @@ def settings_diff(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> li
     return out
 
 
-def same_settings(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+def same_settings(a: Mapping[str, object], b: Mapping[str, object]) -> bool:
     """No setting differs (`settings_diff`)."""
     return not settings_diff(a, b)
 
 
-def show(value: Any) -> str:
+def show(value: object) -> str:
     """A setting's value as the study file would write it: ``[16]``, ``mlp``, ``null``."""
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def describe(settings: Mapping[str, Any], keys: Iterable[str]) -> str:
+def describe(settings: Mapping[str, object], keys: Iterable[str]) -> str:
     """``model.hidden=[16], train.steps=60``: the given keys of a settings mapping."""
     return ", ".join(f"{k}={show(settings.get(k))}" for k in keys)
 

@@ -22,13 +22,14 @@ from typing import Any
 import pandas as pd
 
 from idlab.config.settings import default_settings, run_settings, show
+from idlab.jsontypes import JsonValue
 
 SETTING_PREFIX = "setting_"
 #: the column of `group_labels` in the cells table: ``model.hidden=[4]`` ("" for a study of one group)
 GROUP_COL = "settings"
 
 
-def setting_values(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def setting_values(cfg: Mapping[str, object]) -> dict[str, JsonValue]:
     """``{setting_<key>: value}`` of one run's stored config (lists as JSON text); {} when it does not parse."""
     try:
         found = run_settings(cfg)
@@ -84,7 +85,7 @@ def setting_groups(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return [(str(k), runs[labels == k]) for k in sorted(set(labels))]
 
 
-def _value(v: Any) -> Any:
+def _value(v: object) -> Any:
     """A column value back as the setting (JSON text of a list -> the list)."""
     if isinstance(v, str) and v[:1] in "[{":
         try:
@@ -94,12 +95,12 @@ def _value(v: Any) -> Any:
     return v
 
 
-def _options(row: Mapping[Any, Any], block: str, keys: Sequence[str]) -> str:
+def _options(row: Mapping[object, object], block: str, keys: Sequence[str]) -> str:
     """``mlp (hidden=[16])``: the block's name and its options that are not at their default or are in ``keys``."""
     defaults = default_settings()
     name = row.get(f"{SETTING_PREFIX}{block}.name")
     opts = []
-    for col in sorted(str(k) for k in row if str(k).startswith(f"{SETTING_PREFIX}{block}.") and not k.endswith(".name")):
+    for col in sorted(str(k) for k in row if str(k).startswith(f"{SETTING_PREFIX}{block}.") and not str(k).endswith(".name")):
         key = col[len(SETTING_PREFIX):]
         v = _value(row[col])
         if key in keys or json.dumps(v) != json.dumps(defaults.get(key)):

@@ -38,6 +38,7 @@ from idlab.config.settings import (
     study_settings,
 )
 from idlab.errors import ConfigError
+from idlab.jsontypes import JsonValue
 from idlab.runs import atomic_write_json, iter_results, read_json
 
 SETTINGS_FILE = "settings.json"
@@ -51,7 +52,7 @@ class Recorded(NamedTuple):
     source: str  # "settings.json", "runs" (a folder from before settings.json) or "none"
 
 
-def read_settings_file(study_dir: Path) -> list[dict[str, Any]] | None:
+def read_settings_file(study_dir: Path) -> list[dict[str, JsonValue]] | None:
     """The setting sets in ``study_dir/settings.json``; None when the file is absent or unreadable."""
     raw = read_json(study_dir / SETTINGS_FILE)
     sets = None if raw is None else raw.get("settings")
@@ -60,12 +61,12 @@ def read_settings_file(study_dir: Path) -> list[dict[str, Any]] | None:
     return [dict(s) for s in sets if isinstance(s, Mapping)]
 
 
-def _add(sets: list[dict[str, Any]], s: Mapping[str, Any]) -> None:
+def _add(sets: list[dict[str, JsonValue]], s: Mapping[str, JsonValue]) -> None:
     if not any(same_settings(old, s) for old in sets):
         sets.append(dict(s))
 
 
-def settings_from_runs(study_dir: Path) -> list[dict[str, Any]]:
+def settings_from_runs(study_dir: Path) -> list[dict[str, JsonValue]]:
     """The distinct setting sets of the runs a folder holds (every whole result.json, any status),
     completed by the study-level keys of its study.json (target, score, ...) when it has one."""
     meta = read_json(study_dir / "study.json") or {}
@@ -97,7 +98,7 @@ def recorded_settings(study_dir: Path) -> Recorded:
     return Recorded(sets, "runs" if sets else "none")
 
 
-def _refusal(study: StudyConfig, study_dir: Path, rec: Recorded, current: Mapping[str, Any]) -> str:
+def _refusal(study: StudyConfig, study_dir: Path, rec: Recorded, current: Mapping[str, object]) -> str:
     closest = min(rec.sets, key=lambda s: len(settings_diff(s, current)))
     diff = settings_diff(closest, current)
     where = (f"recorded in {study_dir / SETTINGS_FILE}" if rec.source == SETTINGS_FILE
@@ -113,7 +114,7 @@ def _refusal(study: StudyConfig, study_dir: Path, rec: Recorded, current: Mappin
     return "\n".join(lines)
 
 
-def check_settings(study: StudyConfig, allow_mixed: bool = False) -> list[dict[str, Any]] | None:
+def check_settings(study: StudyConfig, allow_mixed: bool = False) -> list[dict[str, JsonValue]] | None:
     """The setting sets ``study``'s folder is to record before its runs, or None when its record stands.
 
     Reads only (nothing is written). A folder that records no settings yet gets the study's own
@@ -134,7 +135,7 @@ def check_settings(study: StudyConfig, allow_mixed: bool = False) -> list[dict[s
     return [*rec.sets, current]
 
 
-def write_settings(study_dir: Path, sets: Sequence[Mapping[str, Any]]) -> Path:
+def write_settings(study_dir: Path, sets: Sequence[Mapping[str, JsonValue]]) -> Path:
     """Write ``settings.json`` (atomically)."""
     path = study_dir / SETTINGS_FILE
     atomic_write_json(path, {"format": SETTINGS_FORMAT, "settings": [dict(s) for s in sets]})
