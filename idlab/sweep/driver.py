@@ -69,8 +69,10 @@ def run_sweep(study: StudyConfig, dry_run: bool = False, out: Any = None) -> Swe
         out: stream for the plan and summary (default stdout).
     """
     from idlab.config.checks import check_study
+    from idlab.sweep.checks import check_runs
 
     check_study(study)  # task, model/task fit, model files: before anything is written (ConfigError)
+    check_runs(study)  # the hub, the model type, each method against the model's shapes (meta): once per study
     out = out or sys.stdout
     t0 = time.perf_counter()
     resolved = preflight(study)  # before anything is written: a bad device / precision stops here

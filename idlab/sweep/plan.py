@@ -276,8 +276,14 @@ def _meta_pretrained(name: str, task: str, dtype: torch.dtype) -> nn.Module:
     return model.to(dtype)
 
 
-def plan_run(run: RunConfig, rid: str = "", device: str = "cpu") -> RunPlan:
-    """The `RunPlan` of one run (as `idlab.sweep.grid.expand` yields) on ``device``."""
+def meta_model(run: RunConfig) -> nn.Module:
+    """The base model of ``run`` on the ``meta`` device (shapes, no weights), as `plan_run` measures it."""
+    return _meta_run(run)[0]
+
+
+def _meta_run(run: RunConfig) -> tuple[nn.Module, Tensor | dict[str, Tensor], Tensor,
+                                       Literal["classification", "causal-lm"], str]:
+    """(base model, one step's inputs and targets, loss, model dtype) of ``run``, all on ``meta``."""
     from idlab.sweep.build import build_task_and_model
 
     tname, mname = run.task.name, run.model.name
@@ -299,6 +305,12 @@ def plan_run(run: RunConfig, rid: str = "", device: str = "cpu") -> RunPlan:
         inputs = {k: v.to("meta") for k, v in x.items()} if isinstance(x, dict) else x.to("meta")
         targets = y.to("meta")
         model_dtype = "float32"
+    return model, inputs, targets, loss, model_dtype
+
+
+def plan_run(run: RunConfig, rid: str = "", device: str = "cpu") -> RunPlan:
+    """The `RunPlan` of one run (as `idlab.sweep.grid.expand` yields) on ``device``."""
+    model, inputs, targets, loss, model_dtype = _meta_run(run)
     precision = plan_precision(run.train.precision, device, model_dtype)
     model = methods.get(run.method).plan_model(model, run.axes, run.seed)
     return plan_memory(model, inputs, targets, method=run.method, axes=run.axes, precision=precision,
@@ -356,5 +368,5 @@ def plan_table(plans: Sequence[RunPlan]) -> str:
 
 
 __all__ = ["CPU_RUNTIME_BYTES", "CUDA_CONTEXT_BYTES", "KNOWN_CONFIGS", "SLURM_HEADROOM", "RunPlan", "activation_bytes",
-           "model_config", "plan_memory", "plan_precision", "plan_run", "plan_runs", "plan_table",
+           "meta_model", "model_config", "plan_memory", "plan_precision", "plan_run", "plan_runs", "plan_table",
            "target_device"]
