@@ -190,3 +190,10 @@ def test_idlab_sweep_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     err = capsys.readouterr().err
     assert "subspace.d" in err and "[100000]" in err and "D = 2,410" in err and "subspace.d=[2410]" in err
     assert not res.exists() and os.path.isdir(REPO / "experiments")
+
+
+def test_idlab_plan_refuses_as_the_sweep_does(tmp_path: Path) -> None:
+    from idlab.sweep.plan import plan_runs
+
+    with pytest.raises(ConfigError, match=r"subspace\.d.*D = 195"):
+        plan_runs(study_from_dict(_study(tmp_path, subspace={"d": [1000], "head": "project"})))

@@ -325,10 +325,15 @@ def _label(run: RunConfig) -> str:
 def plan_runs(study: Any, runs: Sequence[tuple[str, RunConfig]] | None = None,
               device: str | None = None) -> list[RunPlan]:
     """One `RunPlan` per run of ``study`` (or of ``runs``), on `target_device`; one per distinct shape
-    of run (seeds and learning rates share theirs)."""
+    of run (seeds and learning rates share theirs). Raises ConfigError where ``idlab sweep`` would refuse
+    a method's block against the model (`idlab.methods.Method.check_model`: d above D, a missing LoRA target)."""
     from idlab.sweep.grid import expand
 
     runs = list(runs) if runs is not None else expand(study)
+    if runs:
+        model = meta_model(runs[0][1])
+        for name in dict.fromkeys(cfg.method for _, cfg in runs):
+            methods.get(name).check_model(study.settings(name), model, f"study {study.name!r} (model {study.model.name!r})")
     dev = target_device(study, device)
     cache: dict[str, RunPlan] = {}
     out = []
