@@ -136,6 +136,16 @@ class LoraAxes(Axes):
         return self.r
 
 
+def _matches(model: nn.Module, targets: Sequence[str]) -> bool:
+    """``targets`` (a `TARGET_SETS` value) name linear layers of ``model``."""
+    from idlab.methods.lora_peft import matched_targets
+
+    try:
+        return bool(matched_targets(model, "all-linear" if list(targets) == ["all-linear"] else list(targets), set()))
+    except ValueError:
+        return False
+
+
 class LoRA(Method[LoraSettings, LoraAxes]):
     """LoRA adapters on the target modules (PEFT)."""
 
@@ -176,8 +186,10 @@ class LoRA(Method[LoraSettings, LoraAxes]):
                 if not dims:
                     raise ValueError(f"target_modules {list(t)} name no linear layer of {type(model).__name__}")
             except ValueError as e:
+                fits = [k for k, v in TARGET_SETS.items() if _matches(model, v)]
                 raise ConfigError(f"{where}: key 'lora.target_modules': got {list(t)} for model {type(model).__name__}: "
-                                  f"{str(e).removeprefix('apply_lora: ')}") from None
+                                  f"{str(e).removeprefix('apply_lora: ')}; target sets this model has: "
+                                  f"{', '.join(fits)}") from None
             name, (d_in, d_out) = min(dims.items(), key=lambda kv: min(kv[1]))
             over = [r for r in settings.r if r > min(d_in, d_out)]
             if over:
