@@ -197,3 +197,17 @@ def test_idlab_plan_refuses_as_the_sweep_does(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"subspace\.d.*D = 195"):
         plan_runs(study_from_dict(_study(tmp_path, subspace={"d": [1000], "head": "project"})))
+
+
+def test_said_with_d_auto_needs_one_grid_point_above_m(tmp_path: Path) -> None:
+    """d: auto spans decades: SAID points at d <= m fail and are reported (DID keeps them) while one lies
+    above m (gpu_study: m = 272, grid from 100); a grid entirely at or below m is refused."""
+    from idlab.sweep.checks import check_model_shapes, study_model
+
+    ok = study_from_dict(_study(tmp_path, subspace={"d": "auto", "auto_min": 1, "auto_max": 100, "said": [False, True],
+                                                    "head": "project"}))
+    check_model_shapes(ok, study_model(ok))
+    res = tmp_path / "results"
+    _refused(_study(res, subspace={"d": "auto", "auto_min": 1, "auto_max": 3, "auto_per_decade": 1,
+                                   "said": [True], "head": "project"}), res,
+             "subspace.auto_min", "auto_min=1", "m = 4", "use d >= 5")
