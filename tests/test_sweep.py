@@ -75,11 +75,12 @@ def test_sweep_runs_records_and_skips(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_failed_and_diverged_runs_are_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
-    raw = tiny_study(tmp_path, seeds=[0], methods=["full", "lora"])
-    raw["lora"] = {"r": [2], "target_modules": [["no_such_module"]], "lr": [0.01]}
-    raw["full"] = {"lr": [1.0e30]}  # explodes to inf/nan
+    # seed 1 fails at run time (a target module the model lacks is refused before any run instead:
+    # tests/test_refuse_early.py); seed 0 explodes to inf/nan
+    raw = tiny_study(tmp_path, seeds=[0, 1], methods=["full"], model="idlab_fixture_tasks:mlp_failing_on_seed_1")
+    raw["full"] = {"lr": [1.0e30]}
     summary = run_sweep(study_from_dict(raw))
-    assert len(summary.failed) == 1 and "no_such_module" in summary.failed[0][1]
+    assert len(summary.failed) == 1 and "fails for seed 1" in summary.failed[0][1]
     assert len(summary.diverged) + len(summary.ok) == 1
     assert "failed" in summary.text()
     # failed runs are retried on restart (and fail again, still recorded once)

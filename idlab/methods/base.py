@@ -3,7 +3,8 @@
 A method (`Method`) owns
 
 - its study block (``settings_type``, a frozen dataclass: the YAML block of the method's name,
-  e.g. ``lora: {r: [1, 4], target_modules: [qv]}``) and the value checks on it (`Method.check`);
+  e.g. ``lora: {r: [1, 4], target_modules: [qv]}``) and the value checks on it (`Method.check`;
+  `Method.check_model`: against the study's model, built once on the meta device);
 - its grid cells (`Method.cells`: one `Axes` per point of its axes; the sweep adds learning
   rates and seeds), and how many sweep stages its grid needs (`Method.stages`);
 - its run axes (``axes_type``: the frozen dataclass a `idlab.config.run.RunConfig` carries,
@@ -171,6 +172,15 @@ class Method(ABC, Generic[S, A]):
 
     def check(self, settings: S, where: str) -> None:
         """Value checks beyond the types (raise `idlab.errors.ConfigError` naming key and fix)."""
+
+    def check_model(self, settings: S, model: nn.Module, where: str) -> None:
+        """Checks of the block against the study's base model (default: none), before any run starts.
+
+        ``model`` is built once per study on the ``meta`` device (shapes, no weights; the model every
+        run of the study starts from, classification head included); do not change it. Raise
+        `idlab.errors.ConfigError` naming the key, the value and the fix (a d above the model's
+        parameter count, a target module the model does not have).
+        """
 
     def learning_rates(self, settings: S) -> tuple[float, ...]:
         """The learning rates searched per cell (``<method>.lr``)."""

@@ -138,6 +138,16 @@ class LoraAxes(Axes):
         return self.r
 
 
+def _matches(model: nn.Module, targets: Sequence[str]) -> bool:
+    """``targets`` (a `TARGET_SETS` value) name linear layers of ``model``."""
+    from idlab.methods.lora_peft import matched_targets
+
+    try:
+        return bool(matched_targets(model, "all-linear" if list(targets) == ["all-linear"] else list(targets), set()))
+    except ValueError:
+        return False
+
+
 class LoRA(Method[LoraSettings, LoraAxes]):
     """LoRA adapters on the target modules (PEFT)."""
 
@@ -159,6 +169,36 @@ class LoRA(Method[LoraSettings, LoraAxes]):
         except ValueError:
             raise ConfigError(f"{where}: key 'lora.lora_alpha': got {settings.lora_alpha!r}; allowed: '<c>r' "
                               "(e.g. 2r, r) or a number") from None
+
+    def check_model(self, settings: LoraSettings, model: nn.Module, where: str) -> None:
+        """Every target set names linear layers of the model (as `prepare` applies it), and every r fits them."""
+        from idlab.methods.lora_peft import (
+            classification_head,
+            linear_module_names,
+            matched_targets,
+        )
+
+        head = classification_head(model)
+        for t in settings.target_modules:
+            targets: Any = "all-linear" if list(t) == ["all-linear"] else list(t)
+            exclude = {n for n in linear_module_names(model) if head and targets == "all-linear"
+                       and (n == head or n.startswith(head + "."))}  # apply_lora leaves the head out
+            try:
+                dims = matched_targets(model, targets, exclude)
+                if not dims:
+                    raise ValueError(f"target_modules {list(t)} name no linear layer of {type(model).__name__}")
+            except ValueError as e:
+                fits = [k for k, v in TARGET_SETS.items() if _matches(model, v)]
+                raise ConfigError(f"{where}: key 'lora.target_modules': got {list(t)} for model {type(model).__name__}: "
+                                  f"{str(e).removeprefix('apply_lora: ')}; target sets this model has: "
+                                  f"{', '.join(fits)}") from None
+            name, (d_in, d_out) = min(dims.items(), key=lambda kv: min(kv[1]))
+            over = [r for r in settings.r if r > min(d_in, d_out)]
+            if over:
+                raise ConfigError(f"{where}: key 'lora.r': got {list(settings.r)}; r = {over} exceed min(d_in, d_out) "
+                                  f"= min({d_in}, {d_out}) of {name!r} (target set {target_set_label(t)}), the most a "
+                                  f"rank-r update of that layer can have; use r <= {min(d_in, d_out)}, or leave that "
+                                  "layer out of lora.target_modules")
 
     def cells(self, settings: LoraSettings, ctx: GridContext | None = None) -> list[LoraAxes]:
         return [LoraAxes(r=r, target_modules=tuple(t), lora_alpha=alpha_value(settings.lora_alpha, r),

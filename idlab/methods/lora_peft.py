@@ -54,12 +54,12 @@ def linear_module_names(model: nn.Module) -> list[str]:
 
 
 def _short_names(names: Iterable[str]) -> list[str]:
-    """Distinct last components of qualified names, without pure numbers (``q_proj``, ``lm_head``)."""
+    """Distinct shortest suffixes of qualified names not starting with a number (``q_proj``, ``net.0``)."""
     seen: dict[str, None] = {}
     for n in names:
-        last = n.rsplit(".", 1)[-1]
-        if not last.isdigit():
-            seen.setdefault(last, None)
+        parts = n.split(".")
+        k = next((i for i in range(len(parts) - 1, -1, -1) if not parts[i].isdigit()), 0)
+        seen.setdefault(".".join(parts[k:]), None)
     return list(seen)
 
 
@@ -91,7 +91,7 @@ def _output_layer_names(model: nn.Module) -> set[str]:
     return out
 
 
-def _matched_targets(
+def matched_targets(
     model: nn.Module, target_modules: str | Sequence[str], exclude: set[str]
 ) -> dict[str, tuple[int, int]]:
     """{qualified name: (d_in, d_out)} of the linear layers ``target_modules`` selects.
@@ -238,7 +238,7 @@ def apply_lora(
         exclude |= set(head_linears)
         if head_linears:
             peft_kwargs["exclude_modules"] = sorted(exclude)
-    matched = _matched_targets(model, target_modules, exclude)
+    matched = matched_targets(model, target_modules, exclude)
     rank_pattern: Mapping[str, int] = peft_kwargs.get("rank_pattern") or {}
     for name, (d_in, d_out) in matched.items():
         r_here = r
@@ -373,7 +373,6 @@ def lora_deltas(model: nn.Module, adapter_name: str | None = None,
 # --------------------------------------------------------------------------------------
 
 
-
 def save_adapter(model: nn.Module, path: str | os.PathLike[str], adapter_name: str | None = None) -> Path:
     """Save a PEFT model's adapter to folder ``path`` in PEFT format, atomically.
 
@@ -494,6 +493,7 @@ __all__ = [
     "linear_module_names",
     "load_adapter",
     "lora_deltas",
+    "matched_targets",
     "parameter_summary",
     "save_adapter",
     "write_adapter",

@@ -48,6 +48,18 @@ def subspace_memory(D: int, largest: int, weight_bytes: int, streamed: bool = Fa
     return D * weight_bytes + 2 * 4 * largest
 
 
+def _projected(model: nn.Module, head: str) -> list[nn.Parameter]:
+    """The tensors a run projects (`prepare`): every float parameter once (tied ones once), but the
+    classification head with ``head: train``; D is their size, SAID's m their number."""
+    name = head_module_name(model) if head == "train" else None
+    head_ids = {id(p) for p in model.get_submodule(name).parameters()} if name else set()
+    out: dict[int, nn.Parameter] = {}
+    for p in model.parameters():
+        if p.is_floating_point() and id(p) not in head_ids:
+            out.setdefault(id(p), p)
+    return list(out.values())
+
+
 @dataclass(frozen=True)
 class SubspaceSettings:
     """The study's ``subspace:`` block."""
@@ -157,6 +169,35 @@ class Subspace(Method[SubspaceSettings, SubspaceAxes]):
         if settings.auto_per_decade not in (1, 2, 3):
             raise ConfigError(f"{where}: key 'subspace.auto_per_decade': allowed values: 1, 2, 3")
 
+    def check_model(self, settings: SubspaceSettings, model: nn.Module, where: str) -> None:
+        """d <= D (a subspace has no more directions than the parameters it projects) and, with SAID,
+        d > m (one coordinate per projected tensor: every listed d; with d: auto, some point of the grid),
+        on the study's model (meta: shapes only)."""
+        projected = _projected(model, settings.head)
+        D, m = sum(p.numel() for p in projected), len(projected)
+        auto = not isinstance(settings.d, tuple)
+        grid: tuple[int, ...] = settings.d if isinstance(settings.d, tuple) else settings.auto_grid()
+        what = (f"{type(model).__name__} projects D = {D:,} parameters in m = {m} tensors"
+                + (" (the classification head trains directly: subspace.head=train)"
+                   if settings.head == "train" and head_module_name(model) else ""))
+        over = [d for d in grid if d > D]
+        if over:
+            key, got = ("subspace.auto_max", f"auto_max={settings.auto_max} (the d: auto grid {list(grid)})") if auto \
+                else ("subspace.d", str(list(grid)))
+            fix = f"subspace.auto_max={D}" if auto else f"subspace.d={[d for d in grid if d <= D] or [D]}"
+            raise ConfigError(f"{where}: key '{key}': got {got}, but {what}; d = {over} exceed D (a subspace has at "
+                              f"most D directions); use d <= {D} (e.g. {fix}), or a larger model")
+        under = [d for d in grid if d <= m]
+        # a d: auto grid spans decades: its SAID points at d <= m fail (and are reported) as long as one
+        # lies above m (gpu_study, recipes/roberta_large_mrpc: DID keeps its low points); a listed d is refused
+        if True in settings.said and under and (not auto or len(under) == len(grid)):
+            key = "subspace.auto_min" if auto else "subspace.d"
+            raise ConfigError(
+                f"{where}: key '{key}': got {'auto_min=' + str(settings.auto_min) if auto else list(grid)} with "
+                f"SAID (subspace.said={list(settings.said)}), but {what}; SAID spends one coordinate per projected "
+                f"tensor (lambda_i), so it needs d > m = {m}, and d = {under} are not; use d >= {m + 1}, or "
+                "subspace.said=[false] (DID)")
+
     def _kinds(self, settings: SubspaceSettings) -> list[SubspaceAxes]:
         """One cell per projection x said, at d = 0 (filled in by `cells`)."""
         out = []
@@ -241,15 +282,9 @@ class Subspace(Method[SubspaceSettings, SubspaceAxes]):
     def plan_terms(self, model: nn.Module, axes: SubspaceAxes, precision: str,
                    loaded: Mapping[int, torch.dtype]) -> PlanTerms:
         # the weights are built from theta_d: they need no gradient of their own, the head trains directly
-        head = head_module_name(model) if axes.head == "train" else None
-        head_ids = {id(p) for p in model.get_submodule(head).parameters()} if head else set()
-        D, largest, seen = 0, 0, set()
-        for p in model.parameters():
-            if id(p) in seen or not p.is_floating_point() or id(p) in head_ids:
-                continue
-            seen.add(id(p))
-            D += p.numel()
-            largest = max(largest, p.numel())
+        projected = _projected(model, axes.head)
+        D, largest = sum(p.numel() for p in projected), max((p.numel() for p in projected), default=0)
+        for p in projected:
             p.requires_grad_(False)
         wb = max((loaded.get(id(p), torch.float32).itemsize for p in model.parameters() if p.is_floating_point()),
                  default=4)

@@ -121,7 +121,7 @@ def smollm2_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return atomic_dir(final, write, replace=False)
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     return any(
         os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE")
         for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -158,7 +158,7 @@ def resolve_model_name(name: str, cache_dir: str | os.PathLike[str] | None = Non
             f"(e.g. 'TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T') or an offline alias "
             f"({', '.join(OFFLINE_ALIASES)})"
         )
-    if _hub_offline():
+    if hub_offline():
         from huggingface_hub import try_to_load_from_cache
 
         hit = try_to_load_from_cache(

@@ -77,8 +77,10 @@ def run_sweep(study: StudyConfig, dry_run: bool = False, out: Any = None,
             study folder records (``idlab sweep --allow-mixed``); the folder then records both.
     """
     from idlab.config.checks import check_study
+    from idlab.sweep.checks import check_runs
 
     check_study(study)  # task, model/task fit, model files: before anything is written (ConfigError)
+    check_runs(study)  # the hub, the model type, each method against the model's shapes (meta): once per study
     to_record = check_settings(study, allow_mixed)  # one experiment per folder (ConfigError)
     out = out or sys.stdout
     t0 = time.perf_counter()

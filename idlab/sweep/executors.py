@@ -198,12 +198,29 @@ def _here() -> str:
     return "this host has no CUDA device: on a GPU node auto gives cuda and bf16-mixed where supported"
 
 
+def check_slurm(study: StudyConfig) -> None:
+    """``executor=slurm`` with ``slurm.backend=slurm`` needs ``sbatch`` on PATH: without it submitit's
+    AutoExecutor would quietly run every job here instead. Raises ConfigError naming the fix."""
+    import shutil
+
+    if study.slurm.backend != "slurm" or shutil.which("sbatch") is not None:
+        return
+    from idlab.config import ConfigError
+
+    raise ConfigError(
+        f"study {study.name!r}: key 'executor': got 'slurm' with slurm.backend='slurm', but `sbatch` is not on PATH "
+        "on this host, so nothing could be submitted (submitit would run the jobs here instead); run on a Slurm "
+        "login node with Slurm on PATH (e.g. `module load slurm`, or add the folder holding sbatch to PATH), use "
+        "slurm.backend=local for a local test of the Slurm path, or executor=local")
+
+
 def preflight(study: StudyConfig) -> str:
     """Check what this host must honour before anything is written; returns a one-line summary.
 
     ``local``: device and precision resolved here (`idlab.training.devices`). ``multigpu``: the workers'
-    devices (and precision on the first). ``slurm``: nothing to resolve here (the compute node
-    does). Raises `idlab.training.devices.DeviceError` (a ConfigError) naming the value and the fix.
+    devices (and precision on the first). ``slurm``: ``sbatch`` on PATH (`check_slurm`; device and
+    precision resolve on the compute node). Raises `idlab.training.devices.DeviceError` (a
+    ConfigError) naming the value and the fix.
     """
     import torch
 
@@ -211,6 +228,7 @@ def preflight(study: StudyConfig) -> str:
 
     dtypes = [getattr(torch, study.model.dtype)]
     if study.executor == "slurm":
+        check_slurm(study)
         return f"executor slurm: device={study.device} / precision={study.train.precision} resolved on the nodes"
     if study.executor == "multigpu":
         workers = multigpu_workers(study)
@@ -225,4 +243,4 @@ def preflight(study: StudyConfig) -> str:
 EXECUTORS = {"local": _run_local, "multigpu": _run_multigpu, "slurm": _run_slurm}
 
 
-__all__ = ["EXECUTORS", "multigpu_workers", "preflight", "run_one", "slurm_mem_gb", "slurm_parameters"]
+__all__ = ["EXECUTORS", "check_slurm", "multigpu_workers", "preflight", "run_one", "slurm_mem_gb", "slurm_parameters"]

@@ -276,8 +276,14 @@ def _meta_pretrained(name: str, task: str, dtype: torch.dtype) -> nn.Module:
     return model.to(dtype)
 
 
-def plan_run(run: RunConfig, rid: str = "", device: str = "cpu") -> RunPlan:
-    """The `RunPlan` of one run (as `idlab.sweep.grid.expand` yields) on ``device``."""
+def meta_model(run: RunConfig) -> nn.Module:
+    """The base model of ``run`` on the ``meta`` device (shapes, no weights), as `plan_run` measures it."""
+    return _meta_run(run)[0]
+
+
+def _meta_run(run: RunConfig) -> tuple[nn.Module, Tensor | dict[str, Tensor], Tensor,
+                                       Literal["classification", "causal-lm"], str]:
+    """(base model, one step's inputs and targets, loss, model dtype) of ``run``, all on ``meta``."""
     from idlab.sweep.build import build_task_and_model
 
     tname, mname = run.task.name, run.model.name
@@ -299,6 +305,12 @@ def plan_run(run: RunConfig, rid: str = "", device: str = "cpu") -> RunPlan:
         inputs = {k: v.to("meta") for k, v in x.items()} if isinstance(x, dict) else x.to("meta")
         targets = y.to("meta")
         model_dtype = "float32"
+    return model, inputs, targets, loss, model_dtype
+
+
+def plan_run(run: RunConfig, rid: str = "", device: str = "cpu") -> RunPlan:
+    """The `RunPlan` of one run (as `idlab.sweep.grid.expand` yields) on ``device``."""
+    model, inputs, targets, loss, model_dtype = _meta_run(run)
     precision = plan_precision(run.train.precision, device, model_dtype)
     model = methods.get(run.method).plan_model(model, run.axes, run.seed)
     return plan_memory(model, inputs, targets, method=run.method, axes=run.axes, precision=precision,
@@ -313,10 +325,15 @@ def _label(run: RunConfig) -> str:
 def plan_runs(study: Any, runs: Sequence[tuple[str, RunConfig]] | None = None,
               device: str | None = None) -> list[RunPlan]:
     """One `RunPlan` per run of ``study`` (or of ``runs``), on `target_device`; one per distinct shape
-    of run (seeds and learning rates share theirs)."""
+    of run (seeds and learning rates share theirs). Raises ConfigError where ``idlab sweep`` would refuse
+    a method's block against the model (`idlab.methods.Method.check_model`: d above D, a missing LoRA target)."""
     from idlab.sweep.grid import expand
 
     runs = list(runs) if runs is not None else expand(study)
+    if runs:
+        model = meta_model(runs[0][1])
+        for name in dict.fromkeys(cfg.method for _, cfg in runs):
+            methods.get(name).check_model(study.settings(name), model, f"study {study.name!r} (model {study.model.name!r})")
     dev = target_device(study, device)
     cache: dict[str, RunPlan] = {}
     out = []
@@ -356,5 +373,5 @@ def plan_table(plans: Sequence[RunPlan]) -> str:
 
 
 __all__ = ["CPU_RUNTIME_BYTES", "CUDA_CONTEXT_BYTES", "KNOWN_CONFIGS", "SLURM_HEADROOM", "RunPlan", "activation_bytes",
-           "model_config", "plan_memory", "plan_precision", "plan_run", "plan_runs", "plan_table",
+           "meta_model", "model_config", "plan_memory", "plan_precision", "plan_run", "plan_runs", "plan_table",
            "target_device"]
