@@ -75,7 +75,7 @@ def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
         result.update({"status": "failed", "error": f"{type(e).__name__}: {e}",
                        "traceback": traceback.format_exc(), "metrics": {}, "best": {}, "curve": []})
         writer = None
-    from idlab.sweep.slurm_jobs import slurm_record
+    from idlab.sweep.slurm_env import slurm_record
 
     where = slurm_record()  # job id, array task, node and logs inside a Slurm task
     if where is not None:

@@ -224,7 +224,7 @@ def target_device(study: Any, device: str | None = None) -> str:
         return "cuda" if str(dev).startswith("cuda") else "cpu"
     if study.executor == "slurm":
         from idlab.errors import ConfigError
-        from idlab.sweep.slurm import gpu_request
+        from idlab.sweep.slurm_env import gpu_request
 
         try:
             gpus, gres, _ = gpu_request(study)

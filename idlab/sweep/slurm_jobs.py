@@ -241,27 +241,6 @@ def _task(study_dir: str, study_name: str, rid: str, run: RunConfig, device: str
     return run_one(study_dir, study_name, rid, run, device, retry_failed)
 
 
-def slurm_record() -> dict[str, Any] | None:
-    """The ``slurm`` entry of result.json inside a Slurm task (job and array ids, node, log paths), else None."""
-    env = os.environ
-    if not env.get("SLURM_JOB_ID"):
-        return None
-    array = env.get("SLURM_ARRAY_JOB_ID")
-    task = env.get("SLURM_ARRAY_TASK_ID")
-    rec: dict[str, Any] = {"job_id": f"{array}_{task}" if array and task else env["SLURM_JOB_ID"],
-                           "slurm_job_id": env["SLURM_JOB_ID"], "array_job_id": array, "array_task_id": task,
-                           "node": env.get("SLURMD_NODENAME"), "partition": env.get("SLURM_JOB_PARTITION"),
-                           "stdout": None, "stderr": None}
-    try:
-        from submitit import JobEnvironment
-
-        paths = JobEnvironment().paths
-        rec["stdout"], rec["stderr"] = str(paths.stdout), str(paths.stderr)
-    except Exception:
-        pass
-    return rec
-
-
 # --------------------------------------------------------------------------- idlab status
 
 
@@ -306,5 +285,5 @@ def status_text(study_dir: Path) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ACTIVE", "STUCK_REASONS", "jobs_path", "read_jobs", "record_jobs", "run_slurm", "slurm_record",
+__all__ = ["ACTIVE", "STUCK_REASONS", "jobs_path", "read_jobs", "record_jobs", "run_slurm",
            "squeue_states", "status_rows", "status_text", "wait"]

@@ -11,7 +11,9 @@ log() { echo "slurm-setup: $*" >&2; }
 skip() { log "SKIP: $*"; exit 3; }
 
 stop() {
-  for name in slurmd slurmctld munged; do
+  # only the daemons `start` started (listed in $STATE/started), by the PIDs they wrote
+  [ -f "$STATE/started" ] || { log "nothing started by this script"; return 0; }
+  for name in $(tac "$STATE/started"); do
     f="$STATE/$name.pid"
     if [ -f "$f" ]; then
       pid=$(cat "$f")
@@ -19,6 +21,7 @@ stop() {
       rm -f "$f"
     fi
   done
+  rm -f "$STATE/started"
 }
 
 start() {
@@ -31,6 +34,7 @@ start() {
       || skip "apt-get install slurm-wlm munge failed"
   fi
   mkdir -p "$STATE" "$CONF_DIR" /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge /etc/munge
+  : > "$STATE/started"
   host=$(hostname -s)
   cpus=$(nproc)
   mem=$(free -m | awk '/^Mem:/ {print $2}')
@@ -69,13 +73,14 @@ CONF
     # munged forks; its pid file names the daemon
     runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid 2>/dev/null \
       || /usr/sbin/munged --force --pid-file=/run/munge/munged.pid
-    cp /run/munge/munged.pid "$STATE/munged.pid"
+    cp /run/munge/munged.pid "$STATE/munged.pid"; echo munged >> "$STATE/started"
   fi
   if ! scontrol ping >/dev/null 2>&1 || ! scontrol ping | grep -q UP; then
     /usr/sbin/slurmctld -i   # forks; writes $STATE/slurmctld.pid
+    echo slurmctld >> "$STATE/started"
   fi
   sleep 1
-  pgrep -x slurmd >/dev/null || /usr/sbin/slurmd   # forks; writes $STATE/slurmd.pid
+  if ! pgrep -x slurmd >/dev/null; then /usr/sbin/slurmd; echo slurmd >> "$STATE/started"; fi  # writes $STATE/slurmd.pid
   for _ in $(seq 1 60); do
     if sinfo -h -o '%t' 2>/dev/null | grep -q -E '^idle'; then log "up: $(sinfo -h -o '%N %c CPUs %m MB %t')"; return 0; fi
     scontrol update NodeName="$host" State=RESUME >/dev/null 2>&1 || true
