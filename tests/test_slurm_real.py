@@ -104,13 +104,17 @@ def test_impossible_request_is_refused_before_anything_is_written(tmp_path: Path
 
 def test_scancel_then_rerun_redoes_the_run(tmp_path: Path) -> None:
     t0 = time.perf_counter()
-    out = idlab("sweep", *BASE, "seeds=[0]", f"results_dir={tmp_path}", "--detach")
+    # held (any sbatch option passes through additional_parameters), so it is still queued when cancelled
+    out = idlab("sweep", *BASE, "seeds=[0]", f"results_dir={tmp_path}", "--detach",
+                "slurm.additional_parameters={hold: true}")
     assert out.returncode == 0, out.stdout + out.stderr
     sd = tmp_path / "smoke"
     (rid, job), = _jobs(sd).items()
+    assert "JobHeldUser" in idlab("status", str(sd)).stdout
     subprocess.run(["scancel", job["job_id"]], check=True)
     _wait_gone(job["job_id"])
-    assert "gone, no result" in idlab("status", str(sd)).stdout
+    state = idlab("status", str(sd)).stdout
+    assert "CANCELLED" in state or "gone, no result" in state, state  # squeue keeps it MinJobAge, then it is gone
     again = idlab("sweep", *BASE, "seeds=[0]", f"results_dir={tmp_path}")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "submitted 1 array task" in again.stderr and _jobs(sd)[rid]["job_id"] != job["job_id"]
@@ -132,7 +136,7 @@ def test_killed_driver_restarted_attaches_instead_of_resubmitting(tmp_path: Path
     before = _jobs(tmp_path / "smoke")
     again = idlab("sweep", *BASE, "seeds=[0,1]", f"results_dir={tmp_path}")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "submitted" not in again.stderr, again.stderr  # no run was submitted a second time
+    assert "slurm: submitted" not in again.stderr, again.stderr  # no run was submitted a second time
     if "attaching to" not in again.stderr:  # both tasks finished before the restart looked (slow start)
         print("\n[slurm] note: the jobs had finished before the restarted driver looked")
     assert _jobs(tmp_path / "smoke") == before
@@ -150,6 +154,6 @@ def test_detach_status_then_collect(tmp_path: Path) -> None:
     assert status.returncode == 0 and _jobs(sd) and any(s in status.stdout for s in ("PENDING", "RUNNING", "ok"))
     collect = idlab("sweep", *BASE, "seeds=[0]", f"results_dir={tmp_path}")
     assert collect.returncode == 0, collect.stdout + collect.stderr
-    assert "submitted" not in collect.stderr and "1 ok" in collect.stdout
+    assert "slurm: submitted" not in collect.stderr and "1 ok" in collect.stdout
     _assert_whole(sd, 1)
     _timed("--detach, status, collect", t0)
