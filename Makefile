@@ -30,7 +30,7 @@ STAMP       := $(VENV)/.idlab-installed-$(TORCH_ID)
 IDLAB_GLUE_DIR ?= $(if $(wildcard ../shared/data/glue/MRPC),$(abspath ../shared/data/glue))
 export IDLAB_GLUE_DIR
 
-.PHONY: install test test-slow test-gpu sweep report analyze bench lint typecheck check clean help
+.PHONY: install test test-slow test-gpu test-slurm sweep report analyze bench lint typecheck check clean help
 
 install: $(STAMP)
 
@@ -57,6 +57,11 @@ test-slow: $(STAMP)
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
+
+# executor=slurm on a real one-node Slurm (tests/slurm/setup.sh: apt-get slurm-wlm munge as root, localhost
+# slurm.conf, daemons started and stopped by PID); skips loudly where it cannot install or start Slurm
+test-slurm: $(STAMP)
+	$(BIN)/python -m pytest -q -s -m slurm --durations=0 tests/test_slurm_real.py
 
 sweep: $(STAMP)
 	$(BIN)/idlab sweep $(CONFIG) results_dir=$(RESULTS) $(ARGS)
@@ -91,6 +96,7 @@ help:
 	@echo "  test        the fast test suite (CPU)"
 	@echo "  test-slow   the long reproductions (marked slow)"
 	@echo "  test-gpu    the CUDA checks (marked gpu)"
+	@echo "  test-slurm  executor=slurm on a real one-node Slurm on localhost (root; installs slurm-wlm)"
 	@echo "  lint        ruff;  typecheck: mypy;  check: lint + typecheck + test"
 	@echo "  clean       remove $(VENV) and the tool caches"
 	@echo "  help        this list"

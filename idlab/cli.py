@@ -7,6 +7,7 @@
     idlab bench                          the benchmarks (bench/run_all.py)
     idlab plan CONFIG [key=value ...]    parameter counts and projected peak memory per run
     idlab schema [--out FILE]            the JSON Schema of a study file (editor validation)
+    idlab status STUDY_DIR               run id, Slurm job id, state and log of every run
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ learning rates are added freely.
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="idlab", description="idlab: intrinsic dimension and LoRA rank on one axis.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    sub = p.add_subparsers(dest="command", metavar="{sweep,plan,report,analyze,bench,schema}")
+    sub = p.add_subparsers(dest="command", metavar="{sweep,plan,status,report,analyze,bench,schema}")
     s = sub.add_parser("sweep", help="run a study grid (resumable)", epilog=SWEEP_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("config", nargs="?", default="auto", help="study YAML, its name, or auto (default)")
@@ -52,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="add runs whose settings (model, task, train, target, score) differ from those the study "
                         "folder records; the folder records both and the report keeps them apart "
                         "(default: such a sweep is refused; give it its own name=...)")
+    s.add_argument("--detach", action="store_true",
+                   help="executor=slurm: submit and return (idlab status shows the jobs; the same command collects)")
+    st = sub.add_parser("status", help="run id, Slurm job id, state and log path of every run of a study folder")
+    st.add_argument("study_dir", help="the study folder (results/<study>)")
     r = sub.add_parser("report", help="tables, figures and REPORT.md from a results folder")
     r.add_argument("results_dir", nargs="?", default="results", help="results folder (default results/)")
     r.add_argument("--out", default=None, help="where summary.parquet, figures/ and REPORT.md go (default RESULTS_DIR)")
@@ -86,8 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main_sweep(config: str, overrides: Iterable[str], dry_run: bool = False,
-               allow_mixed: bool = False) -> SweepSummary:
+def main_sweep(config: str, overrides: Iterable[str], dry_run: bool = False, allow_mixed: bool = False,
+               detach: bool = False) -> SweepSummary:
     """Load (with overrides), validate and run a study; the body of ``idlab sweep``."""
     from idlab.config import load_study
     from idlab.sweep.driver import auto_config, resolve_config_path, run_sweep
@@ -101,7 +106,7 @@ def main_sweep(config: str, overrides: Iterable[str], dry_run: bool = False,
     study = load_study(path, overrides)
     why = f" (CONFIG=auto: {auto_config(overrides)[1]})" if config == "auto" else ""
     print(f"config {path}{why}", flush=True)
-    return run_sweep(study, dry_run=dry_run, allow_mixed=allow_mixed)
+    return run_sweep(study, dry_run=dry_run, allow_mixed=allow_mixed, detach=detach)
 
 
 def main_plan(config: str, overrides: Sequence[str], device: str | None = None, as_json: bool = False) -> str:
@@ -119,7 +124,19 @@ def main_plan(config: str, overrides: Sequence[str], device: str | None = None, 
         return "\n".join(json.dumps(p.to_dict()) for p in plans)
     head = (f"plan {path}: study {study.name!r}, model {study.model.name} ({study.model.dtype}), "
             f"{len(plans)} runs on {plans[0].device if plans else '?'}")
-    return head + "\n" + plan_table(plans)
+    text = head + "\n" + plan_table(plans)
+    if study.executor == "slurm" and study.slurm.backend == "slurm" and plans:
+        from idlab.config import RunConfig
+        from idlab.sweep.grid import expand
+        from idlab.sweep.slurm import slurm_request
+
+        runs = expand(study)
+        shapes: dict[str, list[tuple[str, RunConfig]]] = {}
+        for (rid, cfg), p in zip(runs, plans):
+            shapes.setdefault(p.label, []).append((rid, cfg))
+        for label, group in shapes.items():
+            text += f"\nslurm request per run of {label!r} ({len(group)} runs): {slurm_request(study, group).text()}"
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -141,11 +158,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n".join(describe_fields()))
             return 0
         try:
-            summary = main_sweep(args.config, args.overrides, dry_run=args.dry_run, allow_mixed=args.allow_mixed)
+            summary = main_sweep(args.config, args.overrides, dry_run=args.dry_run, allow_mixed=args.allow_mixed,
+                                 detach=args.detach)
         except ConfigError as e:
             print(f"idlab sweep: invalid configuration: {e}", file=sys.stderr)
             return 2
+        if args.detach:
+            return 1 if summary.failed else 0
         return 0 if args.dry_run or not (summary.failed or summary.missing) else 1
+    if args.command == "status":
+        from idlab.sweep.slurm_jobs import status_text
+
+        if not (Path(args.study_dir) / "study.json").is_file():
+            print(f"idlab status: {args.study_dir} is not a study folder (no study.json)", file=sys.stderr)
+            return 2
+        print(status_text(Path(args.study_dir)))
+        return 0
     if args.command == "plan":
         from idlab.config import ConfigError
 

@@ -158,7 +158,7 @@ def test_config_auto_follows_where_the_runs_execute(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert auto_config([])[0] == "cpu_study_converged"
     name, why = auto_config(["executor=slurm"])  # a login node without GPU submitting to GPU nodes
-    assert name == "gpu_study" and "slurm.gpus_per_node=1" in why and "no CUDA" in why
+    assert name == "gpu_study" and "slurm.gpus_per_node" in why and "no CUDA" in why
     assert auto_config(["executor=slurm", "slurm.gpus_per_node=0"])[0] == "cpu_study_converged"
     assert resolve_config_path("auto", ["executor=slurm"]).name == "gpu_study.yaml"
     assert resolve_config_path("auto").name == "cpu_study_converged.yaml"
@@ -167,37 +167,60 @@ def test_config_auto_follows_where_the_runs_execute(monkeypatch: pytest.MonkeyPa
     assert auto_config([]) == ("gpu_study", "this host has 2 CUDA device(s)")
 
 
-def test_slurm_passes_the_study_device_and_the_planned_memory(tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    from idlab.sweep import executors
+def test_slurm_request_follows_the_study_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from idlab.sweep import grid as sweep
+    from idlab.sweep import slurm, slurm_env
 
-    calls: dict[str, Any] = {}
-
-    class FakeExecutor:
-        def map_array(self, fn: Any, *cols: Any) -> list[Any]:
-            calls["devices"] = cols[4]
-            return []
-
-    def fake_executor(study: Any, mem_gb: int | None = None) -> FakeExecutor:
-        calls["mem_gb"] = mem_gb
-        return FakeExecutor()
-
-    monkeypatch.setattr(executors, "_slurm_executor", fake_executor)
+    monkeypatch.setattr(slurm_env, "_sinfo", lambda partition: None)  # no Slurm here
     raw = tiny_study(tmp_path, methods=["full"], seeds=[0], executor="slurm", device="cuda")
     study = study_from_dict(raw)
     pending = sweep.expand(study)
-    executors._run_slurm(study, pending)
-    assert calls["devices"] == ["cuda"]  # not a hard-coded auto
-    mem, source = executors.slurm_mem_gb(study, pending)
-    assert calls["mem_gb"] == mem >= 1 and source.startswith("idlab plan")
-    err = capsys.readouterr().err
-    assert f"mem_gb={mem}" in err and "resolved on each compute node" in err
-    fixed = study_from_dict({**raw, "slurm": {"mem_gb": 200}})
-    assert executors.slurm_mem_gb(fixed, pending) == (200, "slurm.mem_gb")
-    params = executors.slurm_parameters(fixed, 200)
-    assert params["mem_gb"] == 200 and params["gpus_per_node"] == 1
+    mem, source = slurm.slurm_mem_gb(study, pending)
+    assert mem >= slurm.MIN_MEM_GB and source.startswith("idlab plan")
+    req = slurm.slurm_request(study, pending)
+    assert req.params["gpus_per_node"] == 1 and f"--mem={mem}GB" in req.sbatch and "--gpus-per-node=1" in req.sbatch
+    assert req.params["cpus_per_task"] == slurm.DEFAULT_CPUS
+    fixed = study_from_dict({**raw, "slurm": {"mem_gb": 200, "gres": "gpu:a100:1", "setup": ["module load cuda"],
+                                              "additional_parameters": {"mail-type": "END"}, "account": "lab"}})
+    assert slurm.slurm_mem_gb(fixed, pending) == (200, "slurm.mem_gb")
+    params = slurm.slurm_parameters(fixed, 200)
+    assert params["slurm_gres"] == "gpu:a100:1" and "gpus_per_node" not in params
+    assert params["slurm_setup"] == ["module load cuda"]
+    assert params["slurm_additional_parameters"] == {"account": "lab", "mail-type": "END"}
+    opts = slurm.sbatch_options(params, tmp_path)
+    assert "--gres=gpu:a100:1" in opts and "--mail-type=END" in opts and "--account=lab" in opts
+    cpu = study_from_dict({**raw, "device": "cpu"})
+    assert slurm.gpu_request(cpu)[:2] == (0, None)
+    assert not any("gpu" in o or "gres" in o for o in slurm.slurm_request(cpu, pending).sbatch)
+    with pytest.raises(ConfigError, match="device=cpu"):
+        slurm.gpu_request(study_from_dict({**raw, "device": "cpu", "slurm": {"gpus_per_node": 1}}))
+    auto = study_from_dict({**raw, "device": "auto"})
+    with pytest.raises(ConfigError, match="device=cuda"):
+        slurm.gpu_request(auto)  # auto, and no sinfo to say whether the nodes have GPUs
+    monkeypatch.setattr(slurm_env, "_sinfo", lambda partition: [(2, "(null)")])
+    assert slurm.gpu_request(auto)[0] == 0 and slurm.cpus_request(auto)[0] == 2  # capped by the node
+    monkeypatch.setattr(slurm_env, "_sinfo", lambda partition: [(64, "gpu:a100:4")])
+    assert slurm.gpu_request(auto)[0] == 1 and slurm.cpus_request(auto)[0] == slurm.DEFAULT_CPUS
+
+
+def test_slurm_jobs_record_and_status_without_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from idlab.sweep import slurm_env, slurm_jobs
+
+    monkeypatch.setattr(slurm_jobs, "squeue_states", lambda: {"7_0": ("PENDING", "PartitionConfig", "")})
+    (tmp_path / "study.json").write_text('{"run_ids": ["a", "b", "c"]}')
+    slurm_jobs.record_jobs(tmp_path, {"a": {"job_id": "7_0", "stderr": "/x/7_0.err"}})
+    slurm_jobs.record_jobs(tmp_path, {"b": {"job_id": "7_1", "stderr": "/x/7_1.err"}})
+    assert set(slurm_jobs.read_jobs(tmp_path)) == {"a", "b"}
+    rows = {r["run_id"]: r for r in slurm_jobs.status_rows(tmp_path)}
+    assert rows["a"]["state"] == "PENDING (PartitionConfig)" and rows["a"]["log"] == "/x/7_0.err"
+    assert rows["b"]["state"] == "gone, no result" and rows["c"]["state"] == "not submitted"
+    assert slurm_jobs._stuck("ReqNodeNotAvail, UnavailableNodes:n1") and not slurm_jobs._stuck("Resources")
+    monkeypatch.setenv("SLURM_JOB_ID", "12")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURMD_NODENAME", "n1")
+    rec = slurm_env.slurm_record()
+    assert rec is not None and rec["job_id"] == "7_1" and rec["node"] == "n1"
 
 
 def test_cpu_torch_on_a_gpu_machine_warns_with_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

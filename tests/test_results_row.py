@@ -175,3 +175,13 @@ def test_typed_crossings_reach_the_figures(swept: Path, tmp_path: Path, monkeypa
     for c in r90.values():
         assert (c.params is None) == (c.value is None)
     assert unconverged_crossings([(d90, "d"), (r90, "r")], []) == []
+
+
+def test_slurm_record_is_optional_and_round_trips() -> None:
+    from idlab.runs import RunResult
+
+    old = RunResult.from_dict({"run_id": "r", "status": "ok"})
+    assert old.slurm is None and "slurm" not in old.to_dict()
+    rec = {"job_id": "7_1", "array_task_id": "1", "node": "n1", "stderr": "/x/7_1_0_log.err"}
+    new = RunResult.from_dict({"run_id": "r", "status": "ok", "slurm": rec})
+    assert new.slurm == rec and new.to_dict()["slurm"] == rec

@@ -109,8 +109,12 @@ class SlurmConfig:
 
     partition: str | None = field(default=None, metadata=doc("Slurm partition"))
     time_min: int = field(default=60, metadata=doc("time limit per run, minutes"))
-    gpus_per_node: int = field(default=1, metadata=doc("GPUs per array task"))
-    cpus_per_task: int = field(default=4, metadata=doc("CPUs per array task"))
+    gpus_per_node: int | None = field(
+        default=None, metadata=doc("GPUs per array task (null: by device: cpu none, cuda one, auto one where the "
+                                   "partition has GPU nodes)"))
+    gres: str | None = field(default=None, metadata=doc("generic resources instead of gpus_per_node, e.g. gpu:a100:1"))
+    cpus_per_task: int | None = field(
+        default=None, metadata=doc("CPUs per array task (null: 4, or the partition's largest node if smaller)"))
     mem_gb: int | None = field(
         default=None, metadata=doc("host memory per array task, GB (null: the largest run's figure from idlab plan)")
     )
@@ -118,6 +122,11 @@ class SlurmConfig:
     account: str | None = field(default=None, metadata=doc("Slurm account"))
     qos: str | None = field(default=None, metadata=doc("Slurm QOS"))
     constraint: str | None = field(default=None, metadata=doc("Slurm constraint, e.g. a100"))
+    setup: tuple[str, ...] = field(default=(), metadata=doc("shell lines run before each task, e.g. module load cuda"))
+    additional_parameters: Mapping[str, Any] = field(
+        default_factory=dict, metadata=doc("any further sbatch option, e.g. {mail-type: END}"))
+    stuck_timeout_min: float = field(
+        default=10, metadata=doc("cancel a job pending this long for a reason that never clears (PartitionConfig, ...)"))
     folder: str | None = field(default=None, metadata=doc("submitit log folder (default <study dir>/slurm)"))
     backend: Literal["slurm", "local", "debug"] = field(
         default="slurm", metadata=doc("slurm; local/debug = submitit's LocalExecutor/DebugExecutor (offline tests)")

@@ -44,7 +44,7 @@ TRAINED_KEYS = ("steps", "trainable_parameters", "total_parameters", "train_time
                 "device", "precision", "task_info", "metric", "higher_is_better", "method_info", "converged",
                 "convergence")
 #: keys written only when set
-OPTIONAL_KEYS = ("traceback", "artifacts")
+OPTIONAL_KEYS = ("traceback", "artifacts", "slurm")
 
 
 class ResultFormatError(ValueError):
@@ -99,6 +99,8 @@ class RunResult:
             cuda_visible_devices: where it ran (`idlab.methods.environment`).
         artifacts: every other file of the run folder with size and sha256 (`RunStore.write`);
             None in results written before the list existed.
+        slurm: where a Slurm array task ran it (job_id, array_job_id, array_task_id, node, partition,
+            stdout, stderr: `idlab.sweep.slurm.slurm_record`); None elsewhere and in older files.
         extra: keys no field names, kept and written back as they are.
         layout: keys `to_dict` writes (those of the file read); None: the layout of
             `idlab.methods.execute_run` for ``status``. Not compared.
@@ -135,6 +137,7 @@ class RunResult:
     python: str | None = None
     cuda_visible_devices: str | None = None
     artifacts: tuple[ArtifactEntry, ...] | None = None
+    slurm: Mapping[str, Any] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     layout: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
 
@@ -170,6 +173,7 @@ class RunResult:
             finished_at=_str(raw, "finished_at"), versions=cast("dict[str, str | None]", _mapping(raw, "versions")),
             git_commit=_str(raw, "git_commit"), hostname=_str(raw, "hostname"), python=_str(raw, "python"),
             cuda_visible_devices=_str(raw, "cuda_visible_devices"), artifacts=_artifacts(raw.get("artifacts")),
+            slurm=None if raw.get("slurm") is None else _mapping(raw, "slurm"),
             extra={k: v for k, v in raw.items() if k not in _FIELD_KEYS},
             layout=tuple(k for k in raw if k in _FIELD_KEYS),
         )

@@ -47,6 +47,7 @@ class SweepSummary:
     missing: list[str] = field(default_factory=list)
     ran: int = 0
     wall_time_s: float = 0.0
+    detached: bool = False
 
     def text(self) -> str:
         """Human-readable summary listing diverged, failed and missing runs."""
@@ -61,8 +62,8 @@ class SweepSummary:
         return "\n".join(lines)
 
 
-def run_sweep(study: StudyConfig, dry_run: bool = False, out: Any = None,
-              allow_mixed: bool = False) -> SweepSummary:
+def run_sweep(study: StudyConfig, dry_run: bool = False, out: Any = None, allow_mixed: bool = False,
+              detach: bool = False) -> SweepSummary:
     """Run every missing run of ``study`` with its executor; return the summary.
 
     Raises:
@@ -75,7 +76,9 @@ def run_sweep(study: StudyConfig, dry_run: bool = False, out: Any = None,
         out: stream for the plan and summary (default stdout).
         allow_mixed: add runs whose settings (model, task, train, target, ...) differ from those the
             study folder records (``idlab sweep --allow-mixed``); the folder then records both.
+        detach: executor=slurm only: submit (stage 0 of a staged study) and return without waiting.
     """
+    from idlab.config import ConfigError
     from idlab.config.checks import check_study
     from idlab.sweep.checks import check_runs
 
@@ -91,6 +94,12 @@ def run_sweep(study: StudyConfig, dry_run: bool = False, out: Any = None,
         if len(to_record) > 1:
             print(f"{path} records {len(to_record)} setting sets (--allow-mixed): the report keeps them apart",
                   file=out)
+    if detach and study.executor != "slurm":
+        raise ConfigError(f"--detach needs executor=slurm (got executor={study.executor})")
+    if study.executor == "slurm" and not dry_run:  # sbatch --test-only before anything is written
+        from idlab.sweep.slurm import check_request
+
+        check_request(study, expand(study))
     store = RunStore(study.study_dir())
     removed = store.clean_stale()
     if removed:
@@ -111,6 +120,16 @@ def run_sweep(study: StudyConfig, dry_run: bool = False, out: Any = None,
                 print(f"run {rid} is pending again: {problem}", file=out, flush=True)
         if dry_run or not pending:
             break
+        if detach:
+            from idlab.sweep.slurm_jobs import run_slurm
+
+            run_slurm(study, pending, detach=True)
+            ran += len(pending)
+            if stages(study) > 1:
+                print(f"--detach submitted stage 1 of {stages(study)} only: the refinement stages (d: auto) depend "
+                      f"on these results and need the driver; once they finish run the same `idlab sweep` "
+                      f"command again (without --detach, or with it once per stage)", file=out, flush=True)
+            break
         executor(study, pending)
         ran += len(pending)
     runs = expand(study, store)
@@ -126,7 +145,12 @@ def run_sweep(study: StudyConfig, dry_run: bool = False, out: Any = None,
         else:
             summary.failed.append((rid, str(res.error)))
     summary.wall_time_s = time.perf_counter() - t0
-    if not dry_run:
+    summary.detached = detach
+    if detach:
+        print(f"detached: {len(summary.ok)} of {summary.total} runs done, {len(summary.missing)} submitted or "
+              f"pending; `idlab status {store.study_dir}` shows them, the same `idlab sweep` command collects",
+              file=out, flush=True)
+    elif not dry_run:
         print(summary.text(), file=out, flush=True)
     return summary
 
@@ -135,7 +159,7 @@ def auto_config(overrides: Sequence[str] = ()) -> tuple[str, str]:
     """What ``CONFIG=auto`` means for runs that execute where the overrides send them: (name, why).
 
     ``gpu_study`` when this host has CUDA, or when ``executor=slurm`` sends the runs to nodes with
-    ``slurm.gpus_per_node`` >= 1 (default 1) -- a login node without a GPU then still submits the
+    ``slurm.gpus_per_node`` >= 1 or null (the default) and no ``device=cpu`` -- a login node without a GPU then still submits the
     GPU study; else ``cpu_study_converged`` (the CPU study trained until converged, 15 runs, about
     24 minutes on 2 cores).
     """
@@ -147,7 +171,8 @@ def auto_config(overrides: Sequence[str] = ()) -> tuple[str, str]:
     if torch.cuda.is_available():
         return "gpu_study", f"this host has {torch.cuda.device_count()} CUDA device(s)"
     gpus = given.get("slurm.gpus_per_node", SlurmConfig().gpus_per_node)
-    if given.get("executor") == "slurm" and isinstance(gpus, int) and gpus >= 1:
+    if given.get("executor") == "slurm" and given.get("device") != "cpu" and (gpus is None or
+                                                                             (isinstance(gpus, int) and gpus >= 1)):
         return "gpu_study", (f"executor=slurm with slurm.gpus_per_node={gpus}: the runs execute on GPU nodes "
                              "(this host has no CUDA device)")
     why = "no CUDA device on this host"

@@ -75,6 +75,11 @@ def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
         result.update({"status": "failed", "error": f"{type(e).__name__}: {e}",
                        "traceback": traceback.format_exc(), "metrics": {}, "best": {}, "curve": []})
         writer = None
+    from idlab.sweep.slurm_env import slurm_record
+
+    where = slurm_record()  # job id, array task, node and logs inside a Slurm task
+    if where is not None:
+        result["slurm"] = where
     result["wall_time_s"] = time.perf_counter() - t0
     result["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return RunResult.from_dict(result), writer

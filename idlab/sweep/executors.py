@@ -1,6 +1,6 @@
 """Executors of `idlab sweep`: run one run (`run_one`, what every executor calls) and run a list
 of pending runs ``local`` (in-process), ``multigpu`` (one spawned worker per visible device) or on
-``slurm`` (a submitit job array); `preflight` checks device and precision where they resolve.
+``slurm`` (a submitit job array, `idlab.sweep.slurm`); `preflight` checks device and precision where they resolve.
 
 `idlab.sweep` chooses the executor (``EXECUTORS[study.executor]``) after expanding the grid.
 """
@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from idlab.config import RunConfig, StudyConfig
 from idlab.sweep.execute import run_one
+from idlab.sweep.slurm import slurm_mem_gb, slurm_parameters
+from idlab.sweep.slurm_jobs import run_slurm
 
 Run = tuple[str, RunConfig]  # (run id, resolved run config)
 
@@ -114,90 +115,6 @@ def _run_multigpu(study: StudyConfig, pending: Sequence[Run]) -> None:
             p.join(timeout=10)
 
 
-def slurm_parameters(study: StudyConfig, mem_gb: int) -> dict[str, Any]:
-    """submitit ``AutoExecutor.update_parameters`` keywords for one array task per run."""
-    s = study.slurm
-    params: dict[str, Any] = {"timeout_min": s.time_min, "gpus_per_node": s.gpus_per_node,
-                              "cpus_per_task": s.cpus_per_task, "mem_gb": mem_gb,
-                              "slurm_array_parallelism": s.array_parallelism, "name": f"idlab-{study.name}"}
-    if s.partition:
-        params["slurm_partition"] = s.partition
-    extra = {k: v for k, v in (("account", s.account), ("qos", s.qos), ("constraint", s.constraint)) if v}
-    if extra:
-        params["slurm_additional_parameters"] = extra
-    return params
-
-
-def slurm_mem_gb(study: StudyConfig, pending: Sequence[Run]) -> tuple[int, str]:
-    """``slurm.mem_gb`` if set, else the largest host memory `idlab.sweep.plan` projects for ``pending``.
-
-    Returns (GB, where it came from). Raises ConfigError when the plan cannot be made.
-    """
-    if study.slurm.mem_gb is not None:
-        return int(study.slurm.mem_gb), "slurm.mem_gb"
-    from idlab.config import ConfigError
-    from idlab.sweep.plan import plan_runs
-
-    try:
-        plans = plan_runs(study, pending)
-    except Exception as e:
-        raise ConfigError(f"slurm.mem_gb is null (take it from `idlab plan`) but planning failed: "
-                          f"{type(e).__name__}: {e}; set slurm.mem_gb=<GB>") from None
-    worst = max(plans, key=lambda p: p.slurm_mem_gb)
-    return worst.slurm_mem_gb, f"idlab plan (largest run: {worst.label})"
-
-
-def _slurm_executor(study: StudyConfig, mem_gb: int | None = None) -> Any:
-    import submitit
-
-    s = study.slurm
-    folder = Path(s.folder) if s.folder else study.study_dir() / "slurm" / "%j"
-    ex: Any
-    if s.backend == "debug":
-        ex = submitit.DebugExecutor(folder=folder)
-    elif s.backend == "local":
-        ex = submitit.LocalExecutor(folder=folder)
-        ex.update_parameters(timeout_min=s.time_min)
-    else:
-        ex = submitit.AutoExecutor(folder=folder)
-        ex.update_parameters(**slurm_parameters(study, int(mem_gb if mem_gb is not None else s.mem_gb or 0)))
-    return ex
-
-
-def _run_slurm(study: StudyConfig, pending: Sequence[Run]) -> None:
-    mem_gb: int | None = None
-    if study.slurm.backend == "slurm":
-        mem_gb, source = slurm_mem_gb(study, pending)
-        print(f"slurm: mem_gb={mem_gb} per array task (from {source}), {study.slurm.gpus_per_node} GPU(s) per task",
-              file=sys.stderr)
-    print(f"slurm: device={study.device!r} and train.precision={study.train.precision!r} are resolved on each "
-          f"compute node ({_here()})", file=sys.stderr)
-    ex = _slurm_executor(study, mem_gb)
-    n = len(pending)
-    sd = str(Path(study.study_dir()).resolve())
-    jobs = ex.map_array(run_one, [sd] * n, [study.name] * n, [rid for rid, _ in pending],
-                        [cfg for _, cfg in pending], [study.device] * n, [study.retry_failed] * n)
-    print(f"submitted {len(jobs)} array task(s) via submitit ({study.slurm.backend}); job ids "
-          f"{jobs[0].job_id}..{jobs[-1].job_id}" if jobs else "nothing submitted", file=sys.stderr)
-    bar = _progress(n, f"{study.name} (slurm)")
-    for job, (rid, _) in zip(jobs, pending):
-        try:
-            job.result()
-        except Exception as e:  # the array task crashed (time limit, node failure): the run stays missing
-            bar.write(f"run {rid}: slurm task {job.job_id} failed: {type(e).__name__}: {str(e)[:300]}")
-        bar.update(1)
-    bar.close()
-
-
-def _here() -> str:
-    """What this (submitting) host would resolve, for the record."""
-    import torch
-
-    if torch.cuda.is_available():
-        return f"this host has {torch.cuda.device_count()} CUDA device(s)"
-    return "this host has no CUDA device: on a GPU node auto gives cuda and bf16-mixed where supported"
-
-
 def check_slurm(study: StudyConfig) -> None:
     """``executor=slurm`` with ``slurm.backend=slurm`` needs ``sbatch`` on PATH: without it submitit's
     AutoExecutor would quietly run every job here instead. Raises ConfigError naming the fix."""
@@ -240,7 +157,7 @@ def preflight(study: StudyConfig) -> str:
     return f"device {dev}, precision {resolve_precision(study.train.precision, dev, dtypes)}"
 
 
-EXECUTORS = {"local": _run_local, "multigpu": _run_multigpu, "slurm": _run_slurm}
+EXECUTORS = {"local": _run_local, "multigpu": _run_multigpu, "slurm": run_slurm}
 
 
 __all__ = ["EXECUTORS", "check_slurm", "multigpu_workers", "preflight", "run_one", "slurm_mem_gb", "slurm_parameters"]

@@ -218,12 +218,19 @@ def plan_precision(precision: str, device: str, model_dtype: str) -> str:
 
 def target_device(study: Any, device: str | None = None) -> str:
     """cpu or cuda: ``device`` if given, else the study's device, where ``auto`` is cuda when the runs go to
-    Slurm GPU nodes or this host has CUDA."""
+    Slurm GPU nodes (`idlab.sweep.slurm.gpu_request`) or this host has CUDA."""
     dev = device or study.device
     if dev != "auto":
         return "cuda" if str(dev).startswith("cuda") else "cpu"
-    if study.executor == "slurm" and study.slurm.gpus_per_node >= 1:
-        return "cuda"
+    if study.executor == "slurm":
+        from idlab.errors import ConfigError
+        from idlab.sweep.slurm_env import gpu_request
+
+        try:
+            gpus, gres, _ = gpu_request(study)
+            return "cuda" if gpus or (gres and "gpu" in gres) else "cpu"
+        except ConfigError:  # auto without an answer from sinfo: as this host
+            pass
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
