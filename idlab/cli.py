@@ -8,6 +8,7 @@
     idlab plan CONFIG [key=value ...]    parameter counts and projected peak memory per run
     idlab schema [--out FILE]            the JSON Schema of a study file (editor validation)
     idlab status STUDY_DIR               run id, Slurm job id, state and log of every run
+    idlab runs STUDY_DIR [RUN_ID ...]    the runs of a study folder (status, cell, error); --remove
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ learning rates are added freely.
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="idlab", description="idlab: intrinsic dimension and LoRA rank on one axis.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    sub = p.add_subparsers(dest="command", metavar="{sweep,plan,status,report,analyze,bench,schema}")
+    sub = p.add_subparsers(dest="command", metavar="{sweep,plan,status,runs,report,analyze,bench,schema}")
     s = sub.add_parser("sweep", help="run a study grid (resumable)", epilog=SWEEP_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("config", nargs="?", default="auto", help="study YAML, its name, or auto (default)")
@@ -88,7 +89,85 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="one JSON object per run instead of the table")
     sc = sub.add_parser("schema", help="the JSON Schema of a study YAML file (editors validate and complete it)")
     sc.add_argument("--out", default=None, help="write it to this file (default: print it)")
+    ru = sub.add_parser("runs", help="list the runs of a study folder; remove failed ones or a selection",
+                        epilog=RUNS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ru.add_argument("study_dir", help="a study folder (results/<study>, holding runs/)")
+    ru.add_argument("run_ids", nargs="*", help="only these runs (run ids or their prefixes)")
+    ru.add_argument("--status", default=None,
+                    help="only runs with this status, comma-separated: ok, diverged, failed, incomplete, claimed, "
+                         "stale")
+    ru.add_argument("--remove", action="store_true",
+                    help="remove the selected runs (default selection: the failed ones), asking first")
+    ru.add_argument("--yes", action="store_true", help="remove without asking")
+    ru.add_argument("--json", action="store_true", help="a JSON array of records (pandas.read_json) instead of the table")
     return p
+
+
+RUNS_EPILOG = """  idlab runs results/cpu_study                        the table: run id, status, method, cell, lr, seed, wall, error
+  idlab runs results/cpu_study --status failed --json   the failed runs as JSON records
+  idlab runs results/cpu_study --remove               remove the failed runs (asks; --yes does not)
+  idlab runs results/cpu_study 3fa2 9b1c --remove     remove two runs by id (prefix)
+
+A removed run is trained again by the next `idlab sweep` of its study. A run a live process is
+training (status claimed) is never removed."""
+
+
+def main_runs(study_dir: str, run_ids: Sequence[str], status: str | None, remove: bool, yes: bool,
+              as_json: bool) -> int:
+    """The body of ``idlab runs``: list, or remove a selection after confirmation; the exit code."""
+    import json
+
+    from idlab.runs.listing import (
+        LIST_STATUSES,
+        format_table,
+        list_runs,
+        remove_runs,
+        select_runs,
+        to_json,
+    )
+
+    statuses = [x.strip() for x in (status or "").split(",") if x.strip()]
+    bad = [x for x in statuses if x not in LIST_STATUSES]
+    if bad:
+        print(f"idlab runs: --status {','.join(bad)} is not a status; allowed: {', '.join(LIST_STATUSES)}",
+              file=sys.stderr)
+        return 2
+    if not Path(study_dir).is_dir():
+        print(f"idlab runs: no study folder at {study_dir}", file=sys.stderr)
+        return 2
+    try:
+        rows = list_runs(study_dir)
+    except FileNotFoundError as e:
+        print(f"idlab runs: {e}", file=sys.stderr)
+        return 2
+    if remove and not statuses and not run_ids:
+        statuses = ["failed"]
+    chosen = select_runs(rows, statuses, run_ids)
+    if not remove:
+        print(to_json(chosen) if as_json else format_table(chosen))
+        return 0
+    if not chosen:
+        print(f"idlab runs: nothing to remove in {study_dir} (selection: "
+              f"{', '.join(statuses) or 'any status'}{'; ids ' + ' '.join(run_ids) if run_ids else ''})")
+        return 0
+    if not as_json:
+        print(format_table(chosen))
+    if not yes:
+        try:
+            answer = input(f"remove {len(chosen)} run(s) from {study_dir}? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing removed (pass --yes to remove without asking)", file=sys.stderr)
+            return 1
+    removed, kept = remove_runs(study_dir, chosen)
+    for line in kept:
+        print(line, file=sys.stderr)
+    if as_json:
+        print(json.dumps({"removed": removed, "kept": kept}))
+    else:
+        print(f"removed {len(removed)} run(s) from {study_dir}")
+    return 0
 
 
 def main_sweep(config: str, overrides: Iterable[str], dry_run: bool = False, allow_mixed: bool = False,
@@ -157,9 +236,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.help_config:
             print("\n".join(describe_fields()))
             return 0
+        from idlab.errors import NotWritableError
+
         try:
             summary = main_sweep(args.config, args.overrides, dry_run=args.dry_run, allow_mixed=args.allow_mixed,
                                  detach=args.detach)
+        except NotWritableError as e:
+            print(f"idlab sweep: {e}", file=sys.stderr)
+            return 2
         except ConfigError as e:
             print(f"idlab sweep: invalid configuration: {e}", file=sys.stderr)
             return 2
@@ -184,8 +268,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return 0
     if args.command == "report":
+        from idlab.errors import NotWritableError
         from idlab.report import make_report
+        from idlab.runs import check_writable
 
+        if not Path(args.results_dir).is_dir():
+            print(f"idlab report: no results folder at {args.results_dir} (run `idlab sweep CONFIG` first, "
+                  "or name the folder: idlab report RESULTS_DIR)", file=sys.stderr)
+            return 2
+        try:
+            check_writable(args.out or args.results_dir, "report folder",
+                           "pass --out <a writable folder> or make it writable (chmod u+w)")
+        except NotWritableError as e:
+            print(f"idlab report: {e}", file=sys.stderr)
+            return 2
         md = make_report(args.results_dir, out_dir=args.out, analysis=not args.no_analysis,
                          formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()))
         print(f"wrote {md}")
@@ -223,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"VS Code's YAML extension), add the line\n  {modeline(out.resolve())}\nto the file, or map "
               f"it to experiments/configs/**/*.yaml in the yaml.schemas setting")
         return 0
+    if args.command == "runs":
+        return main_runs(args.study_dir, args.run_ids, args.status, args.remove, args.yes, args.json)
     if args.command == "bench":
         # the benchmarks are repository scripts, not part of the library: run them as a command
         # from the repository root (as `make bench` does), never imported from here

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
@@ -51,6 +53,7 @@ def find_d90(
     ci_level: float = 0.95,
     bootstrap_seed: int = 0,
     log: Callable[[str], None] | None = None,
+    progress: bool = True,
 ) -> D90Result:
     """Find d90 with a log-spaced scan, log-scale bisection and a seed bootstrap.
 
@@ -71,6 +74,9 @@ def find_d90(
             reused instead of re-running (not counted in n_evaluations).
         n_bootstrap, ci_level, bootstrap_seed: bootstrap settings.
         log: optional callback receiving one line per evaluated d.
+        progress: print one line per evaluation to stderr (``find_d90: d=..., seed=...,
+            score=... (k of n at this d; evaluation m, t s)``); each evaluation trains a model,
+            so a search takes minutes.
 
     Returns:
         `D90Result`; ``d90 is None`` (with a message) if no d in range passes.
@@ -107,15 +113,19 @@ def find_d90(
         )
         cache.update({k: (v, "prior") for k, v in items.items()})
     n_calls = 0
+    t_start = time.perf_counter()
 
     def mean_at(d: int, phase: str) -> float:
         nonlocal n_calls
         vals = []
-        for s in seeds:
+        for k, s in enumerate(seeds, 1):
             if (d, s) not in cache:
                 v = _check_score(d, s, evaluate(d, s), on_nan)
                 n_calls += 1
                 cache[(d, s)] = (v, phase)
+                if progress:
+                    print(f"find_d90: d={d}, seed={s}, score={v:.4f} ({k} of {len(seeds)} at this d, {phase}; "
+                          f"evaluation {n_calls}, {time.perf_counter() - t_start:.0f} s)", file=sys.stderr, flush=True)
             vals.append(cache[(d, s)][0])
         m = seed_mean(vals)
         if log is not None:

@@ -11,6 +11,7 @@ BERT's does). Every split is padded to its longest example, capped at ``max_leng
 from __future__ import annotations
 
 import csv
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -165,11 +166,31 @@ def _read_glue_hub(spec: GlueSpec, split: str) -> GlueSplit:
     )
 
 
+#: environment variable naming the offline GLUE tsv folder (used when no data_dir is given)
+GLUE_DIR_ENV = "IDLAB_GLUE_DIR"
+
+
+def glue_data_dir(data_dir: str | Path | None = None) -> tuple[Path | None, str]:
+    """THE rule for where GLUE comes from: ``(folder, source)``.
+
+    ``data_dir`` when given, else ``$IDLAB_GLUE_DIR`` when set (``source`` says which), else
+    ``(None, "datasets")``: Hugging Face ``datasets``. The library API (`glue_task`,
+    `load_glue_split`) and the sweep (a study's ``task.data_dir``) both resolve through it.
+    """
+    if data_dir is not None and str(data_dir) != "":
+        return Path(data_dir).expanduser(), "data_dir"
+    env = os.environ.get(GLUE_DIR_ENV)
+    if env:
+        return Path(env).expanduser(), f"${GLUE_DIR_ENV}"
+    return None, "datasets"
+
+
 def load_glue_split(name: str, split: Literal["train", "validation"], data_dir: str | Path | None = None) -> GlueSplit:
     """The raw examples of GLUE task ``name``'s ``split`` (``validation`` = GLUE dev).
 
     From ``data_dir`` (GLUE tsv layout: the GLUE root holding ``MRPC/`` etc., or the
-    task's own folder) or, when ``data_dir`` is None, from Hugging Face ``datasets``.
+    task's own folder), else ``$IDLAB_GLUE_DIR``, else Hugging Face ``datasets``
+    (`glue_data_dir`).
 
     Labels follow Hugging Face's ``glue`` numbering: SST-2 1 = positive, MRPC 1 =
     paraphrase, RTE 0 = entailment / 1 = not_entailment, CoLA 1 = acceptable.
@@ -180,11 +201,11 @@ def load_glue_split(name: str, split: Literal["train", "validation"], data_dir: 
     key, spec = glue_spec(name)
     if split not in ("train", "validation"):
         raise ValueError(f"load_glue_split: split={split!r}; use 'train' or 'validation' (GLUE dev)")
-    if data_dir is None:
+    d, source = glue_data_dir(data_dir)
+    if d is None:
         return _read_glue_hub(spec, split)
-    d = Path(data_dir).expanduser()
     if not d.is_dir():
-        raise FileNotFoundError(f"glue_task: data_dir {str(d)!r} is not a folder")
+        raise FileNotFoundError(f"glue_task: {source} {str(d)!r} is not a folder")
     return _read_glue_dir(key, spec, d, split)
 
 
@@ -237,7 +258,8 @@ def glue_task(
         tokenizer: a Hugging Face tokenizer with a pad token (`idlab.models.load_model`'s).
             Pair tasks (MRPC, RTE) use its pair encoding, or for decoder tokenizers with
             no separator token ``sentence1 + "\\n" + sentence2`` (see `tokenize_pairs`).
-        data_dir: folder in the GLUE tsv layout; None loads ``nyu-mll/glue`` with ``datasets``.
+        data_dir: folder in the GLUE tsv layout; None: ``$IDLAB_GLUE_DIR`` when set, else
+            ``nyu-mll/glue`` with ``datasets`` (`glue_data_dir`).
         max_length: truncation length; each split is padded to its longest example.
         max_train, max_val: keep a random subset of that many examples, chosen by
             ``seed`` (deterministic; indices kept in file order).

@@ -203,6 +203,11 @@ class Method(ABC, Generic[S, A]):
     def prepare(self, model: nn.Module, axes: A, seed: int) -> Prepared:
         """Turn a base model into the model to train (seeded by ``seed`` where it draws)."""
 
+    def warm_up(self, axes: A) -> None:
+        """One-time work a run at ``axes`` needs (compiling a kernel, ...), done before the run's clock
+        starts so that it does not count in its ``wall_time_s``; default none. May raise: the run
+        then fails in `prepare` as it would have."""
+
     def plan_model(self, model: nn.Module, axes: A, seed: int) -> nn.Module:
         """The model ``idlab plan`` measures on the meta device (default: the model, all floats trainable)."""
         for p in model.parameters():

@@ -252,6 +252,13 @@ class Subspace(Method[SubspaceSettings, SubspaceAxes]):
         return (f"d {ds}{' (auto)' if settings.d == 'auto' else ''} x projection {list(settings.projection)} x said "
                 f"{list(settings.said)} x lr {list(settings.lr)}, head={settings.head}")
 
+    def warm_up(self, axes: SubspaceAxes) -> None:
+        """Build (first time, ~30 s, announced) or load the C++ Walsh-Hadamard kernel that `prepare`
+        records and the Fastfood projections use, before the run is timed."""
+        from idlab.subspace.hadamard import backend
+
+        backend()
+
     def prepare(self, model: nn.Module, axes: SubspaceAxes, seed: int) -> Prepared:
         from idlab.subspace import SubspaceModel
         from idlab.subspace.hadamard import backend

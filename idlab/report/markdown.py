@@ -212,9 +212,15 @@ def make_report(results_dir: str | Path = "results", out_dir: str | Path | None 
 
     Returns:
         The path of REPORT.md.
+
+    Raises:
+        FileNotFoundError: ``results_dir`` does not exist (nothing is written; an existing empty
+            folder gives a report saying there are no results).
     """
     figures.set_formats(formats)
     results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise FileNotFoundError(f"no results folder at {results_dir}")
     out = Path(out_dir) if out_dir else results_dir
     out.mkdir(parents=True, exist_ok=True)
     runs = load_results(results_dir)

@@ -11,7 +11,9 @@ A run directory is built under ``runs/.tmp-<run_id>-<pid>-<nonce>/`` and renamed
 into place as the last step, so a directory named by a run id is always complete;
 ``result.json`` itself is also written atomically (temp file, fsync, os.replace).
 Leftover ``.tmp-*`` / ``.trash-*`` folders from a killed process are removed by
-`RunStore.clean_stale`.
+`RunStore.clean_stale`. A run is claimed before it trains (``runs/.claim-<run_id>``,
+`idlab.runs.claims`): two sweeps of one study never train the same run, and `clean_stale` leaves
+claim files alone (a stale one is taken over, with a notice, by the next process that claims it).
 
 A run is done only when all its files are whole: ``result.json["artifacts"]`` lists every
 other file of the folder (``path`` relative to it, ``bytes``, ``sha256``), and
@@ -33,13 +35,16 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from idlab.atomic import atomic_write_text, fsync_dir
+from idlab.errors import NotWritableError
 from idlab.jsontypes import JsonObject, JsonValue
+from idlab.runs import claims
 from idlab.runs.result import ArtifactEntry, ResultFormatError, RunResult, as_result
 
 if TYPE_CHECKING:
@@ -214,6 +219,29 @@ def read_result(path: str | Path) -> RunResult | None:
         return None
 
 
+def check_writable(folder: str | Path, what: str = "results folder", fix: str | None = None) -> None:
+    """Raise `NotWritableError` (one line naming the path and the fix) unless ``folder`` can be
+    created and written; writes nothing that stays (a probe file in the nearest existing folder).
+
+    Called before anything is written: by `idlab.sweep.driver.run_sweep` on the study folder and
+    by ``idlab report`` on its output folder.
+    """
+    target = Path(folder).expanduser()
+    fix = fix or "choose another folder or make it writable (chmod u+w)"
+    probe_dir = target
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if probe_dir.exists() and not probe_dir.is_dir():
+        raise NotWritableError(f"{what} {str(target)!r} cannot be created: {str(probe_dir)!r} is a file; {fix}")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".idlab-write-probe-", dir=probe_dir)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        where = "" if probe_dir == target else f" (its existing parent {str(probe_dir)!r})"
+        raise NotWritableError(f"{what} {str(target)!r}{where} is not writable ({e.strerror or e}); {fix}") from None
+
+
 def _publish_modes(folder: Path) -> None:
     """Files 0644, folders 0755 under ``folder``, as `idlab.atomic` writes them (safetensors and PEFT
     create their files 0600)."""
@@ -251,8 +279,25 @@ class RunStore:
             return False
         return not (retry_failed and res.status == "failed")
 
+    def claim(self, rid: str, say: Callable[[str], None] | None = None) -> claims.Claim | claims.ClaimInfo:
+        """Claim run ``rid`` before training it (`idlab.runs.claims.acquire`): a `Claim` to release
+        when the run's folder is written or it failed, or the live holder's `ClaimInfo`."""
+        return claims.acquire(self.runs_dir, rid, say)
+
+    def live_claim(self, rid: str) -> claims.ClaimInfo | None:
+        """The claim on ``rid`` of a process that is still alive, else None."""
+        return claims.live_claim(self.runs_dir, rid)
+
+    def check_writable(self) -> None:
+        """`check_writable` on the study folder (before a sweep writes anything)."""
+        check_writable(self.study_dir, "results folder",
+                       "set results_dir=<a writable folder> or make it writable (chmod u+w)")
+
     def clean_stale(self, min_age_s: float = STALE_AFTER_S) -> list[Path]:
         """Remove leftovers of killed processes (``.tmp-*``, ``.trash-*``, run folders without result.json).
+
+        Claim files (``.claim-*``, `idlab.runs.claims`) are never removed here: a live one belongs
+        to a run training now, a stale one is taken over by the next process claiming its run.
 
         Only leftovers untouched for ``min_age_s`` seconds go: a second sweep started on the
         same study (another terminal, a slice of the grid given by overrides) must not delete
@@ -264,6 +309,8 @@ class RunStore:
             return removed
         now = time.time()
         for p in sorted(self.runs_dir.iterdir()):
+            if p.name.startswith(claims.CLAIM_PREFIX):
+                continue
             stale = p.name.startswith((".tmp-", ".trash-")) or (p.is_dir() and not (p / RESULT_FILE).exists())
             if p.name.startswith(".") and p.is_file() and p.name.endswith(".tmp"):
                 stale = True
@@ -369,6 +416,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "canonical_json",
+    "check_writable",
     "file_sha256",
     "git_commit",
     "iter_result_files",

@@ -252,6 +252,12 @@ def build_dir() -> Path:
     return Path(root) / f"cpu_{source_hash()}"
 
 
+def is_cached() -> bool:
+    """Whether the compiled module for this source and CPU is already in `build_dir` (loading it takes
+    about a second; building it about 30 s)."""
+    return (build_dir() / f"idlab_cpu_{source_hash()}.so").is_file()
+
+
 def build() -> ModuleType:
     """Compile (first call, about 25 s on 2 cores) or load the cached module; raises on failure."""
     from torch.utils.cpp_extension import load_inline

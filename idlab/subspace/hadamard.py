@@ -19,6 +19,7 @@ et al. 2021 scaled it and got gradients off by a factor of L).
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -184,6 +185,9 @@ def set_backend(name: str) -> None:
 def _build_module() -> object:
     from idlab.subspace import _kernels
 
+    if not _kernels.is_cached():  # the first build takes ~30 s: say so once, on stderr
+        print(f"building the idlab C++ kernel (once, ~30 s; cached in {_kernels.build_dir()})",
+              file=sys.stderr, flush=True)
     return _kernels.build()
 
 

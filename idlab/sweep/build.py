@@ -7,7 +7,6 @@ The sweep's runs, ``idlab plan`` (small from-scratch models) and the report's W_
 from __future__ import annotations
 
 import importlib
-import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -72,8 +71,8 @@ def _build_task(tcfg: TaskConfig, tokenizer: Any) -> Task:
     if name.startswith("glue/"):
         from idlab.data.glue import glue_task
 
-        data_dir = tcfg.data_dir or os.environ.get("IDLAB_GLUE_DIR") or None
-        return glue_task(name.split("/", 1)[1], tokenizer, data_dir=data_dir,
+        # None falls back to $IDLAB_GLUE_DIR, then `datasets` (idlab.data.glue.glue_data_dir)
+        return glue_task(name.split("/", 1)[1], tokenizer, data_dir=tcfg.data_dir or None,
                          max_length=tcfg.max_length, seed=0, **limits)
     if name.startswith("text/"):
         from idlab.data.corpus import text_corpus_task

@@ -45,6 +45,8 @@ class SweepSummary:
     diverged: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    #: (run id, who holds it): runs another live process is training (claimed elsewhere, not failed)
+    pending: list[tuple[str, str]] = field(default_factory=list)
     ran: int = 0
     wall_time_s: float = 0.0
     detached: bool = False
@@ -53,12 +55,15 @@ class SweepSummary:
         """Human-readable summary listing diverged, failed and missing runs."""
         lines = [f"sweep finished in {self.wall_time_s:.1f}s: {self.total} runs, {len(self.ok)} ok, "
                  f"{len(self.diverged)} diverged, {len(self.failed)} failed, {len(self.missing)} missing "
-                 f"({self.ran} run now); results in {self.study_dir}"]
+                 + (f"+ {len(self.pending)} pending elsewhere " if self.pending else "")
+                 + f"({self.ran} run now); results in {self.study_dir}"]
         for label, items in (("diverged", self.diverged), ("failed", self.failed)):
             for rid, err in items:
                 lines.append(f"  {label} {rid}: {err}")
         for rid in self.missing:
             lines.append(f"  missing {rid}")
+        for rid, who in self.pending:
+            lines.append(f"  missing {rid}: pending, {who}")
         return "\n".join(lines)
 
 
@@ -101,6 +106,7 @@ def run_sweep(study: StudyConfig, dry_run: bool = False, out: Any = None, allow_
 
         check_request(study, expand(study))
     store = RunStore(study.study_dir())
+    store.check_writable()  # NotWritableError (a ConfigError): one line naming the folder, nothing written
     removed = store.clean_stale()
     if removed:
         print(f"removed {len(removed)} leftover temp folder(s) of an interrupted sweep", file=out)
@@ -136,7 +142,10 @@ def run_sweep(study: StudyConfig, dry_run: bool = False, out: Any = None, allow_
     summary = SweepSummary(store.study_dir, len(runs), ran=ran)
     for rid, _ in runs:
         res, problem = store.check(rid)
-        if res is None or problem is not None:
+        holder = store.live_claim(rid) if res is None or problem is not None or res.status == "failed" else None
+        if holder is not None:
+            summary.pending.append((rid, f"claimed elsewhere by {holder.describe()}"))
+        elif res is None or problem is not None:
             summary.missing.append(rid)
         elif res.status == "ok":
             summary.ok.append(rid)

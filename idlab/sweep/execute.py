@@ -1,6 +1,7 @@
 """One run from its config to its folder: build, wrap for its method, train, read out Delta W
 (`execute_run`, never raises), and write it atomically unless done (`run_one`, what every
-executor calls: in-process, per-GPU worker, Slurm array task).
+executor calls: in-process, per-GPU worker, Slurm array task). `run_one` claims the run first
+(`idlab.runs.claims`): a run another live process holds is skipped with status `CLAIMED`.
 
 A failure becomes ``status: failed`` with the traceback, a NaN/inf loss ``status: diverged``.
 """
@@ -21,6 +22,7 @@ from typing import Any
 from idlab import methods
 from idlab.config.run import RunConfig
 from idlab.runs import RunResult, RunStore
+from idlab.runs.claims import CLAIMED, Claim
 from idlab.sweep.build import build_task_and_model
 
 
@@ -36,6 +38,9 @@ def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
                 progress: bool = False) -> tuple[RunResult, Callable[[Path], None] | None]:
     """Build, train and extract one run. Never raises.
 
+    The method's one-time `Method.warm_up` (the subspace kernel's first build) runs before the
+    clock starts, so it is not in ``wall_time_s``.
+
     Returns:
         ``(result, write_artifacts)``: the run's `RunResult` (status ok | diverged | failed)
         and a function writing the artifacts (delta.safetensors, adapter/ or
@@ -44,6 +49,10 @@ def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
     from idlab.deltas import save_deltas
     from idlab.training.loop import train
 
+    try:  # one-time work (the C++ kernel's first build, ~30 s) stays out of the run's wall time
+        methods.get(run.method).warm_up(run.axes)
+    except Exception:  # prepare meets the same error and records the run as failed
+        pass
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     result: dict[str, Any] = {"run_id": rid, "study": study, "config": run.to_dict(), "started_at": started,
@@ -85,26 +94,50 @@ def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
     return RunResult.from_dict(result), writer
 
 
-def run_one(study_dir: str, study_name: str, rid: str, run: RunConfig, device: str = "auto",
-            retry_failed: bool = True, progress: bool = False) -> str:
-    """Execute run ``rid`` and write it atomically, unless it is already complete. Returns its status.
-
-    This is what every executor calls (in-process, per-GPU worker, Slurm array task).
-    """
-    store = RunStore(study_dir)
+def _finished(store: RunStore, rid: str, retry_failed: bool) -> tuple[str | None, str | None]:
+    """(status of a complete result that needs no rerun, why its files are not whole)."""
     done, problem = store.check(rid)
     if done is not None and problem is None and not (retry_failed and done.status == "failed"):
-        return done.status
-    if problem is not None:
-        print(f"rerunning {rid}: {problem}", file=sys.stderr, flush=True)
-    result, writer = execute_run(run, rid, study_name, device=device, progress=progress)
+        return done.status, None
+    return None, problem
+
+
+def run_one(study_dir: str, study_name: str, rid: str, run: RunConfig, device: str = "auto",
+            retry_failed: bool = True, progress: bool = False) -> str:
+    """Execute run ``rid`` and write it atomically, unless it is already complete or claimed.
+
+    This is what every executor calls (in-process, per-GPU worker, Slurm array task). The run is
+    claimed first (`RunStore.claim`, released once its folder is written or it failed); a run
+    another live process holds is skipped with one line and `CLAIMED` ("claimed"): pending
+    elsewhere, not failed.
+
+    Returns:
+        the run's status: ok | diverged | failed, or `CLAIMED`.
+    """
+    store = RunStore(study_dir)
+    status, _ = _finished(store, rid, retry_failed)
+    if status is not None:
+        return status
+    claim = store.claim(rid)
+    if not isinstance(claim, Claim):
+        print(f"skipping run {rid}: claimed by {claim.describe()} (running elsewhere)", file=sys.stderr, flush=True)
+        return CLAIMED
     try:
-        store.write(rid, result, writer)
-    except Exception as e:  # artifacts could not be written: record the failure instead
-        result = result.replace(status="failed", error=f"writing artifacts: {type(e).__name__}: {e}",
-                                traceback=traceback.format_exc())
-        store.write(rid, result, None)
-    return result.status
+        status, problem = _finished(store, rid, retry_failed)  # finished while we were claiming it
+        if status is not None:
+            return status
+        if problem is not None:
+            print(f"rerunning {rid}: {problem}", file=sys.stderr, flush=True)
+        result, writer = execute_run(run, rid, study_name, device=device, progress=progress)
+        try:
+            store.write(rid, result, writer)
+        except Exception as e:  # artifacts could not be written: record the failure instead
+            result = result.replace(status="failed", error=f"writing artifacts: {type(e).__name__}: {e}",
+                                    traceback=traceback.format_exc())
+            store.write(rid, result, None)
+        return result.status
+    finally:
+        claim.release()
 
 
-__all__ = ["environment", "execute_run", "run_one"]
+__all__ = ["CLAIMED", "environment", "execute_run", "run_one"]

@@ -1,4 +1,5 @@
-"""Executors of `idlab sweep`: run one run (`run_one`, what every executor calls) and run a list
+"""Executors of `idlab sweep`: run one run (`run_one`, what every executor calls; status `CLAIMED`
+when another live process trains it, which is pending, not failed) and run a list
 of pending runs ``local`` (in-process), ``multigpu`` (one spawned worker per visible device) or on
 ``slurm`` (a submitit job array, `idlab.sweep.slurm`); `preflight` checks device and precision where they resolve.
 
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from idlab.config import RunConfig, StudyConfig
-from idlab.sweep.execute import run_one
+from idlab.sweep.execute import CLAIMED, run_one
 from idlab.sweep.slurm import slurm_mem_gb, slurm_parameters
 from idlab.sweep.slurm_jobs import run_slurm
 
@@ -36,7 +37,7 @@ def _run_local(study: StudyConfig, pending: Sequence[Run]) -> None:
         status = run_one(str(study.study_dir()), study.name, rid, cfg, study.device, study.retry_failed,
                          study.progress)
         bar.update(1)
-        if status != "ok":
+        if status not in ("ok", CLAIMED):  # CLAIMED: run_one named the process training it
             bar.write(f"run {rid} ({_short(cfg)}): {status}")
     bar.close()
 
@@ -107,7 +108,7 @@ def _run_multigpu(study: StudyConfig, pending: Sequence[Run]) -> None:
                 continue
             finished += 1
             bar.update(1)
-            if status != "ok":
+            if status not in ("ok", CLAIMED):
                 bar.write(f"run {rid}: {status}")
     finally:
         bar.close()
