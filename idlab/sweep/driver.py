@@ -94,11 +94,6 @@ def run_sweep(study: StudyConfig, dry_run: bool = False, out: Any = None, allow_
     t0 = time.perf_counter()
     resolved = preflight(study)  # before anything is written: a bad device / precision stops here
     print(resolved, file=out)
-    if to_record is not None and not dry_run:
-        path = write_settings(study.study_dir(), to_record)
-        if len(to_record) > 1:
-            print(f"{path} records {len(to_record)} setting sets (--allow-mixed): the report keeps them apart",
-                  file=out)
     if detach and study.executor != "slurm":
         raise ConfigError(f"--detach needs executor=slurm (got executor={study.executor})")
     if study.executor == "slurm" and not dry_run:  # sbatch --test-only before anything is written
@@ -107,6 +102,12 @@ def run_sweep(study: StudyConfig, dry_run: bool = False, out: Any = None, allow_
         check_request(study, expand(study))
     store = RunStore(study.study_dir())
     store.check_writable()  # NotWritableError (a ConfigError): one line naming the folder, nothing written
+    # every check passed: the first file written is the study's settings record
+    if to_record is not None and not dry_run:
+        path = write_settings(study.study_dir(), to_record)
+        if len(to_record) > 1:
+            print(f"{path} records {len(to_record)} setting sets (--allow-mixed): the report keeps them apart",
+                  file=out)
     removed = store.clean_stale()
     if removed:
         print(f"removed {len(removed)} leftover temp folder(s) of an interrupted sweep", file=out)
