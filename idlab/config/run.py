@@ -19,7 +19,8 @@ for Fastfood layout / fastfood_state when not at their pre-layout values).
 Compatibility defaults (so that every existing run id stays valid): the ``train`` mapping
 always holds the ten `LEGACY_TRAIN_KEYS`; any other `idlab.training.loop.TrainConfig` field
 (``betas``, ``eval_at_start``, and fields added later) enters it only when it differs from
-its default; ``lr`` and ``seed`` are top-level keys; ``device`` and ``progress`` (where and
+its default; ``lr`` and ``seed`` are top-level keys; ``device``, ``progress`` and the
+`idlab.config.schema.EXECUTION_TRAIN_FIELDS` (checkpoints, distributed strategy, tracking: where and
 how, not what) never enter it. Model and task options follow the same rule with
 `LEGACY_MODEL_KEYS` / `LEGACY_TASK_KEYS`. The axes keep their own rules (`Axes.to_dict`).
 """
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar, cast
 
 from idlab import methods
-from idlab.config.schema import ModelConfig, TaskConfig, TrainConfig
+from idlab.config.schema import EXECUTION_TRAIN_FIELDS, ModelConfig, TaskConfig, TrainConfig
 from idlab.jsontypes import JsonObject, JsonValue, as_float, as_int
 from idlab.methods import Axes
 
@@ -46,7 +47,7 @@ LEGACY_TRAIN_KEYS = ("steps", "epochs", "batch_size", "eval_every", "eval_batch_
 LEGACY_MODEL_KEYS = ("hidden", "dtype")
 LEGACY_TASK_KEYS = ("max_length", "max_train", "max_val", "data_dir")
 #: TrainConfig fields that never enter the run id (top-level keys, or how rather than what)
-_TRAIN_OUTSIDE = ("lr", "seed", "device", "progress")
+_TRAIN_OUTSIDE = ("lr", "seed", "device", "progress", *EXECUTION_TRAIN_FIELDS)
 
 
 def _plain(v: object) -> JsonValue:

@@ -29,6 +29,9 @@ PER_RUN_TRAIN_FIELDS: dict[str, str] = {
     "progress": "progress (top level)",
 }
 
+#: TrainConfig fields that say how a run executes, not what it computes: in no run id (`idlab.config.run`)
+#: and no study setting (`idlab.config.settings`), like device and progress
+EXECUTION_TRAIN_FIELDS = ("checkpoint_every", "keep_checkpoints", "distributed", "log_to")
 
 BUILTIN_TASKS = ("digits", "mnist", "toy")
 TASK_FAMILIES = ("glue/", "text/")
@@ -155,9 +158,12 @@ class StudyConfig:
         default="final", metadata=doc("performance of a run: final evaluation or best over evaluations")
     )
     results_dir: str = field(default="results", metadata=doc("results root folder"))
-    executor: Literal["local", "multigpu", "slurm"] = field(
-        default="local", metadata=doc("local (in-process), multigpu (one worker per GPU), slurm (submitit)")
+    executor: Literal["local", "multigpu", "slurm", "torchrun"] = field(
+        default="local", metadata=doc("local (in-process), multigpu (one worker per GPU), slurm (submitit), "
+                                      "torchrun (each run on nproc_per_node processes: train.distributed)")
     )
+    nproc_per_node: int = field(
+        default=1, metadata=doc("executor torchrun: processes per run (GPUs on CUDA; any number on the CPU, gloo)"))
     gpus: tuple[int, ...] | None = field(default=None, metadata=doc("multigpu: GPU indices (null: all visible)"))
     device: str = field(default="auto", metadata=doc("auto, cpu, cuda, cuda:1 (local executor)"))
     retry_failed: bool = field(default=True, metadata=doc("rerun runs whose status is 'failed' (diverged is kept)"))
@@ -191,6 +197,7 @@ class StudyConfig:
 
 __all__ = [
     "BUILTIN_TASKS",
+    "EXECUTION_TRAIN_FIELDS",
     "PER_RUN_TRAIN_FIELDS",
     "TASK_FAMILIES",
     "ConfigError",

@@ -27,11 +27,12 @@ from typing import Any, cast
 
 from idlab.config.loader import to_dict
 from idlab.config.run import parts_from_dict
-from idlab.config.schema import PER_RUN_TRAIN_FIELDS, StudyConfig
+from idlab.config.schema import EXECUTION_TRAIN_FIELDS, PER_RUN_TRAIN_FIELDS, StudyConfig
 from idlab.jsontypes import JsonValue
 
 #: top-level StudyConfig fields that are not settings (the grid, where and how runs execute, the folder)
-NOT_SETTINGS = frozenset({"name", "description", "methods", "seeds", "executor", "device", "gpus", "progress",
+NOT_SETTINGS = frozenset({"name", "description", "methods", "seeds", "executor", "nproc_per_node", "device", "gpus",
+                          "progress",
                           "retry_failed", "results_dir", "slurm", "method_settings"})
 #: the blocks a run's config carries (`run_settings`)
 RUN_BLOCKS = ("model", "task", "train")
@@ -52,7 +53,7 @@ def _settings_of(blocks: Mapping[str, object], grid: Iterable[str]) -> dict[str,
         if key in skip:
             continue
         if key == "train" and isinstance(value, Mapping):
-            value = {k: v for k, v in value.items() if k not in PER_RUN_TRAIN_FIELDS}
+            value = {k: v for k, v in value.items() if k not in PER_RUN_TRAIN_FIELDS and k not in EXECUTION_TRAIN_FIELDS}
         _flat(key, value, out)
     return dict(sorted(out.items()))
 

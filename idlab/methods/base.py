@@ -161,6 +161,9 @@ class Method(ABC, Generic[S, A]):
     size_counts_parameters: ClassVar[bool] = False
     #: the reference of the d90 / r90 target (full fine-tuning)
     baseline: ClassVar[bool] = False
+    #: it trains the model's own weights, so FSDP2 can shard them (``train.distributed: auto`` picks fsdp2
+    #: on several processes; fsdp2 on a method that is not shardable is refused)
+    shardable: ClassVar[bool] = False
     style: ClassVar[Style] = Style()
     #: old study keys of this block -> the message naming the new key
     renamed: ClassVar[dict[str, str]] = {}

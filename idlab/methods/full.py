@@ -48,6 +48,7 @@ class FullFineTuning(Method[FullSettings, FullAxes]):
     help = "full fine-tuning: every parameter trainable (the baseline of d90 and r90)"
     title = "full FT"
     baseline = True
+    shardable = True
     style = Style(marker="*", size=11.0)
 
     def cells(self, settings: FullSettings, ctx: GridContext | None = None) -> list[FullAxes]:

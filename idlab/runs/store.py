@@ -249,6 +249,10 @@ def _publish_modes(folder: Path) -> None:
         os.chmod(p, 0o755 if p.is_dir() else 0o644)
 
 
+#: prefix of a run's mid-run checkpoint folder in ``runs/`` (`RunStore.checkpoint_dir`)
+CHECKPOINT_PREFIX = ".ckpt-"
+
+
 class RunStore:
     """The run directories of one study: ``<results_dir>/<study>/runs/``."""
 
@@ -259,6 +263,11 @@ class RunStore:
     def run_dir(self, rid: str) -> Path:
         """Final folder of run ``rid``."""
         return self.runs_dir / rid
+
+    def checkpoint_dir(self, rid: str) -> Path:
+        """Mid-run checkpoint folder of run ``rid`` (``runs/.ckpt-<run_id>/``, `idlab.training.checkpoint`);
+        `clean_stale` leaves it alone: a killed run resumes from it."""
+        return self.runs_dir / f"{CHECKPOINT_PREFIX}{rid}"
 
     def result(self, rid: str) -> RunResult | None:
         """The result.json of ``rid``, or None if there is none or it is not a result (its artifacts
@@ -296,7 +305,7 @@ class RunStore:
     def clean_stale(self, min_age_s: float = STALE_AFTER_S) -> list[Path]:
         """Remove leftovers of killed processes (``.tmp-*``, ``.trash-*``, run folders without result.json).
 
-        Claim files (``.claim-*``, `idlab.runs.claims`) are never removed here: a live one belongs
+        Claim files (``.claim-*``, `idlab.runs.claims`) and checkpoint folders (``.ckpt-*``) are never removed here: a live one belongs
         to a run training now, a stale one is taken over by the next process claiming its run.
 
         Only leftovers untouched for ``min_age_s`` seconds go: a second sweep started on the
@@ -309,7 +318,7 @@ class RunStore:
             return removed
         now = time.time()
         for p in sorted(self.runs_dir.iterdir()):
-            if p.name.startswith(claims.CLAIM_PREFIX):
+            if p.name.startswith((claims.CLAIM_PREFIX, CHECKPOINT_PREFIX)):
                 continue
             stale = p.name.startswith((".tmp-", ".trash-")) or (p.is_dir() and not (p / RESULT_FILE).exists())
             if p.name.startswith(".") and p.is_file() and p.name.endswith(".tmp"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import shutil
 import sys
 import time
 import traceback
@@ -35,8 +36,13 @@ def environment() -> dict[str, Any]:
 
 
 def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
-                progress: bool = False) -> tuple[RunResult, Callable[[Path], None] | None]:
+                progress: bool = False, checkpoint_dir: Path | None = None,
+                ) -> tuple[RunResult, Callable[[Path], None] | None]:
     """Build, train and extract one run. Never raises.
+
+    With ``train.checkpoint_every`` and a ``checkpoint_dir`` (`RunStore.checkpoint_dir`) the loop
+    saves its state there and resumes from it (``result.json["resumed_from"]``: the step). Under
+    torchrun every rank calls this; only rank 0 extracts Delta W (``write_artifacts`` is None on the others).
 
     The method's one-time `Method.warm_up` (the subspace kernel's first build) runs before the
     clock starts, so it is not in ``wall_time_s``.
@@ -47,6 +53,8 @@ def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
         subspace.safetensors) into a folder, or None when there are none.
     """
     from idlab.deltas import save_deltas
+    from idlab.training.checkpoint import CheckpointSpec
+    from idlab.training.distributed import env_rank
     from idlab.training.loop import train
 
     try:  # one-time work (the C++ kernel's first build, ~30 s) stays out of the run's wall time
@@ -60,9 +68,12 @@ def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
     try:
         task, model = build_task_and_model(run)
         total = sum(p.numel() for p in model.parameters())
-        prep = methods.get(run.method).prepare(model, run.axes, run.seed)
+        method = methods.get(run.method)
+        prep = method.prepare(model, run.axes, run.seed)
         cfg = dataclasses.replace(run.train, device=device, progress=progress)
-        res = train(prep.model, task, cfg, desc=f"{rid} {run.method}")
+        every = run.train.checkpoint_every
+        spec = CheckpointSpec(checkpoint_dir, rid, every) if every and checkpoint_dir is not None else None
+        res = train(prep.model, task, cfg, desc=f"{rid} {run.method}", checkpoint=spec, shardable=method.shardable)
         status = "diverged" if res.diverged else "ok"
         result.update({
             "status": status, "error": res.error, "metrics": res.metrics, "best": res.best, "curve": res.curve,
@@ -73,8 +84,12 @@ def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
             "metric": task.metric, "higher_is_better": task.higher_is_better, "method_info": prep.info,
             "converged": res.converged, "convergence": res.convergence,
         })
+        if res.resumed_from is not None:
+            result["resumed_from"] = res.resumed_from
+        if res.distributed:
+            result["distributed"] = res.distributed
         writer: Callable[[Path], None] | None = None
-        if status == "ok":
+        if status == "ok" and env_rank() == 0:
             deltas = prep.deltas()
 
             def writer(d: Path) -> None:
@@ -103,7 +118,7 @@ def _finished(store: RunStore, rid: str, retry_failed: bool) -> tuple[str | None
 
 
 def run_one(study_dir: str, study_name: str, rid: str, run: RunConfig, device: str = "auto",
-            retry_failed: bool = True, progress: bool = False) -> str:
+            retry_failed: bool = True, progress: bool = False, nproc_per_node: int = 1) -> str:
     """Execute run ``rid`` and write it atomically, unless it is already complete or claimed.
 
     This is what every executor calls (in-process, per-GPU worker, Slurm array task). The run is
@@ -111,9 +126,16 @@ def run_one(study_dir: str, study_name: str, rid: str, run: RunConfig, device: s
     another live process holds is skipped with one line and `CLAIMED` ("claimed"): pending
     elsewhere, not failed.
 
+    A checkpoint of the run (``train.checkpoint_every``) is resumed; one of another run id raises
+    `idlab.training.checkpoint.CheckpointMismatch` (a ConfigError) before anything is written; the
+    checkpoint is removed once the run is written ok (unless ``train.keep_checkpoints``).
+    ``nproc_per_node`` > 1 (executor torchrun) trains it on that many processes (`launch_torchrun`).
+
     Returns:
         the run's status: ok | diverged | failed, or `CLAIMED`.
     """
+    from idlab.training.checkpoint import check_checkpoint
+
     store = RunStore(study_dir)
     status, _ = _finished(store, rid, retry_failed)
     if status is not None:
@@ -128,16 +150,33 @@ def run_one(study_dir: str, study_name: str, rid: str, run: RunConfig, device: s
             return status
         if problem is not None:
             print(f"rerunning {rid}: {problem}", file=sys.stderr, flush=True)
-        result, writer = execute_run(run, rid, study_name, device=device, progress=progress)
-        try:
-            store.write(rid, result, writer)
-        except Exception as e:  # artifacts could not be written: record the failure instead
-            result = result.replace(status="failed", error=f"writing artifacts: {type(e).__name__}: {e}",
-                                    traceback=traceback.format_exc())
-            store.write(rid, result, None)
-        return result.status
+        ckpt = store.checkpoint_dir(rid)
+        step = check_checkpoint(ckpt, rid)
+        if step is not None:
+            print(f"resuming {rid} from its checkpoint at step {step}", file=sys.stderr, flush=True)
+        if nproc_per_node > 1:
+            from idlab.sweep.torchrun import launch_torchrun
+
+            status = launch_torchrun(store, study_name, rid, run, nproc_per_node, device, progress)
+        else:
+            status = write_run(store, rid, *execute_run(run, rid, study_name, device=device, progress=progress,
+                                                        checkpoint_dir=ckpt))
+        if status == "ok" and not run.train.keep_checkpoints:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        return status
     finally:
         claim.release()
 
 
-__all__ = ["CLAIMED", "environment", "execute_run", "run_one"]
+def write_run(store: RunStore, rid: str, result: RunResult, writer: Callable[[Path], None] | None) -> str:
+    """Write run ``rid``'s folder (a failure writing the artifacts is recorded as the run's failure)."""
+    try:
+        store.write(rid, result, writer)
+    except Exception as e:  # artifacts could not be written: record the failure instead
+        result = result.replace(status="failed", error=f"writing artifacts: {type(e).__name__}: {e}",
+                                traceback=traceback.format_exc())
+        store.write(rid, result, None)
+    return result.status
+
+
+__all__ = ["CLAIMED", "environment", "execute_run", "run_one", "write_run"]

@@ -116,6 +116,74 @@ def _run_multigpu(study: StudyConfig, pending: Sequence[Run]) -> None:
             p.join(timeout=10)
 
 
+def _run_torchrun(study: StudyConfig, pending: Sequence[Run]) -> None:
+    """Each run on ``nproc_per_node`` processes (`idlab.sweep.torchrun`), one run after the other."""
+    bar = _progress(len(pending), f"{study.name} (torchrun x{study.nproc_per_node})")
+    for rid, cfg in pending:
+        bar.set_postfix_str(_short(cfg))
+        status = run_one(str(study.study_dir()), study.name, rid, cfg, study.device, study.retry_failed,
+                         study.progress, nproc_per_node=study.nproc_per_node)
+        bar.update(1)
+        if status not in ("ok", CLAIMED):
+            bar.write(f"run {rid} ({_short(cfg)}): {status}")
+    bar.close()
+
+
+def check_distributed(study: StudyConfig) -> str | None:
+    """``train.distributed`` and ``nproc_per_node`` against the methods and this host (ConfigError before
+    anything is written); a checkpoint folder holding another run's checkpoint is refused too.
+
+    Returns a line on what a torchrun study runs on, or None for the other executors.
+    """
+    import torch
+
+    from idlab import methods
+    from idlab.config import ConfigError
+
+    where = f"study {study.name!r}"
+    strategy = study.train.distributed
+    if strategy == "fsdp2":
+        bad = [m for m in study.methods if not methods.get(m).shardable]
+        if bad:
+            raise ConfigError(f"{where}: key 'train.distributed': got 'fsdp2', but method(s) {bad} do not train the "
+                              "model's own weights, so there is nothing for FSDP2 to shard; use ddp or auto "
+                              "(auto: fsdp2 for shardable methods, ddp for the others)")
+    if study.executor != "torchrun":
+        if strategy in ("ddp", "fsdp2"):
+            raise ConfigError(f"{where}: key 'train.distributed': got {strategy!r} with executor={study.executor}; "
+                              "a distributed run needs executor=torchrun (and nproc_per_node)")
+        return None
+    n = study.nproc_per_node
+    if n < 1:
+        raise ConfigError(f"{where}: key 'nproc_per_node': got {n}; must be >= 1")
+    cpu = study.device == "cpu" or (study.device == "auto" and not torch.cuda.is_available())
+    if not cpu:
+        visible = torch.cuda.device_count()
+        if n > visible:
+            raise ConfigError(f"{where}: key 'nproc_per_node': got {n}, but this host sees {visible} CUDA device(s) "
+                              f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}); use "
+                              f"nproc_per_node<={visible}, or device=cpu for gloo processes on the CPU")
+    if cpu:
+        return (f"executor torchrun: {n} process(es) per run on the CPU (gloo; any number is allowed, they share "
+                f"this host's cores), train.distributed={strategy}")
+    return f"executor torchrun: {n} GPU process(es) per run (nccl), train.distributed={strategy}"
+
+
+def check_checkpoints(study: StudyConfig) -> None:
+    """A run's checkpoint folder holding the checkpoint of another run id (another config) is refused
+    (`idlab.training.checkpoint.CheckpointMismatch`, a ConfigError) before anything is written."""
+    from idlab.runs import RunStore
+    from idlab.runs.store import CHECKPOINT_PREFIX
+    from idlab.sweep.grid import expand
+    from idlab.training.checkpoint import check_checkpoint
+
+    store = RunStore(study.study_dir())
+    if not store.runs_dir.is_dir() or not any(p.name.startswith(CHECKPOINT_PREFIX) for p in store.runs_dir.iterdir()):
+        return
+    for rid, _ in expand(study):
+        check_checkpoint(store.checkpoint_dir(rid), rid)
+
+
 def check_slurm(study: StudyConfig) -> None:
     """``executor=slurm`` with ``slurm.backend=slurm`` needs ``sbatch`` on PATH: without it submitit's
     AutoExecutor would quietly run every job here instead. Raises ConfigError naming the fix."""
@@ -145,6 +213,11 @@ def preflight(study: StudyConfig) -> str:
     from idlab.training.devices import resolve_device, resolve_precision
 
     dtypes = [getattr(torch, study.model.dtype)]
+    check_checkpoints(study)
+    line = check_distributed(study)
+    if line is not None:
+        dev = torch.device("cpu") if "CPU" in line else torch.device("cuda", 0)
+        return f"{line}, precision {resolve_precision(study.train.precision, dev, dtypes)}"
     if study.executor == "slurm":
         check_slurm(study)
         return f"executor slurm: device={study.device} / precision={study.train.precision} resolved on the nodes"
@@ -158,7 +231,7 @@ def preflight(study: StudyConfig) -> str:
     return f"device {dev}, precision {resolve_precision(study.train.precision, dev, dtypes)}"
 
 
-EXECUTORS = {"local": _run_local, "multigpu": _run_multigpu, "slurm": run_slurm}
+EXECUTORS = {"local": _run_local, "multigpu": _run_multigpu, "slurm": run_slurm, "torchrun": _run_torchrun}
 
 
-__all__ = ["EXECUTORS", "check_slurm", "multigpu_workers", "preflight", "run_one", "slurm_mem_gb", "slurm_parameters"]
+__all__ = ["EXECUTORS", "check_checkpoints", "check_distributed", "check_slurm", "multigpu_workers", "preflight", "run_one", "slurm_mem_gb", "slurm_parameters"]

@@ -39,6 +39,8 @@ from tqdm.auto import tqdm
 from idlab.data.base import Task, inputs_to
 from idlab.jsontypes import JsonObject
 from idlab.options import doc
+from idlab.training import checkpoint as ckpt
+from idlab.training.checkpoint import BatchOrder, CheckpointSpec
 from idlab.training.convergence import (
     ConvergenceRule,
     Until,
@@ -48,6 +50,19 @@ from idlab.training.convergence import (
 )
 from idlab.training.devices import Precision, check_precision, resolve_precision
 from idlab.training.devices import resolve_device as resolve_device
+from idlab.training.distributed import (
+    STRATEGIES,
+    Strategy,
+    all_max,
+    all_sum,
+    gather_full,
+    inner,
+    local_device,
+    local_slice,
+    loss_weight,
+    wrap,
+)
+from idlab.training.distributed import setup as dist_setup
 
 #: Read the device-side divergence flag at least this often (steps); also at every evaluation.
 DIVERGENCE_CHECK_EVERY = 100
@@ -95,6 +110,13 @@ class TrainConfig:
     )
     tol: float = field(default=0.002, metadata=doc("smallest improvement of the metric that counts (absolute)"))
     plateau_window: float = field(default=0.2, metadata=doc("plateau test: the last fraction of the steps"))
+    checkpoint_every: int | None = field(
+        default=None, metadata=doc("save the training state every N steps (a killed run resumes there); null: off"))
+    keep_checkpoints: bool = field(default=False, metadata=doc("keep the checkpoint after the run finished ok"))
+    distributed: Strategy = field(
+        default="auto",
+        metadata=doc("none | ddp | fsdp2 | auto (under executor torchrun; auto: none for one process, fsdp2 for a "
+                     "shardable method (full fine-tuning), ddp otherwise)"))
 
     def __post_init__(self) -> None:
         self.convergence_rule()  # validates tol / window / patience
@@ -116,6 +138,10 @@ class TrainConfig:
                 f"TrainConfig.schedule={self.schedule!r} is unknown; use constant, linear or cosine"
             )
         check_precision(self.precision)
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ValueError(f"TrainConfig.checkpoint_every must be >= 1 or None, got {self.checkpoint_every}")
+        if self.distributed not in STRATEGIES:
+            raise ValueError(f"TrainConfig.distributed={self.distributed!r} is unknown; use {', '.join(STRATEGIES)}")
 
     def convergence_rule(self) -> ConvergenceRule:
         """The `ConvergenceRule` these fields describe."""
@@ -147,6 +173,8 @@ class TrainResult:
         precision: the precision it trained in (``auto`` resolved), see `TrainConfig.precision`.
         converged: the validation metric plateaued or the run stopped early on patience
             (`idlab.training.convergence`); ``convergence`` holds the verdict's details.
+        resumed_from: the checkpoint step this run resumed from (None: it started at step 0).
+        distributed: strategy, world size and backend (`idlab.training.distributed.DistContext.record`).
     """
 
     metrics: dict[str, float]
@@ -162,6 +190,8 @@ class TrainResult:
     precision: str = "fp32"
     converged: bool = False
     convergence: dict[str, Any] = field(default_factory=dict)
+    resumed_from: int | None = None
+    distributed: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> JsonObject:
         return asdict(self)
@@ -275,14 +305,6 @@ def cast_for_precision(model: nn.Module, params: list[nn.Parameter], precision: 
             p.data = p.data.to(dtype)
 
 
-def _batches(n: int, batch_size: int, gen: torch.Generator) -> Any:
-    """Endless stream of index batches: a fresh permutation every epoch."""
-    while True:
-        perm = torch.randperm(n, generator=gen)
-        for s in range(0, n, batch_size):
-            yield perm[s : s + batch_size]
-
-
 def train(
     model: nn.Module,
     task: Task,
@@ -290,6 +312,8 @@ def train(
     *,
     extra_loss: Callable[[], Tensor] | None = None,
     desc: str | None = None,
+    checkpoint: CheckpointSpec | None = None,
+    shardable: bool = False,
 ) -> TrainResult:
     """Train the ``requires_grad`` parameters of ``model`` on ``task``.
 
@@ -301,15 +325,21 @@ def train(
         extra_loss: optional regulariser added to every step's loss
             (e.g. Li et al.'s L2 on theta_D for subspace training).
         desc: progress-bar label.
+        checkpoint: where to save the training state every ``checkpoint.every`` steps and resume
+            from (`idlab.training.checkpoint`); None: no checkpoints.
+        shardable: the method trains the model's own weights (FSDP2 can shard them); decides
+            ``train.distributed: auto`` under torchrun (`idlab.training.distributed`).
 
     Returns:
         A `TrainResult`. A run whose loss becomes NaN/inf stops, with
-        ``diverged=True``, and keeps its last finite evaluation.
+        ``diverged=True``, and keeps its last finite evaluation. Under FSDP2, rank 0's
+        ``model`` holds full tensors afterwards (`idlab.training.distributed.gather_full`).
     """
     cfg = cfg or TrainConfig()
-    device = resolve_device(cfg.device)
+    device = local_device(resolve_device(cfg.device))
     precision = resolve_precision(cfg.precision, device,
                                   [p.dtype for p in model.parameters() if p.is_floating_point()])
+    ctx = dist_setup(cfg.distributed, shardable, device)
     torch.manual_seed(cfg.seed)
     model.to(device)
     params = trainable_parameters(model)
@@ -320,11 +350,12 @@ def train(
         )
     cast_for_precision(model, params, precision)
     n_trainable = sum(p.numel() for p in params)
+    net = wrap(model, ctx, device, precision)  # what trains: DDP over the model, or the model (FSDP2 in place)
+    params = trainable_parameters(net)
     opt = _optimizer(params, cfg)
     total = cfg.total_steps(task.num_train)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    batches = _batches(task.num_train, cfg.batch_size, gen)
+    batches = BatchOrder(task.num_train, cfg.batch_size, cfg.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:
@@ -334,13 +365,14 @@ def train(
     best: dict[str, float] = {}
     metrics: dict[str, float] = {}
     sign = 1.0 if task.higher_is_better else -1.0
+    evaluated = inner(net)
 
     def evaluate(step: int, train_loss: float) -> None:
         nonlocal metrics, best
-        model.eval()
+        net.eval()
         with autocast(precision, device):
-            metrics = task.evaluate(model, cfg.eval_batch_size)
-        model.train()
+            metrics = task.evaluate(evaluated, cfg.eval_batch_size)
+        net.train()
         if task.metric not in metrics:
             raise KeyError(f"{type(task).__name__}.evaluate returned no {task.metric!r}: {metrics}")
         curve.append({"step": float(step), "train_loss": train_loss, **metrics})
@@ -353,26 +385,49 @@ def train(
     step_dev = torch.zeros((), dtype=torch.int64, device=device)
     first_bad = torch.zeros((), dtype=torch.int64, device=device)  # first step with a NaN/inf loss (0: none)
     bad_loss = torch.zeros((), dtype=torch.float32, device=device)  # that loss
+    start, count = 0, 0
+    state = ckpt.load(checkpoint) if checkpoint is not None else None
+    if state is not None:
+        ckpt.load_model_state(net, opt, state["model"], state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        batches.load_state_dict(state["batches"])
+        curve, best, metrics = state["curve"], state["best"], state["metrics"]
+        start, count = int(state["step"]), int(state["count"])
+        running.copy_(state["running"])
+        step_dev.fill_(start)
+        ckpt.set_rng_state(state["rng"])
+
+    def save_checkpoint(step: int) -> None:
+        assert checkpoint is not None
+        msd, osd = ckpt.model_state(net, opt)
+        ckpt.save(checkpoint, {"step": step, "count": count, "model": msd, "optimizer": osd,
+                               "scheduler": sched.state_dict(), "batches": batches.state_dict(),
+                               "curve": curve, "best": best, "metrics": metrics, "running": running.cpu(),
+                               "rng": ckpt.rng_state()}, write=ctx.rank == 0)
 
     with float32_matmul(precision, device):
         t0 = time.perf_counter()
-        diverged, error, step, count = False, None, 0, 0
+        diverged, error, step = False, None, start
         rule, stopped = cfg.convergence_rule(), False
         every = cfg.eval_every or 0
-        if cfg.eval_at_start:
+        if cfg.eval_at_start and state is None:
             evaluate(0, float("nan"))
-        model.train()
-        bar = tqdm(total=total, desc=desc or task.name, disable=not cfg.progress, leave=False, dynamic_ncols=True)
+        net.train()
+        bar = tqdm(total=total, initial=start, desc=desc or task.name, disable=not cfg.progress or ctx.rank != 0,
+                   leave=False, dynamic_ncols=True)
         try:
-            for step in range(1, total + 1):
-                x, y = task.train_batch(next(batches))
+            for step in range(start + 1, total + 1):
+                idx = next(batches)
+                mine = local_slice(idx, ctx)
+                x, y = task.train_batch(mine)
                 batch = (inputs_to(x, device), y.to(device))
                 with autocast(precision, device):
-                    loss = task.loss(model, batch)
+                    loss = task.loss(net, batch)
                     if extra_loss is not None:
                         loss = loss + extra_loss()
+                weight = loss_weight(len(mine), len(idx), ctx)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * weight if weight != 1.0 else loss).backward()
                 if cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
@@ -382,17 +437,18 @@ def train(
                 newly_bad = (first_bad == 0) & ~torch.isfinite(lval)
                 first_bad = torch.where(newly_bad, step_dev, first_bad)
                 bad_loss = torch.where(newly_bad, lval, bad_loss)
-                running += lval
+                running += lval * (len(mine) / len(idx)) if ctx.world > 1 else lval
                 count += 1
                 evaluating = every > 0 and step % every == 0 and step != total
-                if evaluating or step % DIVERGENCE_CHECK_EVERY == 0 or step == total:
-                    fb = int(first_bad)
+                saving = checkpoint is not None and step % checkpoint.every == 0 and step != total
+                if evaluating or saving or step % DIVERGENCE_CHECK_EVERY == 0 or step == total:
+                    fb = int(all_max(first_bad, ctx))
                     if fb:
                         diverged, error = True, f"loss became {float(bad_loss)} at step {fb}"
                         step = fb - 1
                         break
                 if evaluating:
-                    evaluate(step, float(running) / count)
+                    evaluate(step, float(all_sum(running, ctx)) / count)
                     running.zero_()
                     count = 0
                     bar.set_postfix({task.metric: f"{metrics[task.metric]:.4g}"})
@@ -400,12 +456,16 @@ def train(
                                                                        rule):
                         stopped = True
                         break
+                if saving:
+                    save_checkpoint(step)
                 bar.update(1)
         finally:
             bar.close()
         if not stopped and (not diverged or not curve):
-            evaluate(step, float(running) / count if count and not diverged else float("nan"))
+            mean = float(all_sum(running, ctx)) / count if count and not diverged else float("nan")
+            evaluate(step, mean)
     verdict = check_convergence(curve, task.metric, task.higher_is_better, rule, early_stopped=stopped)
+    gather_full(model, ctx)
     return TrainResult(
         metrics=metrics,
         best=best,
@@ -420,4 +480,6 @@ def train(
         precision=precision,
         converged=verdict.converged and not diverged,
         convergence=verdict.to_dict(),
+        resumed_from=start if state is not None else None,
+        distributed=ctx.record() if ctx.strategy != "none" else {},
     )
