@@ -1,0 +1,182 @@
+"""Long runs beyond one device (issue "Long runs beyond one device", parts 1-3): mid-run checkpoints
+that a run killed with kill -9 resumes from, bit-identical on the CPU; one run on 2 processes
+(torchrun, gloo) giving the 1-process loss curve and Delta W within float tolerance for full
+fine-tuning (FSDP2), LoRA (DDP) and SAID (DDP); the refusals before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from idlab.config import ConfigError, study_from_dict
+from idlab.runs import RunStore
+from idlab.sweep.driver import run_sweep
+from idlab.sweep.grid import expand
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+REPO = Path(__file__).resolve().parents[1]
+
+#: 2-process runs against 1-process runs (fp32, gloo): the loss and Delta W agree to float32 rounding
+LOSS_TOL = 1e-5
+DELTA_TOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _fixture_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FIXTURES), str(REPO), os.environ.get("PYTHONPATH", "")]))
+
+
+def study(results: Path, methods: list[str], **over: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "name": "long", "model": {"name": "mlp", "hidden": [16]}, "task": "idlab_fixture_tasks:blobs",
+        "methods": methods, "full": {"lr": [0.01]},
+        "lora": {"r": [2], "target_modules": [["net.0", "net.2"]], "lr": [0.02]},
+        "subspace": {"d": [20], "lr": [0.05], "said": [True]},
+        "train": {"steps": 12, "batch_size": 32, "eval_every": 4, "optimizer": "adamw"},
+        "seeds": [0], "results_dir": str(results), "device": "cpu",
+    }
+    for k, v in over.items():
+        if k == "train":
+            raw["train"] = {**raw["train"], **v}
+        else:
+            raw[k] = v
+    return raw
+
+
+def results(results_dir: Path) -> dict[str, dict[str, Any]]:
+    return {p.parent.name: json.loads(p.read_text()) for p in (results_dir / "long" / "runs").glob("*/result.json")}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_a_run_killed_with_kill_9_resumes_bit_identical(tmp_path: Path) -> None:
+    train = {"steps": 40, "batch_size": 16, "eval_every": 10, "checkpoint_every": 10}
+    raw = study(tmp_path / "killed", ["full"], task="idlab_fixture_tasks:slow_blobs", train=train)
+    code = f"from idlab.config import study_from_dict; from idlab.sweep.driver import run_sweep; " \
+           f"run_sweep(study_from_dict({raw!r}))"
+    env = {**os.environ, "IDLAB_FIXTURE_STEP_SLEEP": "0.1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    runs = tmp_path / "killed" / "long" / "runs"
+    deadline, step = time.time() + 120, 0
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            metas = list(runs.glob(".ckpt-*/meta.json")) if runs.is_dir() else []
+            if metas:
+                step = json.loads(metas[0].read_text())["step"]
+                if step >= 10:
+                    break
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert 10 <= step < 40, f"the kill did not land mid-run (checkpoint step {step})"
+    assert not list(runs.glob("*/result.json"))
+    rid = expand(study_from_dict(raw))[0][0]
+    assert (runs / f".ckpt-{rid}").is_dir()
+    RunStore(runs.parent).clean_stale(min_age_s=0)  # the sweep's housekeeping keeps the checkpoint
+    assert (runs / f".ckpt-{rid}" / "checkpoint.pt").is_file()
+
+    run_sweep(study_from_dict(raw))  # the same sweep again: resumes
+    resumed = results(tmp_path / "killed")[rid]
+    assert resumed["status"] == "ok" and resumed["resumed_from"] >= 10
+    assert not (runs / f".ckpt-{rid}").exists()  # removed once the run is written ok
+
+    run_sweep(study_from_dict(study(tmp_path / "whole", ["full"], task="idlab_fixture_tasks:slow_blobs",
+                                    train=train)))
+    whole = results(tmp_path / "whole")[rid]
+    assert "resumed_from" not in whole
+    assert resumed["metrics"] == whole["metrics"] and resumed["curve"] == whole["curve"]
+    from safetensors.torch import load_file
+
+    delta = "long/runs/" + rid + "/delta.safetensors"
+    a, b = load_file(str(tmp_path / "killed" / delta)), load_file(str(tmp_path / "whole" / delta))
+    assert set(a) == set(b) and a
+    # the tensors' bytes (the file's header orders its metadata keys per process: safetensors' hash map)
+    assert all(a[k].numpy().tobytes() == b[k].numpy().tobytes() for k in a)
+
+
+def test_keep_checkpoints_and_the_run_id(tmp_path: Path) -> None:
+    plain = study_from_dict(study(tmp_path, ["lora"]))
+    kept = study_from_dict(study(tmp_path, ["lora"], train={"checkpoint_every": 5, "keep_checkpoints": True}))
+    assert [r for r, _ in expand(plain)] == [r for r, _ in expand(kept)]  # how a run executes: same run id
+    run_sweep(kept)
+    rid = expand(kept)[0][0]
+    folder = tmp_path / "long" / "runs" / f".ckpt-{rid}"
+    assert json.loads((folder / "meta.json").read_text()) == {"run_id": rid, "step": 10}
+
+
+def test_a_checkpoint_of_another_run_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    s = study_from_dict(study(tmp_path, ["full"], train={"checkpoint_every": 5}))
+    rid = expand(s)[0][0]
+    folder = tmp_path / "long" / "runs" / f".ckpt-{rid}"
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text(json.dumps({"run_id": "0123456789ab", "step": 5}))
+    (folder / "checkpoint.pt").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="another config"):
+        run_sweep(s)
+    assert sorted(p.name for p in (tmp_path / "long").iterdir()) == ["runs"]
+    assert [p.name for p in (tmp_path / "long" / "runs").iterdir()] == [f".ckpt-{rid}"]
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def _gloo() -> str | None:
+    import importlib.util
+
+    if importlib.util.find_spec("torch.distributed.run") is None or not torch.distributed.is_available():
+        return "torch.distributed (torchrun) is not available in this torch build"
+    if not torch.distributed.is_gloo_available():
+        return "the gloo backend is not available in this torch build"
+    return None
+
+
+@pytest.mark.skipif(_gloo() is not None, reason=str(_gloo()))
+def test_two_processes_give_the_one_process_numbers(tmp_path: Path) -> None:
+    methods = ["full", "lora", "subspace"]
+    run_sweep(study_from_dict(study(tmp_path / "one", methods)))
+    run_sweep(study_from_dict(study(tmp_path / "two", methods, executor="torchrun", nproc_per_node=2)))
+    from safetensors.torch import load_file
+
+    one, two = results(tmp_path / "one"), results(tmp_path / "two")
+    assert set(one) == set(two) and len(one) == 3
+    strategies = {}
+    for rid, a in one.items():
+        b = two[rid]
+        assert b["status"] == "ok", b.get("error")
+        method = a["config"]["method"]
+        strategies[method] = b["distributed"]["strategy"]
+        assert b["distributed"]["world_size"] == 2 and b["distributed"]["backend"] == "gloo"
+        assert "distributed" not in a
+        la, lb = [c["train_loss"] for c in a["curve"]], [c["train_loss"] for c in b["curve"]]
+        assert len(la) == len(lb) == 3
+        assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) < LOSS_TOL, (method, la, lb)
+        da = load_file(str(tmp_path / "one" / "long" / "runs" / rid / "delta.safetensors"))
+        db = load_file(str(tmp_path / "two" / "long" / "runs" / rid / "delta.safetensors"))
+        assert set(da) == set(db) and da
+        for k in da:
+            torch.testing.assert_close(db[k], da[k], atol=DELTA_TOL, rtol=0)
+    assert strategies == {"full": "fsdp2", "lora": "ddp", "subspace": "ddp"}
+
+
+def test_distributed_refusals(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nothing for FSDP2 to shard"):
+        run_sweep(study_from_dict(study(tmp_path, ["full", "lora"], executor="torchrun", nproc_per_node=2,
+                                        train={"distributed": "fsdp2"})))
+    with pytest.raises(ConfigError, match="needs executor=torchrun"):
+        run_sweep(study_from_dict(study(tmp_path, ["lora"], train={"distributed": "ddp"})))
+    with pytest.raises(ConfigError, match="nproc_per_node"):
+        run_sweep(study_from_dict(study(tmp_path, ["lora"], executor="torchrun", nproc_per_node=0)))
+    assert not (tmp_path / "long").exists()
