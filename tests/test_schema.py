@@ -70,7 +70,7 @@ def test_help_text_defaults_enums_and_closed_objects() -> None:
     train = defs["TrainConfig"]["properties"]
     assert train["optimizer"]["enum"] == ["adam", "adamw", "sgd"] and train["optimizer"]["default"] == "adamw"
     assert "lr" not in train and "seed" not in train  # set per run
-    assert schema["properties"]["executor"]["enum"] == ["local", "multigpu", "slurm"]
+    assert schema["properties"]["executor"]["enum"] == ["local", "multigpu", "slurm", "torchrun"]
     assert "method_settings" not in schema["properties"]
     for name in methods.names():
         assert methods.get(name).help in schema["properties"][name]["description"]

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import platform
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -109,6 +112,39 @@ def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
     return RunResult.from_dict(result), writer
 
 
+def torchrun_command(nproc: int) -> list[str]:
+    """``torchrun`` on PATH beside this Python, else ``python -m torch.distributed.run``."""
+    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    base = [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
+    return [*base, "--standalone", f"--nproc_per_node={nproc}"]
+
+
+def launch_torchrun(store: RunStore, study_name: str, rid: str, run: RunConfig, nproc: int, device: str,
+                    progress: bool) -> str:
+    """Train run ``rid`` on ``nproc`` processes; returns its status (the folder is written)."""
+    fd, cfg_path = tempfile.mkstemp(prefix=f"idlab-{rid}-", suffix=".pkl")
+    with os.fdopen(fd, "wb") as f:
+        pickle.dump(run, f)
+    started = time.time()
+    try:
+        cmd = [*torchrun_command(nproc), "-m", "idlab.sweep.torchrun", str(store.study_dir), study_name, rid,
+               cfg_path, device, "1" if progress else "0"]
+        proc = subprocess.run(cmd, check=False, stdin=subprocess.DEVNULL)
+    finally:
+        os.unlink(cfg_path)
+    written = store.run_dir(rid) / "result.json"
+    if written.exists() and written.stat().st_mtime >= started:
+        res = store.result(rid)
+        if res is not None:
+            return res.status
+    failed = RunResult.from_dict({
+        "run_id": rid, "study": study_name, "config": run.to_dict(), "status": "failed",
+        "error": f"torchrun exited with status {proc.returncode} before rank 0 wrote the run (a rank died)",
+        "metrics": {}, "best": {}, "curve": [], **environment()})
+    store.write(rid, failed, None)
+    return "failed"
+
+
 def _finished(store: RunStore, rid: str, retry_failed: bool) -> tuple[str | None, str | None]:
     """(status of a complete result that needs no rerun, why its files are not whole)."""
     done, problem = store.check(rid)
@@ -155,8 +191,6 @@ def run_one(study_dir: str, study_name: str, rid: str, run: RunConfig, device: s
         if step is not None:
             print(f"resuming {rid} from its checkpoint at step {step}", file=sys.stderr, flush=True)
         if nproc_per_node > 1:
-            from idlab.sweep.torchrun import launch_torchrun
-
             status = launch_torchrun(store, study_name, rid, run, nproc_per_node, device, progress)
         else:
             status = write_run(store, rid, *execute_run(run, rid, study_name, device=device, progress=progress,
@@ -179,4 +213,4 @@ def write_run(store: RunStore, rid: str, result: RunResult, writer: Callable[[Pa
     return result.status
 
 
-__all__ = ["CLAIMED", "environment", "execute_run", "run_one", "write_run"]
+__all__ = ["CLAIMED", "environment", "execute_run", "launch_torchrun", "run_one", "torchrun_command", "write_run"]

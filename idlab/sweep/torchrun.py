@@ -1,6 +1,6 @@
-"""Executor ``torchrun``: one run on ``nproc_per_node`` processes.
+"""Executor ``torchrun``: one rank of a run on ``nproc_per_node`` processes (`main`).
 
-`launch_torchrun` (called by `idlab.sweep.execute.run_one`, which holds the run's claim) pickles
+`idlab.sweep.execute.launch_torchrun` (called by `run_one`, which holds the run's claim) pickles
 the run config into a temp file and starts ``torchrun --nproc_per_node=N -m idlab.sweep.torchrun
 <study_dir> <study_name> <run_id> <config.pkl> <device> <progress>``. Every rank runs
 `idlab.sweep.execute.execute_run` (the loop joins torchrun's process group,
@@ -11,52 +11,11 @@ non-zero, and torchrun then ends the others; when no rank wrote a result the lau
 
 from __future__ import annotations
 
-import os
 import pickle
-import shutil
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 from idlab.config.run import RunConfig
-from idlab.runs import RunResult, RunStore
-
-
-def torchrun_command(nproc: int) -> list[str]:
-    """``torchrun`` on PATH beside this Python, else ``python -m torch.distributed.run``."""
-    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    base = [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
-    return [*base, "--standalone", f"--nproc_per_node={nproc}"]
-
-
-def launch_torchrun(store: RunStore, study_name: str, rid: str, run: RunConfig, nproc: int, device: str,
-                    progress: bool) -> str:
-    """Train run ``rid`` on ``nproc`` processes; returns its status (the folder is written)."""
-    fd, cfg_path = tempfile.mkstemp(prefix=f"idlab-{rid}-", suffix=".pkl")
-    with os.fdopen(fd, "wb") as f:
-        pickle.dump(run, f)
-    started = time.time()
-    try:
-        cmd = [*torchrun_command(nproc), "-m", "idlab.sweep.torchrun", str(store.study_dir), study_name, rid,
-               cfg_path, device, "1" if progress else "0"]
-        proc = subprocess.run(cmd, check=False, stdin=subprocess.DEVNULL)
-    finally:
-        os.unlink(cfg_path)
-    written = store.run_dir(rid) / "result.json"
-    if written.exists() and written.stat().st_mtime >= started:
-        res = store.result(rid)
-        if res is not None:
-            return res.status
-    from idlab.sweep.execute import environment
-
-    failed = RunResult.from_dict({
-        "run_id": rid, "study": study_name, "config": run.to_dict(), "status": "failed",
-        "error": f"torchrun exited with status {proc.returncode} before rank 0 wrote the run (a rank died)",
-        "metrics": {}, "best": {}, "curve": [], **environment()})
-    store.write(rid, failed, None)
-    return "failed"
+from idlab.runs import RunStore
 
 
 def main(argv: list[str] | None = None) -> int:
