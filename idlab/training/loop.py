@@ -393,7 +393,8 @@ def train(
         batches.load_state_dict(state["batches"])
         curve, best, metrics = state["curve"], state["best"], state["metrics"]
         start, count = int(state["step"]), int(state["count"])
-        running.copy_(state["running"])
+        if ctx.rank == 0:  # the saved sum is over all ranks
+            running.copy_(state["running"])
         step_dev.fill_(start)
         ckpt.set_rng_state(state["rng"])
 
@@ -402,7 +403,7 @@ def train(
         msd, osd = ckpt.model_state(net, opt)
         ckpt.save(checkpoint, {"step": step, "count": count, "model": msd, "optimizer": osd,
                                "scheduler": sched.state_dict(), "batches": batches.state_dict(),
-                               "curve": curve, "best": best, "metrics": metrics, "running": running.cpu(),
+                               "curve": curve, "best": best, "metrics": metrics, "running": all_sum(running, ctx).cpu(),
                                "rng": ckpt.rng_state()}, write=ctx.rank == 0)
 
     with float32_matmul(precision, device):
