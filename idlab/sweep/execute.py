@@ -39,12 +39,13 @@ def environment() -> dict[str, Any]:
 
 
 def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
-                progress: bool = False, checkpoint_dir: Path | None = None,
+                progress: bool = False, study_dir: Path | None = None,
                 ) -> tuple[RunResult, Callable[[Path], None] | None]:
     """Build, train and extract one run. Never raises.
 
-    With ``train.checkpoint_every`` and a ``checkpoint_dir`` (`RunStore.checkpoint_dir`) the loop
-    saves its state there and resumes from it (``result.json["resumed_from"]``: the step). Under
+    With ``train.checkpoint_every`` and the ``study_dir`` the loop saves its state in the run's
+    `RunStore.checkpoint_dir` and resumes from it (``result.json["resumed_from"]``: the step);
+    ``train.log_to`` streams to the trackers (TensorBoard under ``<study_dir>/tensorboard/<run_id>/``). Under
     torchrun every rank calls this; only rank 0 extracts Delta W (``write_artifacts`` is None on the others).
 
     The method's one-time `Method.warm_up` (the subspace kernel's first build) runs before the
@@ -59,6 +60,7 @@ def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
     from idlab.training.checkpoint import CheckpointSpec
     from idlab.training.distributed import env_rank
     from idlab.training.loop import train
+    from idlab.training.tracking import TrackSpec
 
     try:  # one-time work (the C++ kernel's first build, ~30 s) stays out of the run's wall time
         methods.get(run.method).warm_up(run.axes)
@@ -75,8 +77,11 @@ def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
         prep = method.prepare(model, run.axes, run.seed)
         cfg = dataclasses.replace(run.train, device=device, progress=progress)
         every = run.train.checkpoint_every
-        spec = CheckpointSpec(checkpoint_dir, rid, every) if every and checkpoint_dir is not None else None
-        res = train(prep.model, task, cfg, desc=f"{rid} {run.method}", checkpoint=spec, shardable=method.shardable)
+        folder = Path(study_dir) if study_dir is not None else None
+        spec = CheckpointSpec(RunStore(folder).checkpoint_dir(rid), rid, every) if every and folder else None
+        track = TrackSpec(tuple(run.train.log_to), study, rid, (folder or Path(".")) / "tensorboard", run.to_dict())
+        res = train(prep.model, task, cfg, desc=f"{rid} {run.method}", checkpoint=spec, shardable=method.shardable,
+                    tracking=track)
         status = "diverged" if res.diverged else "ok"
         result.update({
             "status": status, "error": res.error, "metrics": res.metrics, "best": res.best, "curve": res.curve,
@@ -194,7 +199,7 @@ def run_one(study_dir: str, study_name: str, rid: str, run: RunConfig, device: s
             status = launch_torchrun(store, study_name, rid, run, nproc_per_node, device, progress)
         else:
             status = write_run(store, rid, *execute_run(run, rid, study_name, device=device, progress=progress,
-                                                        checkpoint_dir=ckpt))
+                                                        study_dir=store.study_dir))
         if status == "ok" and not run.train.keep_checkpoints:
             shutil.rmtree(ckpt, ignore_errors=True)
         return status

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         run: RunConfig = pickle.load(f)
     store = RunStore(study_dir)
     result, writer = execute_run(run, rid, study_name, device=device, progress=progress == "1",
-                                 checkpoint_dir=store.checkpoint_dir(rid))
+                                 study_dir=store.study_dir)
     if env_rank() == 0:
         write_run(store, rid, result, writer)
     import torch.distributed as dist

@@ -16,11 +16,12 @@ Everything here is cheap and has no side effect: an error is raised before any r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -256,6 +257,50 @@ def cpu_torch_on_gpu_machine() -> str | None:
             "whl/cuXXX for your driver); the install re-installs torch when TORCH/TORCH_INDEX change")
 
 
-__all__ = ["PRECISIONS", "DeviceError", "Precision", "bf16_supported", "check_precision",
-           "cpu_torch_on_gpu_machine", "nvidia_gpus", "resolve_device", "resolve_precision", "visible_devices",
-           "worker_devices"]
+__all__ = [
+    "PRECISIONS",
+    "DeviceError",
+    "Precision",
+    "bf16_supported",
+    "check_precision",
+    "cpu_torch_on_gpu_machine",
+    "float32_matmul",
+    "nvidia_gpus",
+    "resolve_device",
+    "resolve_precision",
+    "visible_devices",
+    "worker_devices",
+]
+
+
+@contextlib.contextmanager
+def float32_matmul(precision: str, device: torch.device) -> Iterator[None]:
+    """TF32 on for ``tf32``, off for every other precision, on CUDA; restored on exit.
+
+    PyTorch's own defaults differ between matmuls (TF32 off) and cuDNN convolutions (on);
+    here ``fp32`` means IEEE float32 everywhere. A no-op off CUDA.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    want = precision == "tf32"
+    mm, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(mm, "fp32_precision"):  # torch >= 2.9
+        conv = getattr(cudnn, "conv", None)
+        old = (mm.fp32_precision, conv.fp32_precision if conv is not None else None)
+        mm.fp32_precision = "tf32" if want else "ieee"
+        if conv is not None:
+            conv.fp32_precision = "tf32" if want else "ieee"
+        try:
+            yield
+        finally:
+            mm.fp32_precision = old[0]
+            if conv is not None and old[1] is not None:
+                conv.fp32_precision = old[1]
+        return
+    old_flags = (mm.allow_tf32, cudnn.allow_tf32)  # pragma: no cover - older torch
+    mm.allow_tf32 = cudnn.allow_tf32 = want
+    try:
+        yield
+    finally:
+        mm.allow_tf32, cudnn.allow_tf32 = old_flags

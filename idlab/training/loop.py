@@ -28,7 +28,7 @@ import math
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -49,6 +49,7 @@ from idlab.training.convergence import (
     validate_until,
 )
 from idlab.training.devices import Precision, check_precision, resolve_precision
+from idlab.training.devices import float32_matmul as float32_matmul
 from idlab.training.devices import resolve_device as resolve_device
 from idlab.training.distributed import (
     STRATEGIES,
@@ -63,6 +64,7 @@ from idlab.training.distributed import (
     wrap,
 )
 from idlab.training.distributed import setup as dist_setup
+from idlab.training.tracking import Backend, TrackSpec, check_backends, open_trackers
 
 #: Read the device-side divergence flag at least this often (steps); also at every evaluation.
 DIVERGENCE_CHECK_EVERY = 100
@@ -113,6 +115,8 @@ class TrainConfig:
     checkpoint_every: int | None = field(
         default=None, metadata=doc("save the training state every N steps (a killed run resumes there); null: off"))
     keep_checkpoints: bool = field(default=False, metadata=doc("keep the checkpoint after the run finished ok"))
+    log_to: tuple[Backend, ...] = field(
+        default=(), metadata=doc("stream loss, lr, eval metrics, throughput, memory to: tensorboard, wandb, trackio"))
     distributed: Strategy = field(
         default="auto",
         metadata=doc("none | ddp | fsdp2 | auto (under executor torchrun; auto: none for one process, fsdp2 for a "
@@ -140,6 +144,7 @@ class TrainConfig:
         check_precision(self.precision)
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ValueError(f"TrainConfig.checkpoint_every must be >= 1 or None, got {self.checkpoint_every}")
+        check_backends(self.log_to)  # a missing package: `pip install idlab[tracking]`, before any run
         if self.distributed not in STRATEGIES:
             raise ValueError(f"TrainConfig.distributed={self.distributed!r} is unknown; use {', '.join(STRATEGIES)}")
 
@@ -250,39 +255,6 @@ def _peak_memory(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
-@contextlib.contextmanager
-def float32_matmul(precision: str, device: torch.device) -> Iterator[None]:
-    """TF32 on for ``tf32``, off for every other precision, on CUDA; restored on exit.
-
-    PyTorch's own defaults differ between matmuls (TF32 off) and cuDNN convolutions (on);
-    here ``fp32`` means IEEE float32 everywhere. A no-op off CUDA.
-    """
-    if device.type != "cuda":
-        yield
-        return
-    want = precision == "tf32"
-    mm, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    if hasattr(mm, "fp32_precision"):  # torch >= 2.9
-        conv = getattr(cudnn, "conv", None)
-        old = (mm.fp32_precision, conv.fp32_precision if conv is not None else None)
-        mm.fp32_precision = "tf32" if want else "ieee"
-        if conv is not None:
-            conv.fp32_precision = "tf32" if want else "ieee"
-        try:
-            yield
-        finally:
-            mm.fp32_precision = old[0]
-            if conv is not None and old[1] is not None:
-                conv.fp32_precision = old[1]
-        return
-    old_flags = (mm.allow_tf32, cudnn.allow_tf32)  # pragma: no cover - older torch
-    mm.allow_tf32 = cudnn.allow_tf32 = want
-    try:
-        yield
-    finally:
-        mm.allow_tf32, cudnn.allow_tf32 = old_flags
-
-
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """``torch.autocast(bfloat16)`` for ``bf16-mixed`` / ``bf16``, a no-op context otherwise."""
     if precision in ("bf16-mixed", "bf16"):
@@ -314,6 +286,7 @@ def train(
     desc: str | None = None,
     checkpoint: CheckpointSpec | None = None,
     shardable: bool = False,
+    tracking: TrackSpec | None = None,
 ) -> TrainResult:
     """Train the ``requires_grad`` parameters of ``model`` on ``task``.
 
@@ -329,6 +302,7 @@ def train(
             from (`idlab.training.checkpoint`); None: no checkpoints.
         shardable: the method trains the model's own weights (FSDP2 can shard them); decides
             ``train.distributed: auto`` under torchrun (`idlab.training.distributed`).
+        tracking: where ``cfg.log_to`` streams each evaluation (`idlab.training.tracking`).
 
     Returns:
         A `TrainResult`. A run whose loss becomes NaN/inf stops, with
@@ -376,6 +350,10 @@ def train(
         if task.metric not in metrics:
             raise KeyError(f"{type(task).__name__}.evaluate returned no {task.metric!r}: {metrics}")
         curve.append({"step": float(step), "train_loss": train_loss, **metrics})
+        trackers.log({"train/loss": train_loss, "train/lr": float(sched.get_last_lr()[0]),
+                      "train/examples_per_s": cfg.batch_size * (step - start) / max(time.perf_counter() - t0, 1e-9),
+                      "memory/peak_bytes": float(_peak_memory(device)),
+                      **{f"eval/{k}": float(v) for k, v in metrics.items()}}, step)
         v = metrics[task.metric]
         if not best or sign * v > sign * best[task.metric]:
             best = {task.metric: v, "step": float(step)}
@@ -406,8 +384,9 @@ def train(
                                "curve": curve, "best": best, "metrics": metrics, "running": all_sum(running, ctx).cpu(),
                                "rng": ckpt.rng_state()}, write=ctx.rank == 0)
 
-    with float32_matmul(precision, device):
-        t0 = time.perf_counter()
+    trackers = open_trackers(tracking, ctx.rank)
+    t0 = time.perf_counter()
+    with float32_matmul(precision, device), contextlib.closing(trackers):
         diverged, error, step = False, None, start
         rule, stopped = cfg.convergence_rule(), False
         every = cfg.eval_every or 0
