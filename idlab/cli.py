@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--device", choices=("cpu", "cuda"), default=None,
                     help="target device (default: where the study's runs execute)")
     pl.add_argument("--json", action="store_true", help="one JSON object per run instead of the table")
+    pl.add_argument("--device-memory-gb", type=float, default=None,
+                    help="also the smallest number of devices of this memory (GB) each run fits on (FSDP2 for "
+                         "full fine-tuning, DDP otherwise; projected)")
     sc = sub.add_parser("schema", help="the JSON Schema of a study YAML file (editors validate and complete it)")
     sc.add_argument("--out", default=None, help="write it to this file (default: print it)")
     ru = sub.add_parser("runs", help="list the runs of a study folder; remove failed ones or a selection",
@@ -188,13 +191,14 @@ def main_sweep(config: str, overrides: Iterable[str], dry_run: bool = False, all
     return run_sweep(study, dry_run=dry_run, allow_mixed=allow_mixed, detach=detach)
 
 
-def main_plan(config: str, overrides: Sequence[str], device: str | None = None, as_json: bool = False) -> str:
+def main_plan(config: str, overrides: Sequence[str], device: str | None = None, as_json: bool = False,
+              device_memory_gb: float | None = None) -> str:
     """The body of ``idlab plan``: the table (or JSON lines) for a study."""
     import json
 
     from idlab.config import load_study
     from idlab.sweep.driver import resolve_config_path
-    from idlab.sweep.plan import plan_runs, plan_table
+    from idlab.sweep.plan import devices_table, plan_runs, plan_table
 
     path = resolve_config_path(config, list(overrides))
     study = load_study(path, list(overrides))
@@ -204,6 +208,8 @@ def main_plan(config: str, overrides: Sequence[str], device: str | None = None, 
     head = (f"plan {path}: study {study.name!r}, model {study.model.name} ({study.model.dtype}), "
             f"{len(plans)} runs on {plans[0].device if plans else '?'}")
     text = head + "\n" + plan_table(plans)
+    if device_memory_gb is not None:
+        text += "\n" + devices_table(plans, device_memory_gb)
     if study.executor == "slurm" and study.slurm.backend == "slurm" and plans:
         from idlab.config import RunConfig
         from idlab.sweep.grid import expand
@@ -262,7 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from idlab.config import ConfigError
 
         try:
-            print(main_plan(args.config, args.overrides, device=args.device, as_json=args.json))
+            print(main_plan(args.config, args.overrides, device=args.device, as_json=args.json,
+                            device_memory_gb=args.device_memory_gb))
         except ConfigError as e:
             print(f"idlab plan: invalid configuration: {e}", file=sys.stderr)
             return 2

@@ -229,3 +229,21 @@ def test_a_two_process_run_resumes_from_its_checkpoint_bit_identical(tmp_path: P
 
     a, b = load_file(str(tmp_path / rid / "delta.safetensors")), load_file(str(runs / rid / "delta.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_plan_over_n_devices() -> None:
+    """FSDP2 divides weights + grads + optimizer by N, DDP does not; activations follow ceil(batch / N)."""
+    from idlab.sweep.plan import RunPlan, devices_table
+
+    gb = 10**9
+    full = RunPlan(run_id="", label="full", method="full", device="cuda", precision="bf16-mixed", total_parameters=1,
+                   trainable_parameters=1, tokens_per_step=1, weights_bytes=24 * gb, grads_bytes=24 * gb,
+                   optimizer_bytes=48 * gb, method_bytes=0, activation_bytes=32 * gb, runtime_bytes=gb,
+                   host_bytes=gb, batch_size=32, shardable=True)
+    assert full.per_device_bytes(1) == 129 * gb
+    assert full.per_device_bytes(4) == 24 * gb + 8 * gb + gb
+    assert full.smallest_world(80 * gb) == 2 and full.sharded_strategy() == "fsdp2"
+    lora = RunPlan(**{**full.__dict__, "label": "lora", "shardable": False})
+    assert lora.per_device_bytes(4) == 96 * gb + 8 * gb + gb and lora.smallest_world(80 * gb) is None
+    table = devices_table([full, lora], 80)
+    assert "fsdp2" in table and "none" in table and "projected" in table

@@ -21,7 +21,7 @@ RECIPES = CONFIGS / "recipes"
 PUBLISHED = {
     "roberta_large_mrpc.yaml": ("FacebookAI/roberta-large", ("full", "lora", "subspace"), 3 + 21 + 42),
     "tinyllama_rank_grid.yaml": ("TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", ("full", "lora"), 66),
-    "llama2_7b_rank_grid.yaml": ("meta-llama/Llama-2-7b-hf", ("lora",), 63),
+    "llama2_7b_rank_grid.yaml": ("meta-llama/Llama-2-7b-hf", ("full", "lora", "subspace"), 3 + 63 + 18),
 }
 
 

@@ -27,10 +27,16 @@ device total plus the same copies plus once more the activations: glibc's malloc
 (peak RSS of the probe models in tests/memory_probe.py exceeded live tensors by 0.3-1.3 x their
 activations; with ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` it does not, and the
 device total matches the measured peak RSS within 5%, tests/test_plan.py). ``mem_gb`` = that x `SLURM_HEADROOM`, in GiB, rounded up.
+
+Over N devices (``idlab plan --device-memory-gb G``, `RunPlan.per_device_bytes`, `devices_table`): under
+FSDP2 (a shardable method: full fine-tuning) weights + grads + optimizer are divided by N; under DDP they
+stay whole on every device; each rank's activations are those of ceil(batch / N) examples. The
+smallest N whose per-device total fits G GB is reported. A projection, not a measurement.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Mapping, Sequence
@@ -76,6 +82,8 @@ class RunPlan:
     activation_bytes: int
     runtime_bytes: int
     host_bytes: int
+    batch_size: int = 1
+    shardable: bool = False
 
     @property
     def peak_bytes(self) -> int:
@@ -92,6 +100,31 @@ class RunPlan:
     def slurm_mem_gb(self) -> int:
         """Host memory to ask Slurm for, GiB (`SLURM_HEADROOM` x the host projection, rounded up)."""
         return max(1, math.ceil(SLURM_HEADROOM * self.host_bytes / 2**30))
+
+    def per_device_bytes(self, n: int) -> int:
+        """Projected bytes on each of ``n`` devices of one run (`sharded_strategy`): under FSDP2 the
+        weights, gradients and optimizer state divided by ``n``; under DDP (not shardable) each device
+        holds them whole; the activations of ceil(batch / n) examples per rank; the method's own
+        bytes and the runtime per device. Not counted: FSDP2's transient all-gather of one block's
+        full weights (a block of Llama-2-7B: 0.2 B parameters, 0.4 GB in bf16)."""
+        state = self.weights_bytes + self.grads_bytes + self.optimizer_bytes
+        if self.shardable:
+            state = math.ceil(state / n)
+        per_rank = math.ceil(self.batch_size / n) / max(1, self.batch_size)
+        return state + self.method_bytes + math.ceil(self.activation_bytes * per_rank) + self.runtime_bytes
+
+    def smallest_world(self, device_bytes: int, limit: int = 4096) -> int | None:
+        """The smallest number of devices whose `per_device_bytes` fit ``device_bytes`` (None: none up to
+        ``limit``, or not below the batch size, where more ranks stop shrinking anything but the state)."""
+        top = limit if self.shardable else max(1, self.batch_size)
+        for n in range(1, top + 1):
+            if self.per_device_bytes(n) <= device_bytes:
+                return n
+        return None
+
+    def sharded_strategy(self) -> str:
+        """What ``train.distributed: auto`` picks on several devices: fsdp2 (shardable) or ddp."""
+        return "fsdp2" if self.shardable else "ddp"
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "peak_bytes": self.peak_bytes, "device_total_bytes": self.device_total_bytes,
@@ -319,9 +352,11 @@ def plan_run(run: RunConfig, rid: str = "", device: str = "cpu") -> RunPlan:
     """The `RunPlan` of one run (as `idlab.sweep.grid.expand` yields) on ``device``."""
     model, inputs, targets, loss, model_dtype = _meta_run(run)
     precision = plan_precision(run.train.precision, device, model_dtype)
-    model = methods.get(run.method).plan_model(model, run.axes, run.seed)
-    return plan_memory(model, inputs, targets, method=run.method, axes=run.axes, precision=precision,
+    method = methods.get(run.method)
+    model = method.plan_model(model, run.axes, run.seed)
+    plan = plan_memory(model, inputs, targets, method=run.method, axes=run.axes, precision=precision,
                        device=device, optimizer=run.train.optimizer, loss=loss, run_id=rid, label=_label(run))
+    return dataclasses.replace(plan, batch_size=run.train.batch_size, shardable=method.shardable)
 
 
 def _label(run: RunConfig) -> str:
@@ -356,6 +391,25 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f}"
 
 
+def devices_table(plans: Sequence[RunPlan], device_memory_gb: float) -> str:
+    """Per distinct run shape: the smallest number of devices of ``device_memory_gb`` (GB = 1e9 bytes) that
+    its projected per-device memory fits (`RunPlan.smallest_world`), under the strategy auto picks."""
+    budget = int(device_memory_gb * 1e9)
+    lines = [f"{'run':<28} {'strategy':>8} {'1 device':>9} {'N':>5} {'per device at N':>16}"]
+    seen: dict[str, RunPlan] = {}
+    for p in plans:
+        seen.setdefault(p.label, p)
+    for label, p in seen.items():
+        n = p.smallest_world(budget)
+        at = f"{_gb(p.per_device_bytes(n))}" if n is not None else "-"
+        lines.append(f"{label:<28} {p.sharded_strategy():>8} {_gb(p.per_device_bytes(1)):>9} "
+                     f"{n if n is not None else 'none':>5} {at:>16}")
+    lines.append(f"(projected, not measured: the smallest N devices of {device_memory_gb:g} GB each that one run "
+                 "fits on; fsdp2 divides weights, grads and optimizer state by N, ddp keeps them on every device; "
+                 "activations of ceil(batch/N) examples per rank)")
+    return "\n".join(lines)
+
+
 def plan_table(plans: Sequence[RunPlan]) -> str:
     """One line per distinct run shape: counts, the memory terms (GB) and Slurm mem_gb."""
     lines = [f"{'run':<28} {'runs':>4} {'params':>14} {'trainable':>12} {'prec':>10} {'weights':>7} {'grads':>6} "
@@ -380,5 +434,6 @@ def plan_table(plans: Sequence[RunPlan]) -> str:
 
 
 __all__ = ["CPU_RUNTIME_BYTES", "CUDA_CONTEXT_BYTES", "KNOWN_CONFIGS", "SLURM_HEADROOM", "RunPlan", "activation_bytes",
+           "devices_table",
            "meta_model", "model_config", "plan_memory", "plan_precision", "plan_run", "plan_runs", "plan_table",
            "target_device"]
