@@ -157,3 +157,37 @@ def test_detach_status_then_collect(tmp_path: Path) -> None:
     assert "slurm: submitted" not in collect.stderr and "1 ok" in collect.stdout
     _assert_whole(sd, 1)
     _timed("--detach, status, collect", t0)
+
+
+def test_time_out_requeues_and_resumes_from_the_last_checkpoint(tmp_path: Path) -> None:
+    """The signal Slurm sends before a time limit (submitit's USR2; sent here by hand, as submitit's
+    own `_interrupt(timeout=True)` does) requeues the task, which resumes the run from its last
+    mid-run checkpoint instead of step 0."""
+    t0 = time.perf_counter()
+    env = {**ENV, "IDLAB_FIXTURE_STEP_SLEEP": "0.3",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "fixtures"), ENV.get("PYTHONPATH", "")])}
+    args = ["sweep", *BASE, "seeds=[0]", "task.name=idlab_fixture_tasks:slow_blobs", "train.steps=60",
+            "train.eval_every=20", "train.checkpoint_every=5", f"results_dir={tmp_path}"]
+
+    def run(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "idlab.cli", *args, *extra], cwd=REPO, capture_output=True,
+                              text=True, timeout=600, env=env)
+
+    out = run("--detach")
+    assert out.returncode == 0, out.stdout + out.stderr
+    sd = tmp_path / "smoke"
+    (rid, job), = _jobs(sd).items()
+    ckpt = sd / "runs" / f".ckpt-{rid}"
+    end = time.monotonic() + 180
+    while not (ckpt / "meta.json").is_file():
+        assert time.monotonic() < end, "no checkpoint within 180 s"
+        time.sleep(0.5)
+    time.sleep(2)  # a few more steps past the first checkpoint
+    subprocess.run(["scancel", "--signal", "USR2", str(job["job_id"])], check=True, timeout=30)
+    collect = run()
+    assert collect.returncode == 0, collect.stdout + collect.stderr
+    res = RunStore(sd).result(rid)
+    assert res is not None and res.status == "ok" and res.steps == 60
+    resumed = res.to_dict().get("resumed_from")
+    assert isinstance(resumed, int) and 0 < resumed < 60, resumed  # it went on from a checkpoint
+    _timed("time-out requeue resumes from the checkpoint", t0)

@@ -18,6 +18,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+try:  # submitit (the cluster extra) requeues a Checkpointable task on time-out
+    from submitit.helpers import Checkpointable as _Checkpointable
+except ImportError:  # pragma: no cover - executor=slurm needs submitit; this module still imports
+    _Checkpointable = object  # type: ignore[assignment,misc]
+
 from idlab.config import ConfigError, RunConfig, StudyConfig
 from idlab.jsontypes import JsonObject, JsonValue
 from idlab.runs import RunStore
@@ -229,18 +234,31 @@ def wait(study: StudyConfig, jobs: Mapping[str, Mapping[str, JsonValue]], store:
                           f"{'; '.join(cancelled[:5])} (fix the slurm.* options; `idlab sweep` again submits them)")
 
 
-def _task(study_dir: str, study_name: str, rid: str, run: RunConfig, device: str, retry_failed: bool) -> str:
-    """What one array task runs: tag the job with the run id (best effort), then `run_one`."""
-    from idlab.sweep.execute import run_one
+class SlurmTask(_Checkpointable):
+    """What one array task runs: tag the job with the run id (best effort), then `run_one`.
 
-    jid = os.environ.get("SLURM_JOB_ID")
-    if jid and shutil.which("scontrol"):
-        try:
-            subprocess.run(["scontrol", "update", f"JobId={jid}", f"Comment=idlab:{study_name}:{rid}"],
-                           capture_output=True, timeout=20)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    return run_one(study_dir, study_name, rid, run, device, retry_failed)
+    On a time-out or a preemption submitit signals the task (``slurm_signal_delay_s`` before the
+    limit) and calls `checkpoint`, which requeues the same call (submitit's `Checkpointable`): the
+    requeued task finds the run's last mid-run checkpoint (``train.checkpoint_every``) and resumes
+    there; without checkpoints it starts the run again. Until it ends, the run has no result.json
+    and `idlab status` shows its job as requeued / pending, never failed.
+    """
+
+    def __call__(self, study_dir: str, study_name: str, rid: str, run: RunConfig, device: str,
+                 retry_failed: bool) -> str:
+        from idlab.sweep.execute import run_one
+
+        jid = os.environ.get("SLURM_JOB_ID")
+        if jid and shutil.which("scontrol"):
+            try:
+                subprocess.run(["scontrol", "update", f"JobId={jid}", f"Comment=idlab:{study_name}:{rid}"],
+                               capture_output=True, timeout=20)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        return run_one(study_dir, study_name, rid, run, device, retry_failed)
+
+
+_task = SlurmTask()
 
 
 # --------------------------------------------------------------------------- idlab status
