@@ -104,6 +104,7 @@ def test_study_entries_sizes_options_and_per_method_learning_rates(tmp_path: Pat
     ({"method": "vera", "r": [2]}, ["peft[0].lr", "required"]),
     ({"method": "ia3", "r": [2], "lr": [0.01]}, ["peft[0].r", "IA3Config", "no size axis"]),
     ({"method": "prompt_tuning", "lr": [0.01]}, ["peft[0].method", "prompt"]),
+    ({"method": "loha", "r": [2], "lr": ["fast"]}, ["peft[0].lr[0]", "'fast'", "expected a number"]),
 ])
 def test_block_refusals_name_key_and_fix(tmp_path: Path, entry: dict[str, Any], needles: list[str]) -> None:
     res = tmp_path / "results"

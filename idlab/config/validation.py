@@ -188,6 +188,9 @@ def _config_error(e: ValidationError, cls: type[DataclassInstance], where: str, 
     err = e.errors(include_url=False)[0]
     loc, kind, value, ctx = err["loc"], err["type"], err["input"], err.get("ctx", {})
     key = _key(((prefix,) if prefix else ()) + tuple(loc))
+    listed = _list_field(cls)
+    if prefix and listed and key.startswith(f"{prefix}.{listed}["):  # a block given as a list: peft[0].lr
+        key = prefix + key.removeprefix(f"{prefix}.{listed}")
     if kind == "unexpected_keyword_argument":
         owner, name, parent = _owner(cls, loc[:-1]), str(loc[-1]), key.rpartition(".")[0]
         if owner is TrainConfig and name in PER_RUN_TRAIN_FIELDS:
