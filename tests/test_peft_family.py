@@ -93,8 +93,11 @@ def test_study_entries_sizes_options_and_per_method_learning_rates(tmp_path: Pat
     cfg = next(c for _, c in runs if c.method == "peft" and c.axes.peft_method == "dora")
     assert methods.variant(cfg.to_dict()) == "DoRA net.0+net.2 lora_alpha=4"
     assert methods.axes_from_config(cfg.to_dict()) == cfg.axes and cfg.axes.size() == 1
-    # the list form and the mapping form are one block
+    # the list form and the mapping form are one block; other fields may also go under options
     assert study_from_dict({**raw, "peft": {"entries": raw["peft"]}}).settings("peft") == study.settings("peft")
+    dora = {"method": "dora", "r": 1, "options": {"lora_alpha": 4}, "target_modules": [["net.0", "net.2"]],
+            "lr": [0.001]}
+    assert study_from_dict({**raw, "peft": [dora]}).settings("peft").entries == e[2:]
 
 
 @pytest.mark.parametrize(("entry", "needles"), [

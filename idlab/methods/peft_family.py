@@ -143,7 +143,7 @@ def _parse_entries(value: object) -> object:
             e["method"] = e["method"].strip().lower().replace("-", "_")
         knob = size_knob(str(e.get("method", ""))) if str(e.get("method", "")) in method_names() else None
         entry: dict[str, object] = {}
-        opts = dict(e.pop("options", None) or {}) if isinstance(e.get("options", {}), Mapping) else {}
+        opts = dict(cast("Mapping[str, object]", e.pop("options"))) if isinstance(e.get("options"), Mapping) else {}
         for k, v in e.items():
             if knob is not None and k == knob:
                 if "size" in e:
@@ -265,10 +265,19 @@ def tuned_modules(peft_model: nn.Module) -> dict[str, nn.Module]:
 
 
 def merged_deltas(peft_model: nn.Module, w0: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Delta W = merged weight - W_0 (float32, host) per module of ``w0``; merges a copy, the model stays."""
-    merged = cast(Any, copy.deepcopy(peft_model)).merge_and_unload()
+    """Delta W = merged weight - W_0 (float32, host) per module of ``w0``.
+
+    Merges a float32 copy on the host (PEFT's own merge: DoRA's magnitude, OFT's rotation, ...); the
+    trained model is left as it was (moved to the host for the copy and back).
+    """
+    device = next(peft_model.parameters()).device
+    peft_model.to("cpu")
+    try:
+        merged = cast(Any, copy.deepcopy(peft_model)).float().merge_and_unload()
+    finally:
+        peft_model.to(device)
     weights = linear_weights(merged)
-    return {n: weights[n].detach().to("cpu", torch.float32) - w for n, w in w0.items()}
+    return {n: weights[n].detach().float() - w for n, w in w0.items()}
 
 
 def _where_key(i: int, key: str = "") -> str:
@@ -382,9 +391,12 @@ class PeftMethod(Method[PeftSettings, PeftAxes]):
         from idlab.methods.lora_peft import save_adapter
 
         head = head_module_name(model) if type(model).__name__.endswith("ForSequenceClassification") else None
-        # W_0 on the host, before PEFT touches the model (PiSSA / OLoRA rewrite it at init)
+        # W_0 on the host, before PEFT touches the model (PiSSA / OLoRA rewrite it at init): the layers a
+        # target list names (PEFT's rule: the name or a dotted suffix), every linear layer without one
+        t_list = [] if list(axes.target_modules) == ["all-linear"] else list(axes.target_modules)
         w0 = {n: w.detach().to("cpu", torch.float32, copy=True) for n, w in linear_weights(model).items()
-              if not (head and (n == head or n.startswith(head + ".")))}
+              if not (head and (n == head or n.startswith(head + ".")))
+              and (not t_list or any(n == t or n.endswith("." + t) for t in t_list))}
         torch.manual_seed(seed)
         pm = wrap(model, axes)
         tuned = set(tuned_modules(pm))
