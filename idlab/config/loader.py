@@ -147,6 +147,12 @@ def describe_fields(cls: type[DataclassInstance] = StudyConfig, prefix: str = ""
             continue
         key = prefix + f.name
         tp = hints[f.name]
+        args = typing.get_args(tp)
+        item = args[0] if typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis else None
+        if isinstance(item, type) and dataclasses.is_dataclass(item):  # a list of blocks (peft's entries)
+            lines.append(f"{key}: {f.metadata.get('help', '')}")
+            lines += describe_fields(item, key + ".")
+            continue
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             lines.append(f"{key}: {f.metadata.get('help', '')}")
             lines += describe_fields(tp, key + ".")

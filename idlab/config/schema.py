@@ -90,7 +90,7 @@ class TargetConfig:
 def _registered() -> tuple[str, ...]:
     from idlab import methods
 
-    return methods.names()
+    return tuple(n for n in methods.names() if methods.get(n).listed_by_default)
 
 
 def target_of(study: Mapping[str, Any]) -> TargetConfig:
@@ -146,7 +146,8 @@ class StudyConfig:
     task: TaskConfig = field(default_factory=TaskConfig, metadata=doc("the task (name or mapping)"))
     methods: tuple[str, ...] = field(
         default_factory=lambda: _registered(),
-        metadata=doc("methods to run (registered: idlab.methods.names()); each reads the block of its name"))
+        metadata=doc("methods to run (registered: idlab.methods.names(); default: those listed by default, not the "
+                     "ones whose block must be written); each reads the block of its name"))
     target: TargetConfig = field(default_factory=TargetConfig, metadata=doc("the crossing target (d90, r90, p90)"))
     train: TrainConfig = field(
         default_factory=TrainConfig,

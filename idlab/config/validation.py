@@ -58,10 +58,19 @@ def _text(v: object) -> object:
     return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v  # lora_alpha: 16
 
 
+def _list_field(cls: type[DataclassInstance]) -> str | None:
+    """The field a block given as a list fills (``metadata["list_block"]``: ``peft: [{method: vera}]``)."""
+    return next((f.name for f in dataclasses.fields(cls) if f.metadata.get("list_block")), None)
+
+
 def _block(cls: type[DataclassInstance]) -> Callable[[object], object]:
+    listed = _list_field(cls)
+
     def read(v: object) -> object:
         if v is None:  # an empty block (`lora:`) is the defaults
             return {}
+        if listed and isinstance(v, (list, tuple)):
+            return {listed: v}
         named = isinstance(v, (str, int)) and not isinstance(v, bool) and "name" in cls.__dataclass_fields__
         return {"name": v} if named else v  # `model: smollm2-135m` == `model: {name: smollm2-135m}`
 
@@ -125,7 +134,8 @@ def _tune(schema: Any, defs: Mapping[str, Any]) -> Any:
             fields.append({**f, "init": False} if f["name"] in hidden(cls) else f)
         s["schema"] = {**s["schema"], "fields": fields}
         names = [cs.str_schema()] if "name" in cls.__dataclass_fields__ else []
-        return _before(_block(cls), s, s, cs.none_schema(), *names)
+        listed = [cs.list_schema()] if _list_field(cls) else []
+        return _before(_block(cls), s, s, cs.none_schema(), *names, *listed)
     return s
 
 
@@ -178,6 +188,9 @@ def _config_error(e: ValidationError, cls: type[DataclassInstance], where: str, 
     err = e.errors(include_url=False)[0]
     loc, kind, value, ctx = err["loc"], err["type"], err["input"], err.get("ctx", {})
     key = _key(((prefix,) if prefix else ()) + tuple(loc))
+    listed = _list_field(cls)
+    if prefix and listed and key.startswith(f"{prefix}.{listed}["):  # a block given as a list: peft[0].lr
+        key = prefix + key.removeprefix(f"{prefix}.{listed}")
     if kind == "unexpected_keyword_argument":
         owner, name, parent = _owner(cls, loc[:-1]), str(loc[-1]), key.rpartition(".")[0]
         if owner is TrainConfig and name in PER_RUN_TRAIN_FIELDS:

@@ -8,6 +8,7 @@ over PEFT that the LoRA method uses (also public: `idlab.apply_lora`, ...).
 from idlab.methods.base import Axes, CellScores, GridContext, Method, PlanTerms, Prepared, Style
 from idlab.methods.full import FullFineTuning
 from idlab.methods.lora import LoRA
+from idlab.methods.peft_family import PeftMethod
 from idlab.methods.registry import (
     axes_from_config,
     baseline_method,
@@ -22,6 +23,7 @@ from idlab.methods.subspace import Subspace
 register(FullFineTuning())
 register(LoRA())
 register(Subspace())
+register(PeftMethod())
 
 __all__ = ["Axes", "CellScores", "GridContext", "Method", "PlanTerms", "Prepared", "Style", "axes_from_config", "baseline_method",
            "get", "names", "register", "unregister", "variant"]

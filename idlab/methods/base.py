@@ -165,6 +165,8 @@ class Method(ABC, Generic[S, A]):
     #: on several processes; fsdp2 on a method that is not shardable is refused)
     shardable: ClassVar[bool] = False
     style: ClassVar[Style] = Style()
+    #: in a study's ``methods`` when the study names none (False: its block has nothing to run by default)
+    listed_by_default: ClassVar[bool] = True
     #: old study keys of this block -> the message naming the new key
     renamed: ClassVar[dict[str, str]] = {}
 
@@ -189,6 +191,11 @@ class Method(ABC, Generic[S, A]):
         """The learning rates searched per cell (``<method>.lr``)."""
         lrs: tuple[float, ...] = getattr(settings, "lr")  # noqa: B009 - every block has lr
         return lrs
+
+    def learning_rates_for(self, settings: S, axes: A) -> tuple[float, ...]:
+        """The learning rates searched at one cell (default: the block's `learning_rates`; a method whose
+        cells carry their own, e.g. one list per PEFT method, overrides it)."""
+        return self.learning_rates(settings)
 
     @abstractmethod
     def cells(self, settings: S, ctx: GridContext | None = None) -> list[A]:

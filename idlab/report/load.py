@@ -66,6 +66,7 @@ def _row(path: Path, res: RunResult) -> JsonObject:
         "projection": cfg.get("projection"),
         "said": cfg.get("said"),
         "head": res.head,
+        "no_delta": res.method_info.get("no_delta"),
         "metric": res.metric,
         "higher_is_better": res.higher_is_better,
         "score_final": res.metrics.get(res.metric),

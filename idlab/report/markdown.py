@@ -46,7 +46,7 @@ from idlab.report.figures import (
 from idlab.report.headline import compute_headline, headline_lines
 from idlab.report.load import load_curves, load_results, score_col, study_meta, variant
 from idlab.report.settings import GROUP_COL, header_lines, setting_columns, setting_groups
-from idlab.report.tables import amplification_table, cell_table
+from idlab.report.tables import amplification_table, cell_table, pareto_front
 from idlab.report.text import fmt, md_table
 from idlab.runs import atomic_write_text
 
@@ -163,7 +163,14 @@ def _group_section(study: str, where: str, label: str, runs: pd.DataFrame, cells
                       "the rate with the highest is selected, here and in the sweep):", "",
                       md_table(cells, ["variant", "r", "d", "lr", "seeds", "mean", "std", "select_score",
                                        "selected"]), ""]
-    lines += _delta_lines(tables, of)
+        front = pareto_front(cells)
+        if not front.empty:
+            lines += [f"### Pareto front: the best cell at each budget of trainable parameters{of}", "",
+                      "A cell is on the front when no cell with fewer or equal trainable parameters has a higher "
+                      "seed mean (selected learning rate; every method).", "",
+                      md_table(front, [c for c in ("trainable_parameters", "method", "variant", "size", "lr",
+                                                   "n_seeds", "mean", "std") if c in front]), ""]
+    lines += _delta_lines(tables, of, runs)
     for n in notes:
         lines += [f"- note: {n}"]
     if notes:
@@ -171,9 +178,30 @@ def _group_section(study: str, where: str, label: str, runs: pd.DataFrame, cells
     return lines
 
 
-def _delta_lines(tables: Mapping[str, pd.DataFrame], of: str) -> list[str]:
-    """The Delta W tables: Hu et al. Table 7 layout, ranks, intruder dimensions."""
+def _rank_summary(ranks: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Per curve (variant) and size: the mean ranks of ΔW over modules, layers and seeds, and whether the
+    update is low-rank (energy rank at p = 0.9 at most a quarter of the full rank)."""
+    if "run_id" not in ranks or "variant" not in runs:
+        return pd.DataFrame()
+    rk = ranks.merge(runs[["run_id", "variant", "size"]], on="run_id", how="inner")
+    if rk.empty:
+        return pd.DataFrame()
+    rk = rk.assign(size=rk["size"].astype(object).where(rk["size"].notna(), "–").astype(str))
+    agg = (rk.groupby(["variant", "size"], sort=True)[["n_singular", "energy_rank", "effective_rank", "stable_rank"]]
+           .mean().reset_index())
+    agg["low-rank?"] = ["yes" if e <= 0.25 * n else "no" for e, n in zip(agg["energy_rank"], agg["n_singular"])]
+    return agg
+
+
+def _delta_lines(tables: Mapping[str, pd.DataFrame], of: str, runs: pd.DataFrame | None = None) -> list[str]:
+    """The Delta W tables: Hu et al. Table 7 layout, ranks (per module type; per curve: is ΔW low-rank?),
+    intruder dimensions; one line per curve whose runs have no ΔW."""
     lines: list[str] = []
+    if runs is not None and "no_delta" in runs:
+        for v, why in sorted({(str(a), str(b)) for a, b in zip(runs["variant"], runs["no_delta"]) if pd.notna(b)}):
+            lines += [f"- {v}: no ΔW ({why}); left out of the ΔW analysis."]
+        if lines:
+            lines.append("")
     align = tables.get("alignment", pd.DataFrame())
     amp, cap = amplification_table(align) if not align.empty else (pd.DataFrame(), "")
     lines += [f"### ΔW versus W (Hu et al. Table 7 layout){of}", ""]
@@ -190,6 +218,11 @@ def _delta_lines(tables: Mapping[str, pd.DataFrame], of: str) -> list[str]:
                                                                  "fro_norm"]].mean().reset_index())
         lines += [f"### Ranks of ΔW (mean over layers and seeds; energy rank at p = 0.9){of}", "",
                   md_table(agg), ""]
+        per = _rank_summary(ranks, runs) if runs is not None else pd.DataFrame()
+        if not per.empty:
+            lines += [f"### Is ΔW low-rank? Per curve and size (mean over modules, layers and seeds){of}", "",
+                      "`n_singular` is the full rank min(d_out, d_in); low-rank: energy rank at p = 0.9 at most a "
+                      "quarter of it.", "", md_table(per), ""]
     intr = tables.get("intruders", pd.DataFrame())
     if not intr.empty:
         ia = intr.copy()

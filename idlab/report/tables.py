@@ -256,6 +256,8 @@ def crossings(sel_runs: pd.DataFrame, cells: pd.DataFrame, target: float | None,
         if methods.get(name).size_key is None:
             continue
         for v, g in groups(sel_runs[sel_runs["method"] == name], "variant"):
+            if g["size"].isna().all():  # a curve without a size axis (IA3, LN tuning): one point, no crossing
+                continue
             res = threshold_crossing(g, "size", target, score)
             extra = g["trainable_parameters"].astype(float) - g["size"].astype(float)
             res = replace(res, extra=float(extra.median()) if len(extra) else 0.0)
@@ -265,6 +267,23 @@ def crossings(sel_runs: pd.DataFrame, cells: pd.DataFrame, target: float | None,
                     res = replace(res, params=int(at["trainable_parameters"].iloc[0]), mean=float(at["mean"].iloc[0]))
             out.setdefault(name, {})[v] = res
     return out
+
+
+def pareto_front(cells: pd.DataFrame) -> pd.DataFrame:
+    """The cells that are best at some budget of trainable parameters, by increasing budget.
+
+    ``cells``: `cell_table` rows (only the selected learning rate of each cell is used when a
+    ``selected`` column is there). A cell is on the front when no cell with fewer or equal trainable
+    parameters has a higher seed-mean score; any method, any variant.
+    """
+    if cells.empty or "trainable_parameters" not in cells:
+        return cells.iloc[0:0]
+    c = cells[cells["selected"].astype(bool)] if "selected" in cells else cells
+    c = c[c["trainable_parameters"].notna() & c["mean"].notna()]
+    p, m = c["trainable_parameters"].astype(float).to_numpy(), c["mean"].astype(float).to_numpy()
+    on = [not bool(((p <= p[i]) & (m > m[i])).any()) for i in range(len(c))]
+    return c[on].sort_values(["trainable_parameters", "mean"], ascending=[True, False],
+                             kind="mergesort").reset_index(drop=True)
 
 
 def majority_floor(runs: pd.DataFrame) -> float | None:
@@ -289,4 +308,4 @@ def thin_crossings(results: Mapping[str, CurveCrossing]) -> list[str]:
 
 
 __all__ = ["CELL_KEYS", "Crossings", "CurveCrossing", "amplification_table", "baseline", "cell_table", "crossings", "groups",
-           "majority_floor", "selected_runs", "thin_crossings", "threshold_crossing"]
+           "majority_floor", "pareto_front", "selected_runs", "thin_crossings", "threshold_crossing"]

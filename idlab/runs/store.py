@@ -122,7 +122,7 @@ def package_versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 
     out: dict[str, str | None] = {}
-    for pkg in ("torch", "transformers", "peft", "idlab"):
+    for pkg in "torch transformers peft idlab".split():  # a string: "peft" is also a method name
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:

@@ -78,7 +78,7 @@ def expand(study: StudyConfig, store: RunStore | None = None) -> list[Run]:
         settings = study.settings(name)
         ctx = _context(study, store, name) if store is not None else None
         for axes in m.cells(settings, ctx):
-            for lr in m.learning_rates(settings):
+            for lr in m.learning_rates_for(settings, axes):
                 for seed in study.seeds:
                     cfg = run_config(study, name, axes, lr, seed)
                     rid = run_id(cfg)
