@@ -47,6 +47,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -59,7 +60,7 @@ from idlab.subspace.fastfood_global import (
     FastfoodProjection,
     check_d,
 )
-from idlab.subspace.hadamard import fast_module, wht_
+from idlab.subspace.hadamard import fast_module, triton_module, wht_
 
 __all__ = [
     "BLOCK_STATES",
@@ -254,6 +255,7 @@ class BlockFastfoodProjection(Projection):
                 gsq[pc.first_block : pc.first_block + pc.q] = self._gsq(pc)
         scale = 1.0 / (gsq.sqrt() * math.sqrt(self.D))
         self.register_buffer("block_scale", scale.to(dev), persistent=False)
+        self._tri_keys: dict[tuple[int, torch.device], Tensor] = {}  # Triton path: keys per piece, on device
 
     # -------------------------------------------------------------- factors
     def _keys(self, pc: _Piece, device: torch.device) -> Tensor:
@@ -304,6 +306,15 @@ class BlockFastfoodProjection(Projection):
         return self.block_scale.numel() * self.block_scale.element_size()
 
     # -------------------------------------------------------------- compute
+    def _triton_keys(self, tri: ModuleType, pc: _Piece, device: torch.device) -> Tensor:
+        """(q, 9) int64 keys of the piece's blocks for the Triton kernels (cached per device)."""
+        key = (pc.index, device)
+        t = self._tri_keys.get(key)
+        if t is None:
+            ks = [block_keys(self.seed, pc.index, j).perm_args() for j in range(pc.q)]
+            t = self._tri_keys[key] = tri.keys_tensor(ks, pc.kbits, device)
+        return t
+
     def _tables(self, pc: _Piece, keys: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """idx = Pi mod c (q, n) int64 and G (q, n) for the piece's blocks (torch path)."""
         i = torch.arange(1 << pc.kbits, device=keys.device, dtype=torch.int64)
@@ -325,6 +336,10 @@ class BlockFastfoodProjection(Projection):
         u = wht_(xb)  # (q, c) H_c B theta, one period each
         if z is None:
             z = torch.empty(n, dtype=dt, device=dev)
+        tri = triton_module(z)
+        if tri is not None:  # z = sum_j G_j u_j[Pi_j mod c]: one Triton pass over all blocks
+            tri.ff_expand(u, z, pc.kbits, self._triton_keys(tri, pc, dev), gauss_table(dev))
+            return wht_(z)
         mod = fast_module(z)
         if mod is not None:  # z = sum_j G_j u_j[Pi_j mod c], one fused pass per block
             for j in range(q):
@@ -339,13 +354,18 @@ class BlockFastfoodProjection(Projection):
         """out (d,) += P_piece^T grad, grad (length,)."""
         dev, dt = grad.device, grad.dtype
         n, c, q = 1 << pc.kbits, pc.c, pc.q
+        tri = triton_module(grad)
+        if tri is not None:  # float32 throughout (bf16 gradients accumulate in float32)
+            dt = torch.float32
         z = torch.empty(n, dtype=dt, device=dev)
         z[: pc.length] = grad
         z[pc.length :] = 0
         wht_(z)  # H_n pad grad
         keys = self._keys(pc, dev)
         mod = fast_module(z)
-        if mod is not None:  # bins_j = sum over Pi_j mod c of G_j z, one fused pass per block
+        if tri is not None:  # bins_j = sum over Pi_j mod c of G_j z: a deterministic Triton gather-reduce
+            bins = tri.ff_bin(z, c, pc.kbits, self._triton_keys(tri, pc, dev), gauss_table(dev))
+        elif mod is not None:  # bins_j = sum over Pi_j mod c of G_j z, one fused pass per block
             tab = gauss_table()
             bins = torch.stack([mod.ff_bin(z, c, pc.kbits, *block_keys(self.seed, pc.index, j).perm_args(), tab)
                                 for j in range(q)])
@@ -371,7 +391,8 @@ class BlockFastfoodProjection(Projection):
     def segment_adjoint(self, grad: Tensor, segment: int) -> Tensor:
         """P_s^T grad for one segment: grad (segments[segment],) -> (d,), no autograd."""
         grad = grad.reshape(-1)
-        out = torch.zeros(self.d, dtype=grad.dtype, device=grad.device)
+        dt = grad.dtype if grad.dtype in (torch.float32, torch.float64) else torch.float32
+        out = torch.zeros(self.d, dtype=dt, device=grad.device)
         for pc in self._pieces[segment]:
             self._piece_adjoint(grad[pc.start : pc.start + pc.length], pc, out)
         return out
