@@ -90,7 +90,7 @@ def _ff_expand(u, z, keys, table, q, c, n, msk, r, gold, fmix, m32,  # type: ign
     """z_i = sum_j G_j,i u_j[Pi_j(i) & (c - 1)]; keys (q, 9) int64: xk, a0, a1, ak, a2, kg, a0^-1, a1^-1, a2^-1."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     live = i < n
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc = tl.full((BLOCK,), 0.0, tl.float32)  # (tl.zeros is a jit helper: not in the interpreter once triton is imported)
     for j in range(q):
         kp = keys + j * 9
         x = (i ^ tl.load(kp)) & msk
@@ -124,7 +124,7 @@ def _ff_bin(z, part, keys, table, c, n_t, S, per, steps, msk, r, gold, fmix, m32
     i0 = tl.load(kp + 6)
     i1 = tl.load(kp + 7)
     i2 = tl.load(kp + 8)
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc = tl.full((BLOCK,), 0.0, tl.float32)  # (tl.zeros is a jit helper: not in the interpreter once triton is imported)
     for step in range(steps):
         k = s * steps + step
         x = t + k.to(tl.int64) * c
