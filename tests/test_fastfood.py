@@ -175,3 +175,42 @@ def test_blocks_same_p_on_cuda() -> None:
     gpu = make_projection("fastfood", 70_000, 300, seed=4, dtype=F64, device="cuda", segments=(60_000, 10_000),
                           block_size=1 << 14)
     torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x))
+
+
+def test_kernel_calls_per_piece_and_stacked_forward_keep_p() -> None:
+    """The C++ kernel's one-call-per-piece passes and forward()'s single output buffer give the bits of
+    the per-block calls and the per-segment concatenation they replaced (P and results unchanged)."""
+    hadamard.set_backend("cpp")
+    try:
+        hadamard.backend("cpu")
+    except RuntimeError as e:
+        hadamard.set_backend("auto")
+        pytest.skip(f"the C++ kernel needs gcc and ninja to build: {e}")
+    D, d, segs = 20_000, 600, (12_000, 5_000, 2_000, 999, 1)
+    p = make_projection("fastfood", D, d, seed=2, segments=segs, block_size=1 << 12)
+    assert isinstance(p, BlockFastfoodProjection)
+    x, g = torch.randn(d), torch.randn(D)
+    mod = hadamard.fast_module(x)
+    assert mod is not None
+    tab = gauss_table()
+    for k, (_, _, _, n, q) in enumerate(p.pieces()):
+        pc = [pp for mine in p._pieces for pp in mine][k]
+        u = torch.randn(q, pc.c)
+        z1, z2 = torch.empty(n), torch.empty(n)
+        for j in range(q):
+            mod.ff_expand(u[j], z1, pc.kbits, *block_keys(p.seed, pc.index, j).perm_args(), tab, j > 0)
+        mod.ff_expand_multi(u, z2, pc.kbits, p._kernel_keys(pc), tab)
+        assert torch.equal(z1, z2)
+        b1 = torch.stack([mod.ff_bin(z1, pc.c, pc.kbits, *block_keys(p.seed, pc.index, j).perm_args(), tab)
+                          for j in range(q)])
+        assert torch.equal(b1, mod.ff_bin_multi(z1, pc.c, pc.kbits, p._kernel_keys(pc), tab))
+    xx = x.clone().requires_grad_(True)
+    y = p(xx)
+    y.backward(g)
+    parts = [p.segment_forward(x, s) for s in range(len(segs))]
+    assert torch.equal(y.detach(), torch.cat(parts))
+    total = p.segment_adjoint(g[p.segment_slice(len(segs) - 1)], len(segs) - 1)
+    for s in range(len(segs) - 2, -1, -1):
+        total = total + p.segment_adjoint(g[p.segment_slice(s)], s)
+    assert xx.grad is not None and torch.equal(xx.grad, total)
+    hadamard.set_backend("auto")

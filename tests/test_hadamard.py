@@ -109,6 +109,8 @@ def fresh_backend(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-d
     monkeypatch.setattr(h, "_requested", None)
     monkeypatch.setattr(h, "_resolved", None)
     monkeypatch.setattr(h, "_warned", False)
+    monkeypatch.setattr(h, "_resolved_gpu", None)
+    monkeypatch.setattr(h, "_warned_gpu", False)
     yield h
     h.set_backend("auto")
 
@@ -129,7 +131,7 @@ def test_cpp_kernel_matches_torch_reference(L: int, dtype: torch.dtype) -> None:
 
 
 def test_unknown_kernel_is_a_clear_error(fresh_backend, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ValueError, match=r"unknown Walsh-Hadamard kernel 'avx9'.*allowed: auto, cpp, torch"):
+    with pytest.raises(ValueError, match=r"unknown Walsh-Hadamard kernel 'avx9'.*allowed: auto, triton, cpp, torch"):
         fresh_backend.set_backend("avx9")
     monkeypatch.setenv("IDLAB_KERNEL", "gpu")
     with pytest.raises(ValueError, match=r"'gpu' \(from set_backend or \$IDLAB_KERNEL\)"):

@@ -68,3 +68,18 @@ def test_changing_torch_index_reinstalls_torch(tmp_path: Path, gpu_path: Path) -
     idx = "https://download.pytorch.org/whl/cu124"
     plan = _make_n(venv, gpu_path, 'TORCH=torch==2.5.1', f"TORCH_INDEX={idx}")
     assert f'pip install -q "torch==2.5.1" --index-url {idx}' in plan and "pip uninstall" in plan
+
+
+def test_make_test_adds_the_test_extra_and_sweep_does_not(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    env = {**os.environ, "PATH": os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                                                 if not (Path(p) / "nvidia-smi").exists())}
+
+    def plan(target: str) -> str:
+        return subprocess.run(["make", "-n", target, f"VENV={venv}"], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=60, check=True).stdout
+
+    assert 'pip install -q -e ".[dev,cluster,test]"' in plan("test")
+    assert 'pip install -q -e ".[dev,cluster,test]"' in plan("gpu-check") and "bench.gpu_check" in plan("gpu-check")
+    sweep = plan("sweep")
+    assert 'pip install -q -e ".[dev,cluster]"' in sweep and "test]" not in sweep

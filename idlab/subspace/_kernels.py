@@ -15,6 +15,9 @@ Kernels (CPU, contiguous float32 / float64 tensors, OpenMP over 2+ threads where
 - ``ff_bin(z, c, k, keys..., table)``: bins_t = sum_{i : Pi(i) & (c-1) = t} G_i z_i (c,), summed
   in 16 fixed segments whose partial sums are added in order (deterministic for any thread
   count).
+- ``ff_expand_multi(u, z, k, keys, table)`` / ``ff_bin_multi(z, c, k, keys, table)``: the same for all
+  q blocks of a piece in one call (keys (q, 6) int64), bit-identical to q single calls; tiny passes
+  run on the calling thread (no OpenMP team: its wake-up dominates small pieces on a busy machine).
 - ``ff_gsq(k, kg, table)``: sum_i G_i^2 over i < 2^k, in float64.
 """
 
@@ -141,7 +144,7 @@ inline void hash_tile(uint32_t i0, int64_t len, const Keys& k, uint32_t cmask, u
 template <typename T>
 void expand_impl(const T* u, T* z, int64_t n, uint32_t cmask, const Keys& k, const float* tab, bool acc) {
   const int64_t tiles = (n + TILE - 1) / TILE;
-  #pragma omp parallel for schedule(static)
+  #pragma omp parallel for schedule(static) if (tiles > 1)
   for (int64_t tt = 0; tt < tiles; ++tt) {
     uint32_t idx[TILE], gi[TILE];
     const int64_t i0 = tt * TILE, len = n - i0 < TILE ? n - i0 : TILE;
@@ -160,7 +163,7 @@ void bin_impl(const T* z, T* out, int64_t n, int64_t c, const Keys& k, const flo
   const int64_t S = n >= 16 * TILE ? 16 : 1, seg = n / S;
   std::vector<T> part((size_t)(S * c), T(0));
   const uint32_t cmask = (uint32_t)(c - 1);
-  #pragma omp parallel for schedule(static)
+  #pragma omp parallel for schedule(static) if (S > 1)
   for (int64_t s = 0; s < S; ++s) {
     T* __restrict p = part.data() + s * c;
     uint32_t idx[TILE], gi[TILE];
@@ -175,6 +178,47 @@ void bin_impl(const T* z, T* out, int64_t n, int64_t c, const Keys& k, const flo
     for (int64_t s = 0; s < S; ++s) acc += part[s * c + t];
     out[t] = acc;
   }
+}
+
+// all q blocks of a piece in one call: z_i = sum_j G_j,i u_j[Pi_j(i) & (c - 1)], the same per-element
+// order of additions as q calls of expand_impl (j = 0 assigns, then += in order): the same bits
+template <typename T>
+void expand_multi_impl(const T* u, int64_t c, T* z, int64_t n, const std::vector<Keys>& ks, const float* tab) {
+  const int64_t tiles = (n + TILE - 1) / TILE, q = (int64_t)ks.size();
+  const uint32_t cmask = (uint32_t)(c - 1);
+  #pragma omp parallel for schedule(static) if (tiles > 1)
+  for (int64_t tt = 0; tt < tiles; ++tt) {
+    uint32_t idx[TILE], gi[TILE];
+    const int64_t i0 = tt * TILE, len = n - i0 < TILE ? n - i0 : TILE;
+    T* __restrict zz = z + i0;
+    for (int64_t j = 0; j < q; ++j) {
+      hash_tile((uint32_t)i0, len, ks[j], cmask, idx, gi);
+      const T* __restrict uj = u + j * c;
+      if (j == 0) {
+        for (int64_t t = 0; t < len; ++t) zz[t] = (T)tab[gi[t]] * uj[idx[t]];
+      } else {
+        for (int64_t t = 0; t < len; ++t) zz[t] += (T)tab[gi[t]] * uj[idx[t]];
+      }
+    }
+  }
+}
+
+template <typename T>
+void bin_multi_impl(const T* z, T* out, int64_t n, int64_t c, const std::vector<Keys>& ks, const float* tab) {
+  const int64_t q = (int64_t)ks.size();
+  const bool split = n >= 16 * TILE;  // bin_impl parallelises inside
+  #pragma omp parallel for schedule(static) if (!split && q > 1 && q * n >= 8 * TILE)
+  for (int64_t j = 0; j < q; ++j) bin_impl<T>(z, out + j * c, n, c, ks[j], tab);
+}
+
+std::vector<Keys> keys_of(const torch::Tensor& keys, int64_t kbits) {
+  TORCH_CHECK(keys.dim() == 2 && keys.size(1) == 6 && keys.scalar_type() == torch::kInt64 && keys.is_contiguous()
+              && keys.device().is_cpu(), "keys: a contiguous (q, 6) int64 CPU tensor");
+  const int64_t* p = keys.data_ptr<int64_t>();
+  std::vector<Keys> out;
+  for (int64_t j = 0; j < keys.size(0); ++j)
+    out.push_back(make_keys(kbits, p[6 * j], p[6 * j + 1], p[6 * j + 2], p[6 * j + 3], p[6 * j + 4], p[6 * j + 5]));
+  return out;
 }
 
 }  // namespace
@@ -215,6 +259,34 @@ torch::Tensor ff_bin(torch::Tensor z, int64_t c, int64_t kbits, int64_t xk, int6
   return out;
 }
 
+void ff_expand_multi(torch::Tensor u, torch::Tensor z, int64_t kbits, torch::Tensor keys, torch::Tensor table) {
+  TORCH_CHECK(u.is_contiguous() && z.is_contiguous() && table.is_contiguous() && u.dim() == 2, "ff_expand_multi: contiguous (q, c) u");
+  TORCH_CHECK(u.scalar_type() == z.scalar_type(), "ff_expand_multi: u and z dtypes differ");
+  TORCH_CHECK(z.numel() == (int64_t(1) << kbits), "ff_expand_multi: z must have 2^k entries");
+  const std::vector<Keys> ks = keys_of(keys, kbits);
+  TORCH_CHECK((int64_t)ks.size() == u.size(0) && !ks.empty(), "ff_expand_multi: one key row per row of u");
+  const float* tab = table.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "ff_expand_multi", [&] {
+    expand_multi_impl<scalar_t>(u.data_ptr<scalar_t>(), u.size(1), z.data_ptr<scalar_t>(), z.numel(), ks, tab);
+  });
+}
+
+// bins (q, c) of all q blocks in one call: row j is exactly ff_bin of block j (blocks run in parallel
+// when each is too small to split)
+torch::Tensor ff_bin_multi(torch::Tensor z, int64_t c, int64_t kbits, torch::Tensor keys, torch::Tensor table) {
+  TORCH_CHECK(z.is_contiguous() && table.is_contiguous(), "ff_bin_multi: contiguous");
+  TORCH_CHECK(z.numel() == (int64_t(1) << kbits), "ff_bin_multi: z must have 2^k entries");
+  const std::vector<Keys> ks = keys_of(keys, kbits);
+  const int64_t q = (int64_t)ks.size(), n = z.numel();
+  TORCH_CHECK(q > 0, "ff_bin_multi: no keys");
+  auto out = torch::empty({q, c}, z.options());
+  const float* tab = table.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "ff_bin_multi", [&] {
+    bin_multi_impl<scalar_t>(z.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n, c, ks, tab);
+  });
+  return out;
+}
+
 double ff_gsq(int64_t kbits, int64_t kg, torch::Tensor table) {
   const float* tab = table.data_ptr<float>();
   const int64_t n = int64_t(1) << kbits;
@@ -228,7 +300,7 @@ double ff_gsq(int64_t kbits, int64_t kg, torch::Tensor table) {
 }
 """
 
-FUNCTIONS = ["wht_", "ff_expand", "ff_bin", "ff_gsq"]
+FUNCTIONS = ["wht_", "ff_expand", "ff_bin", "ff_expand_multi", "ff_bin_multi", "ff_gsq"]
 
 
 def _cpu_signature() -> str:

@@ -47,6 +47,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -59,7 +60,7 @@ from idlab.subspace.fastfood_global import (
     FastfoodProjection,
     check_d,
 )
-from idlab.subspace.hadamard import fast_module, wht_
+from idlab.subspace.hadamard import fast_module, triton_module, wht_
 
 __all__ = [
     "BLOCK_STATES",
@@ -76,6 +77,8 @@ BLOCK_STATES = ("none",)
 FASTFOOD_BLOCK = 1 << 20
 # "blocks": largest allowed block (the torch path holds a few int64 (block,) temporaries).
 FASTFOOD_BLOCK_MAX = 1 << 24
+# "blocks": B * scale is cached for pieces with q * c at most this (small tensors: per-call setup dominates)
+_SIGN_CACHE = 1 << 13
 
 _M32 = 0xFFFFFFFF
 _M64 = (1 << 64) - 1
@@ -254,6 +257,12 @@ class BlockFastfoodProjection(Projection):
                 gsq[pc.first_block : pc.first_block + pc.q] = self._gsq(pc)
         scale = 1.0 / (gsq.sqrt() * math.sqrt(self.D))
         self.register_buffer("block_scale", scale.to(dev), persistent=False)
+        # per-piece key caches, built on first use: 56-72 bytes per block (the Triton and C++ kernels' keys,
+        # the torch path's key columns), and B * scale (q, c) for pieces with q * c <= _SIGN_CACHE
+        self._tri_keys: dict[tuple[int, torch.device], Tensor] = {}
+        self._key_cache: dict[tuple[int, torch.device], Tensor] = {}
+        self._cpu_keys: dict[int, Tensor] = {}
+        self._bs_cache: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
 
     # -------------------------------------------------------------- factors
     def _keys(self, pc: _Piece, device: torch.device) -> Tensor:
@@ -304,6 +313,41 @@ class BlockFastfoodProjection(Projection):
         return self.block_scale.numel() * self.block_scale.element_size()
 
     # -------------------------------------------------------------- compute
+    def _cached_keys(self, pc: _Piece, device: torch.device) -> Tensor:
+        key = (pc.index, device)
+        t = self._key_cache.get(key)
+        if t is None:
+            t = self._key_cache[key] = self._keys(pc, device)
+        return t
+
+    def _kernel_keys(self, pc: _Piece) -> Tensor:
+        """(q, 6) int64 CPU keys (xk, a0, a1, ak, a2, kg) of the piece's blocks for the C++ kernel."""
+        t = self._cpu_keys.get(pc.index)
+        if t is None:
+            rows = [block_keys(self.seed, pc.index, j).perm_args() for j in range(pc.q)]
+            t = self._cpu_keys[pc.index] = torch.tensor(rows, dtype=torch.int64)
+        return t
+
+    def _sign_scale(self, pc: _Piece, keys: Tensor, dt: torch.dtype) -> Tensor:
+        """B_j * scale_j (q, c): the same bits as multiplying by B then by the scale (B = +-1)."""
+        key = (pc.index, keys.device, dt)
+        t = self._bs_cache.get(key)
+        if t is None:
+            scale = self.block_scale[pc.first_block : pc.first_block + pc.q].to(dt).view(pc.q, 1)
+            t = _signs(pc.c, keys[6], dt).mul_(scale)
+            if pc.q * pc.c <= _SIGN_CACHE:
+                self._bs_cache[key] = t
+        return t
+
+    def _triton_keys(self, tri: ModuleType, pc: _Piece, device: torch.device) -> Tensor:
+        """(q, 9) int64 keys of the piece's blocks for the Triton kernels (cached per device)."""
+        key = (pc.index, device)
+        t = self._tri_keys.get(key)
+        if t is None:
+            ks = [block_keys(self.seed, pc.index, j).perm_args() for j in range(pc.q)]
+            t = self._tri_keys[key] = tri.keys_tensor(ks, pc.kbits, device)
+        return t
+
     def _tables(self, pc: _Piece, keys: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """idx = Pi mod c (q, n) int64 and G (q, n) for the piece's blocks (torch path)."""
         i = torch.arange(1 << pc.kbits, device=keys.device, dtype=torch.int64)
@@ -317,19 +361,20 @@ class BlockFastfoodProjection(Projection):
         """
         dev, dt = theta.device, theta.dtype
         n, c, q = 1 << pc.kbits, pc.c, pc.q
-        keys = self._keys(pc, dev)
-        scale = self.block_scale[pc.first_block : pc.first_block + q].to(dt).view(q, 1)
+        keys = self._cached_keys(pc, dev)
         xb = torch.zeros(q * c, dtype=dt, device=dev)
         xb[: self.d] = theta
-        xb = xb.view(q, c).mul_(_signs(c, keys[6], dt)).mul_(scale)  # (q, c) B theta * scale
+        xb = xb.view(q, c).mul_(self._sign_scale(pc, keys, dt))  # (q, c) B theta * scale
         u = wht_(xb)  # (q, c) H_c B theta, one period each
         if z is None:
             z = torch.empty(n, dtype=dt, device=dev)
+        tri = triton_module(z)
+        if tri is not None:  # z = sum_j G_j u_j[Pi_j mod c]: one Triton pass over all blocks
+            tri.ff_expand(u, z, pc.kbits, self._triton_keys(tri, pc, dev), gauss_table(dev))
+            return wht_(z)
         mod = fast_module(z)
-        if mod is not None:  # z = sum_j G_j u_j[Pi_j mod c], one fused pass per block
-            for j in range(q):
-                k = block_keys(self.seed, pc.index, j)
-                mod.ff_expand(u[j], z, pc.kbits, *k.perm_args(), gauss_table(), j > 0)
+        if mod is not None:  # z = sum_j G_j u_j[Pi_j mod c], one fused pass over all blocks
+            mod.ff_expand_multi(u, z, pc.kbits, self._kernel_keys(pc), gauss_table())
         else:
             idx, g = self._tables(pc, keys, dt)  # (q, n)
             torch.sum(torch.gather(u, 1, idx).mul_(g), dim=0, out=z)  # (n,) sum_j G_j u_j[idx_j]
@@ -339,27 +384,31 @@ class BlockFastfoodProjection(Projection):
         """out (d,) += P_piece^T grad, grad (length,)."""
         dev, dt = grad.device, grad.dtype
         n, c, q = 1 << pc.kbits, pc.c, pc.q
+        tri = triton_module(grad)
+        if tri is not None:  # float32 throughout (bf16 gradients accumulate in float32)
+            dt = torch.float32
         z = torch.empty(n, dtype=dt, device=dev)
         z[: pc.length] = grad
         z[pc.length :] = 0
         wht_(z)  # H_n pad grad
-        keys = self._keys(pc, dev)
+        keys = self._cached_keys(pc, dev)
         mod = fast_module(z)
-        if mod is not None:  # bins_j = sum over Pi_j mod c of G_j z, one fused pass per block
-            tab = gauss_table()
-            bins = torch.stack([mod.ff_bin(z, c, pc.kbits, *block_keys(self.seed, pc.index, j).perm_args(), tab)
-                                for j in range(q)])
+        if tri is not None:  # bins_j = sum over Pi_j mod c of G_j z: a deterministic Triton gather-reduce
+            bins = tri.ff_bin(z, c, pc.kbits, self._triton_keys(tri, pc, dev), gauss_table(dev))
+        elif mod is not None:  # bins_j = sum over Pi_j mod c of G_j z, all blocks in one call
+            bins = mod.ff_bin_multi(z, c, pc.kbits, self._kernel_keys(pc), gauss_table())
         else:
             idx, g = self._tables(pc, keys, dt)  # (q, n)
             bins = torch.zeros(q, c, dtype=dt, device=dev).scatter_add_(1, idx, g.mul_(z))
         gb = wht_(bins)  # (q, c) H_c Pi^T G H grad
-        scale = self.block_scale[pc.first_block : pc.first_block + q].to(dt).view(q, 1)
-        gb.mul_(_signs(c, keys[6], dt)).mul_(scale)
+        gb.mul_(self._sign_scale(pc, keys, dt))
         out.add_(gb.view(-1)[: self.d])
 
-    def segment_forward(self, theta: Tensor, segment: int) -> Tensor:
-        """Rows of segment ``segment`` of P theta: theta (d,) -> (segments[segment],), no autograd."""
-        out = torch.empty(self.segments[segment], dtype=theta.dtype, device=theta.device)
+    def segment_forward(self, theta: Tensor, segment: int, out: Tensor | None = None) -> Tensor:
+        """Rows of segment ``segment`` of P theta: theta (d,) -> (segments[segment],), no autograd
+        (written into ``out`` when given: a contiguous (segments[segment],) tensor)."""
+        if out is None:
+            out = torch.empty(self.segments[segment], dtype=theta.dtype, device=theta.device)
         for pc in self._pieces[segment]:
             dst = out[pc.start : pc.start + pc.length]
             if pc.length == 1 << pc.kbits:
@@ -371,7 +420,8 @@ class BlockFastfoodProjection(Projection):
     def segment_adjoint(self, grad: Tensor, segment: int) -> Tensor:
         """P_s^T grad for one segment: grad (segments[segment],) -> (d,), no autograd."""
         grad = grad.reshape(-1)
-        out = torch.zeros(self.d, dtype=grad.dtype, device=grad.device)
+        dt = grad.dtype if grad.dtype in (torch.float32, torch.float64) else torch.float32
+        out = torch.zeros(self.d, dtype=dt, device=grad.device)
         for pc in self._pieces[segment]:
             self._piece_adjoint(grad[pc.start : pc.start + pc.length], pc, out)
         return out
@@ -384,8 +434,8 @@ class BlockFastfoodProjection(Projection):
     def forward(self, theta_d: Tensor) -> Tensor:
         """P theta_d (D,), one differentiable segment at a time (concatenated)."""
         self._check_input(theta_d)
-        parts = [_SegmentFn.apply(theta_d, self, s) for s in range(len(self.segments))]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        out: Tensor = _StackFn.apply(theta_d, self)
+        return out
 
     def _device(self) -> torch.device:
         return self.block_scale.device
@@ -395,17 +445,26 @@ class BlockFastfoodProjection(Projection):
                 f"block_size={self.block_size}, blocks={self.num_blocks}")
 
 
-class _SegmentFn(torch.autograd.Function):
-    """y_s = P_s theta (segment s's rows); backward g -> P_s^T g."""
+class _StackFn(torch.autograd.Function):
+    """y = P theta, every segment written into one (D,) output (no concatenation); backward: the sum of
+    the segments' P_s^T g_s, last segment first."""
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, theta: Tensor, proj: BlockFastfoodProjection,
-                segment: int) -> Tensor:
-        ctx.proj, ctx.segment = proj, segment  # type: ignore[attr-defined]
-        return proj.segment_forward(theta.detach(), segment)
+    def forward(ctx: torch.autograd.function.FunctionCtx, theta: Tensor, proj: BlockFastfoodProjection) -> Tensor:
+        ctx.proj = proj  # type: ignore[attr-defined]
+        theta = theta.detach()
+        out = torch.empty(proj.D, dtype=theta.dtype, device=theta.device)
+        for s in range(len(proj.segments)):
+            proj.segment_forward(theta, s, out[proj.segment_slice(s)])
+        return out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
         proj: BlockFastfoodProjection = ctx.proj  # type: ignore[attr-defined]
-        return proj.segment_adjoint(grad.contiguous(), ctx.segment), None, None  # type: ignore[attr-defined]
+        grad = grad.contiguous()
+        last = len(proj.segments) - 1
+        out = proj.segment_adjoint(grad[proj.segment_slice(last)], last)
+        for s in range(last - 1, -1, -1):  # last segment first: the order autograd summed per-segment nodes in
+            out.add_(proj.segment_adjoint(grad[proj.segment_slice(s)], s))
+        return out, None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -154,32 +155,45 @@ def hadamard(x: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- fast path
 
-KERNELS = ("auto", "cpp", "torch")
+KERNELS = ("auto", "triton", "cpp", "torch")
 _KERNEL_ENV = "IDLAB_KERNEL"
 _requested: str | None = None  # None: read the environment on first use
-_resolved: str | None = None
+_resolved: str | None = None  # the CPU kernel: "cpp" or "torch"
+_resolved_gpu: str | None = None  # the CUDA kernel: "triton" or "torch"
 _module: object | None = None
+_triton: ModuleType | None = None
 _warned = False
+_warned_gpu = False
 
 
 def _check_kernel(name: object) -> str:
     if not isinstance(name, str) or name not in KERNELS:
         raise ValueError(
             f"unknown Walsh-Hadamard kernel {name!r} (from set_backend or ${_KERNEL_ENV}); allowed: "
-            f"{', '.join(KERNELS)} ('auto' builds the C++ fast path and falls back to 'torch')"
+            f"{', '.join(KERNELS)} ('auto': Triton on CUDA, the C++ fast path on CPU, else 'torch')"
         )
     return name
 
 
 def set_backend(name: str) -> None:
-    """Choose the transform's kernel: "auto" (default: C++ if it builds, else torch), "cpp"
-    (the compiled CPU fast path; raises if it cannot build) or "torch" (the plain reference).
+    """Choose the transform's kernel: "auto" (default: Triton for CUDA tensors when it imports, C++
+    for CPU tensors if it builds, else torch with one warning), "triton" (raises if Triton does not
+    import; CPU tensors use it only under TRITON_INTERPRET=1, else the "auto" CPU choice), "cpp" (the
+    compiled CPU fast path; raises if it cannot build; CUDA tensors use torch) or "torch" (the plain
+    reference everywhere).
 
     The environment variable IDLAB_KERNEL sets the same choice before first use.
     """
-    global _requested, _resolved
+    global _requested, _resolved, _resolved_gpu
     _requested = _check_kernel(name)
-    _resolved = None
+    _resolved = _resolved_gpu = None
+
+
+def _requested_kernel() -> str:
+    global _requested
+    if _requested is None:
+        _requested = _check_kernel(os.environ.get(_KERNEL_ENV, "auto"))
+    return _requested
 
 
 def _build_module() -> object:
@@ -191,25 +205,82 @@ def _build_module() -> object:
     return _kernels.build()
 
 
-def backend() -> str:
-    """The kernel in use for CPU tensors: "cpp" or "torch" (builds the fast path on first call).
+def _import_triton() -> ModuleType:
+    from idlab.subspace import triton_kernels
 
-    Recorded in every result.json (``environment()``). With "auto" a failed build warns once
-    and falls back to "torch"; CUDA tensors always use the torch code.
+    return triton_kernels
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+
+
+def _gpu_backend() -> str:
+    """The kernel for CUDA tensors (and CPU tensors when "triton" runs interpreted)."""
+    global _resolved_gpu, _triton, _warned_gpu
+    if _resolved_gpu is not None:
+        return _resolved_gpu
+    req = _requested_kernel()
+    if req in ("torch", "cpp"):
+        _resolved_gpu = "torch"
+        return _resolved_gpu
+    try:
+        _triton = _import_triton()
+        _resolved_gpu = "triton"
+    except Exception as e:
+        if req == "triton":
+            raise RuntimeError(
+                f"the Triton kernels (kernel 'triton') are not available: {type(e).__name__}: {e}; "
+                f"pip install triton (Linux, CUDA), or use kernel 'auto' / 'torch' (${_KERNEL_ENV}=torch)"
+            ) from e
+        if not _warned_gpu:
+            warnings.warn(
+                f"idlab: Triton is not available ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                f"CUDA tensors use the plain-torch Walsh-Hadamard transform and Fastfood passes (slower, same "
+                f"numbers). Set {_KERNEL_ENV}=torch to silence this.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            _warned_gpu = True
+        _triton = None
+        _resolved_gpu = "torch"
+    return _resolved_gpu
+
+
+def backend(device: torch.device | str | None = None) -> str:
+    """The kernel in use for tensors on ``device``: "triton", "cpp" or "torch".
+
+    ``device`` None means CUDA when CUDA is available (where runs train), else CPU. CPU: "cpp"
+    (built on the first call) or "torch"; CUDA: "triton" (when it imports) or "torch". With
+    ``IDLAB_KERNEL=triton`` and ``TRITON_INTERPRET=1`` CPU tensors use the Triton kernels too
+    (the interpreter: how the tests check them without a GPU). Recorded in every subspace run's
+    result.json (``method_info.kernel``). With "auto" a failed build / import warns once and falls
+    back to "torch".
     """
-    global _requested, _resolved, _module, _warned
+    if device is None and torch.cuda.is_available():
+        _cpu_backend()  # CUDA runs hash ||G|| on the CPU: build the C++ kernel now (out of the run's clock)
+    dev = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda" or (dev.type == "cpu" and _requested_kernel() == "triton" and _interpreted()):
+        return _gpu_backend()
+    if dev.type != "cpu":
+        return "torch"
+    return _cpu_backend()
+
+
+def _cpu_backend() -> str:
+    global _resolved, _module, _warned
     if _resolved is not None:
         return _resolved
-    if _requested is None:
-        _requested = _check_kernel(os.environ.get(_KERNEL_ENV, "auto"))
-    if _requested == "torch":
+    req = _requested_kernel()
+    if req == "torch":
         _resolved = "torch"
         return _resolved
     try:
         _module = _build_module()
         _resolved = "cpp"
     except Exception as e:
-        if _requested == "cpp":
+        if req == "cpp":
             raise RuntimeError(
                 f"the C++ Walsh-Hadamard kernel (kernel 'cpp') failed to build: {type(e).__name__}: {e}; "
                 f"install gcc and ninja, or use kernel 'auto' / 'torch' (${_KERNEL_ENV}=torch)"
@@ -220,7 +291,7 @@ def backend() -> str:
                 f"{str(e).splitlines()[0] if str(e) else ''}); using the plain-torch transform "
                 f"(slower, same numbers). Set {_KERNEL_ENV}=torch to silence this.",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             _warned = True
         _module = None
@@ -228,22 +299,41 @@ def backend() -> str:
     return _resolved
 
 
+def triton_module(x: Tensor) -> ModuleType | None:
+    """`idlab.subspace.triton_kernels` when it applies to x (contiguous float32/bfloat16/float16 on
+    CUDA, or on CPU under TRITON_INTERPRET=1 with kernel "triton"), else None."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not x.is_contiguous():
+        return None
+    if x.device.type == "cpu" and not (_requested_kernel() == "triton" and _interpreted()):
+        return None
+    if x.device.type not in ("cpu", "cuda"):
+        return None
+    return _triton if backend(x.device) == "triton" else None
+
+
 def fast_module(x: Tensor) -> Any | None:
-    """The compiled module when it applies to x (CPU, float32/float64, contiguous), else None."""
+    """The compiled CPU module when it applies to x (CPU, float32/float64, contiguous), else None."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous():
         return None
-    return _module if backend() == "cpp" else None
+    if triton_module(x) is not None:
+        return None
+    return _module if backend(x.device) == "cpp" else None
 
 
 def wht_(x: Tensor) -> Tensor:
     """H_n x in place over the last dimension (x contiguous (..., n), n a power of two); returns x.
 
-    Uses the compiled kernel when `backend()` is "cpp" and x is a CPU float32/float64 tensor,
-    else the plain-torch `wht` (same numbers to rounding; tested within 1e-6 relative).
+    Uses the Triton kernel (`triton_module`), else the compiled CPU kernel when it applies (CPU
+    float32/float64, `backend()` "cpp"), else the plain-torch `wht` (same numbers to rounding;
+    tested within 1e-6 relative).
     """
     n = x.shape[-1]
     if not is_power_of_two(n):
         raise ValueError(f"Walsh-Hadamard transform needs a power-of-two last dimension, got {n}")
+    tri = triton_module(x)
+    if tri is not None:
+        tri.wht_(x)
+        return x
     mod = fast_module(x)
     if mod is not None:
         mod.wht_(x)
