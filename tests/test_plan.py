@@ -20,6 +20,7 @@ from idlab.sweep.plan import (
     CPU_RUNTIME_BYTES,
     SLURM_HEADROOM,
     activation_bytes,
+    cpu_runtime_bytes,
     plan_memory,
     plan_run,
 )
@@ -76,7 +77,7 @@ def test_terms_and_counts() -> None:
     assert full.weights_bytes == full.grads_bytes == 4 * n and full.optimizer_bytes == 8 * n
     assert lora.total_parameters > n and 0 < lora.trainable_parameters < n // 50
     assert lora.activation_bytes < full.activation_bytes  # frozen weights need no saved inputs
-    assert full.runtime_bytes == CPU_RUNTIME_BYTES
+    assert full.runtime_bytes == cpu_runtime_bytes() >= CPU_RUNTIME_BYTES  # this environment's, measured
     assert full.slurm_mem_gb * 2**30 >= SLURM_HEADROOM * full.host_bytes
     assert subspace_memory(1000, 100, 2) == 1000 * 2 + 800
     assert subspace_memory(1000, 100, 2, streamed=True) == 100 * (2 + 8)  # one weight at a time

@@ -52,8 +52,28 @@ from idlab.config.run import RunConfig
 from idlab.methods import Axes
 
 #: RSS of a fresh interpreter after ``import torch, transformers, peft, idlab.methods, idlab.training.loop,
-#: idlab.data.text`` (398 MB measured on the 2-core CPU box with torch 2.13.0+cpu, transformers 5.24).
+#: idlab.data.text`` (398 MB measured on the 2-core CPU box with torch 2.13.0+cpu, transformers 5.24):
+#: the fallback when `cpu_runtime_bytes` cannot measure this environment.
 CPU_RUNTIME_BYTES = 400 * 10**6
+#: what `cpu_runtime_bytes` imports in a fresh interpreter: a run's stack, and torch's compiler stack,
+#: which transformers / PEFT load during a run (and which loads Triton where it is installed: +80-300 MB)
+_RUNTIME_PROBE = ("import resource, torch, transformers, peft, torch._dynamo, idlab.methods, idlab.training.loop;"
+                  "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_runtime_bytes() -> int:
+    """Peak RSS of a fresh interpreter holding a run's imports in THIS environment (measured once per
+    process, about 5 s; the packages installed change it, e.g. Triton), else `CPU_RUNTIME_BYTES`."""
+    import subprocess
+    import sys
+
+    try:
+        out = subprocess.run([sys.executable, "-c", _RUNTIME_PROBE], capture_output=True, text=True, timeout=120,
+                             check=True)
+        return max(CPU_RUNTIME_BYTES, int(out.stdout.strip().splitlines()[-1]))
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return CPU_RUNTIME_BYTES
 #: CUDA context + cuBLAS/cuDNN workspaces beside the allocator's peak: an ASSUMPTION (~1 GB is typical),
 #: not yet measured here (the GPU run of issue 16 is pending).
 CUDA_CONTEXT_BYTES = 10**9
@@ -199,7 +219,7 @@ def plan_memory(model: nn.Module, inputs: Tensor | Mapping[str, Tensor], targets
             axes); the method adds its own terms (`idlab.methods.Method.plan_terms`).
         precision: fp32, tf32, bf16-mixed or bf16 (already resolved).
         device: cpu or cuda (the runtime term and where the copies live).
-        runtime_bytes: overrides `CPU_RUNTIME_BYTES` / `CUDA_CONTEXT_BYTES`.
+        runtime_bytes: overrides `cpu_runtime_bytes()` / `CUDA_CONTEXT_BYTES`.
     """
     m = methods.get(method)
     axes = axes if axes is not None else m.axes_type()
@@ -224,7 +244,7 @@ def plan_memory(model: nn.Module, inputs: Tensor | Mapping[str, Tensor], targets
     opt = {"adam": 2, "adamw": 2, "sgd": 1}.get(optimizer, 2) * t_bytes
     activations = act + 2 * act_largest
     runtime = runtime_bytes if runtime_bytes is not None else (CUDA_CONTEXT_BYTES if device == "cuda"
-                                                               else CPU_RUNTIME_BYTES)
+                                                               else cpu_runtime_bytes())
     loaded = sum(p.numel() * _BYTES.get(orig[id(p)], 4) for p in params)
     copies = terms.host_copies
     if device == "cuda":
@@ -433,7 +453,21 @@ def plan_table(plans: Sequence[RunPlan]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CPU_RUNTIME_BYTES", "CUDA_CONTEXT_BYTES", "KNOWN_CONFIGS", "SLURM_HEADROOM", "RunPlan", "activation_bytes",
-           "devices_table",
-           "meta_model", "model_config", "plan_memory", "plan_precision", "plan_run", "plan_runs", "plan_table",
-           "target_device"]
+__all__ = [
+    "CPU_RUNTIME_BYTES",
+    "CUDA_CONTEXT_BYTES",
+    "KNOWN_CONFIGS",
+    "SLURM_HEADROOM",
+    "RunPlan",
+    "activation_bytes",
+    "cpu_runtime_bytes",
+    "devices_table",
+    "meta_model",
+    "model_config",
+    "plan_memory",
+    "plan_precision",
+    "plan_run",
+    "plan_runs",
+    "plan_table",
+    "target_device",
+]
