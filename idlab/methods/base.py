@@ -167,6 +167,8 @@ class Method(ABC, Generic[S, A]):
     style: ClassVar[Style] = Style()
     #: in a study's ``methods`` when the study names none (False: its block has nothing to run by default)
     listed_by_default: ClassVar[bool] = True
+    #: modules a run of this method loads beyond torch / transformers / idlab (``idlab plan``'s runtime term)
+    runtime_imports: ClassVar[tuple[str, ...]] = ()
     #: old study keys of this block -> the message naming the new key
     renamed: ClassVar[dict[str, str]] = {}
 

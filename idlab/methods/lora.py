@@ -157,6 +157,7 @@ class LoRA(Method[LoraSettings, LoraAxes]):
     help = "LoRA axes (Hu et al. 2021) through PEFT"
     title = "LoRA"
     size_key = "r"
+    runtime_imports = ("peft", "torch._dynamo")  # PEFT loads torch's compiler stack (and Triton)
     quantity = "r90"
     style = Style(marker="s", size=5.0)
     renamed: ClassVar[dict[str, str]] = {"alpha": "lora.lora_alpha (PEFT's name)", "dropout": "lora.lora_dropout (PEFT's name)"}

@@ -293,6 +293,7 @@ class PeftMethod(Method[PeftSettings, PeftAxes]):
     help = "any PEFT method by name (a list of {method, <size knob>, lr, target_modules, PEFT fields})"
     title = "PEFT"
     size_key = "size"
+    runtime_imports = ("peft", "torch._dynamo")  # PEFT loads torch's compiler stack (and Triton)
     quantity = "p90"
     style = Style(marker="D", size=5.0)
     listed_by_default = False  # a study lists it with its entries

@@ -55,21 +55,27 @@ from idlab.methods import Axes
 #: idlab.data.text`` (398 MB measured on the 2-core CPU box with torch 2.13.0+cpu, transformers 5.24):
 #: the fallback when `cpu_runtime_bytes` cannot measure this environment.
 CPU_RUNTIME_BYTES = 400 * 10**6
-#: what `cpu_runtime_bytes` imports in a fresh interpreter: a run's stack, and torch's compiler stack,
-#: which transformers / PEFT load during a run (and which loads Triton where it is installed: +80-300 MB)
-_RUNTIME_PROBE = ("import resource, torch, transformers, peft, torch._dynamo, idlab.methods, idlab.training.loop;"
-                  "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+#: what `cpu_runtime_bytes` imports in a fresh interpreter before a method's own `runtime_imports`
+_RUNTIME_BASE = ("torch", "transformers", "idlab.methods", "idlab.training.loop")
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_runtime_bytes() -> int:
-    """Peak RSS of a fresh interpreter holding a run's imports in THIS environment (measured once per
-    process, about 5 s; the packages installed change it, e.g. Triton), else `CPU_RUNTIME_BYTES`."""
+def cpu_runtime_bytes(extra: tuple[str, ...] = ()) -> int:
+    """Peak RSS of a fresh interpreter holding a run's imports in THIS environment, measured once per
+    process (about 5 s), else `CPU_RUNTIME_BYTES`. ``extra``: what the method loads during a run
+    (`idlab.methods.Method.runtime_imports`: PEFT, and through it torch's compiler stack, which loads
+    Triton where it is installed, +80-300 MB)."""
+    return _measure_runtime(tuple(extra))
+
+
+@functools.lru_cache(maxsize=8)
+def _measure_runtime(extra: tuple[str, ...]) -> int:
     import subprocess
     import sys
 
+    code = (f"import resource, {', '.join((*_RUNTIME_BASE, *extra))}; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
     try:
-        out = subprocess.run([sys.executable, "-c", _RUNTIME_PROBE], capture_output=True, text=True, timeout=120,
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                              check=True)
         return max(CPU_RUNTIME_BYTES, int(out.stdout.strip().splitlines()[-1]))
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
@@ -244,7 +250,7 @@ def plan_memory(model: nn.Module, inputs: Tensor | Mapping[str, Tensor], targets
     opt = {"adam": 2, "adamw": 2, "sgd": 1}.get(optimizer, 2) * t_bytes
     activations = act + 2 * act_largest
     runtime = runtime_bytes if runtime_bytes is not None else (CUDA_CONTEXT_BYTES if device == "cuda"
-                                                               else cpu_runtime_bytes())
+                                                               else cpu_runtime_bytes(m.runtime_imports))
     loaded = sum(p.numel() * _BYTES.get(orig[id(p)], 4) for p in params)
     copies = terms.host_copies
     if device == "cuda":
