@@ -72,8 +72,13 @@ def _measure_runtime(extra: tuple[str, ...]) -> int:
     import subprocess
     import sys
 
-    code = (f"import resource, {', '.join((*_RUNTIME_BASE, *extra))}; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    # the peak is reset first: Linux keeps a forked parent's peak RSS across exec in ru_maxrss
+    code = ("try:\n    open('/proc/self/clear_refs', 'w').write('5')\nexcept OSError:\n    pass\n"
+            f"import resource, {', '.join((*_RUNTIME_BASE, *extra))}\n"
+            "try:\n    hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:')]\n"
+            "    print(int(hwm[0].split()[1]) * 1024)\n"
+            "except (OSError, IndexError):\n"
+            "    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                              check=True)
