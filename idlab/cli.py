@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--no-similarity", action="store_true", help="skip subspace similarity")
     a.add_argument("--side", choices=["right", "left"], default="right",
                    help="singular vectors compared by phi (right = from A, Hu et al.)")
+    a.add_argument("--source", choices=["factor", "update"], default="factor",
+                   help="phi from the LoRA factor A (right side; B on the left) as Hu et al. eq. 4 "
+                        "(default), or from Delta W itself (same span, invariant to the B/A split); "
+                        "dense updates always use Delta W")
     a.add_argument("--max-i", type=int, default=8, help="rows of the stored phi maps")
     a.add_argument("--max-j", type=int, default=64, help="columns of the stored phi maps")
     a.add_argument("--dense-subspace-dim", type=int, default=64, help="directions kept from dense updates for phi")
@@ -304,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "analysis"
         tables = analyze_runs(
             dirs, out, None, energy_p=args.energy_p, pairs="none" if args.no_similarity else "auto",
-            similarity_side=args.side, similarity_max_i=args.max_i, similarity_max_j=args.max_j,
+            similarity_side=args.side, similarity_source=args.source, similarity_max_i=args.max_i,
+            similarity_max_j=args.max_j,
             dense_subspace_dim=args.dense_subspace_dim, alignment_r=args.alignment_r,
             include_scale=not args.exclude_scale, intruder_k=args.intruder_k, intruder_eps=args.intruder_eps,
             num_threads=args.threads)

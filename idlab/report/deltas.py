@@ -17,6 +17,10 @@ import pandas as pd
 
 from idlab.runs import RESULT_FILE, atomic_write_text, read_json, read_result
 
+#: version of the analysis tables kept in runs.json: a cache written by another version is
+#: recomputed (2: phi from the LoRA factor A by default, column ``source``)
+ANALYSIS_FORMAT = 2
+
 
 def study_tables(study_runs: pd.DataFrame, out: Path, enabled: bool) -> tuple[dict[str, pd.DataFrame], list[str]]:
     """Run (or reuse) `idlab.analysis.export.analyze_runs` for the ok runs that have deltas.
@@ -38,7 +42,8 @@ def study_tables(study_runs: pd.DataFrame, out: Path, enabled: bool) -> tuple[di
     want = [d.name for d in dirs]
     names = ["spectra", "ranks", "similarity", "similarity_summary", "alignment", "intruders", "notes"]
     prev = read_json(manifest)
-    if prev and prev.get("run_ids") == want and all((out / f"{n}.parquet").exists() for n in names):
+    fresh = prev and prev.get("run_ids") == want and prev.get("format") == ANALYSIS_FORMAT
+    if fresh and all((out / f"{n}.parquet").exists() for n in names):
         return {n: pd.read_parquet(out / f"{n}.parquet") for n in names}, notes
     import logging
 
@@ -74,7 +79,7 @@ def study_tables(study_runs: pd.DataFrame, out: Path, enabled: bool) -> tuple[di
     for n in names:
         df = tables.get(n, pd.DataFrame())
         df.to_parquet(out / f"{n}.parquet", index=False)
-    atomic_write_text(manifest, json.dumps({"run_ids": want}, indent=1) + "\n")
+    atomic_write_text(manifest, json.dumps({"run_ids": want, "format": ANALYSIS_FORMAT}, indent=1) + "\n")
     return {n: tables.get(n, pd.DataFrame()) for n in names}, notes
 
 
