@@ -164,7 +164,9 @@ class StudyConfig:
                                       "torchrun (each run on nproc_per_node processes: train.distributed)")
     )
     nproc_per_node: int = field(
-        default=1, metadata=doc("executor torchrun: processes per run (GPUs on CUDA; any number on the CPU, gloo)"))
+        default=1, metadata=doc("processes per run (train.distributed): executor torchrun starts them on this host, "
+                                "executor slurm asks for that many tasks on one node (GPUs on CUDA, one each; any "
+                                "number on the CPU, gloo)"))
     gpus: tuple[int, ...] | None = field(default=None, metadata=doc("multigpu: GPU indices (null: all visible)"))
     device: str = field(default="auto", metadata=doc("auto, cpu, cuda, cuda:1 (local executor)"))
     retry_failed: bool = field(default=True, metadata=doc("rerun runs whose status is 'failed' (diverged is kept)"))
