@@ -49,6 +49,7 @@ reused). A NaN score raises by default; ``on_nan="fail"`` records it and counts 
 as a failure.
 """
 
+from idlab.d90.compare import compare_crossings, crossing_text
 from idlab.d90.estimator import (
     Baseline,
     Crossing,
@@ -67,7 +68,22 @@ from idlab.d90.estimator import (
 )
 from idlab.d90.search import find_d90
 
-__all__ = ["Baseline", "Crossing", "D90Result", "analyze_d90", "bisection_point", "crossing", "find_d90",
-           "interpolate_log", "make_baseline", "next_bisection", "rate_baseline", "rate_scores", "seed_mean",
-           "select_lr",
-           "threshold_crossing"]
+__all__ = [
+    "Baseline",
+    "Crossing",
+    "D90Result",
+    "analyze_d90",
+    "bisection_point",
+    "compare_crossings",
+    "crossing",
+    "crossing_text",
+    "find_d90",
+    "interpolate_log",
+    "make_baseline",
+    "next_bisection",
+    "rate_baseline",
+    "rate_scores",
+    "seed_mean",
+    "select_lr",
+    "threshold_crossing",
+]

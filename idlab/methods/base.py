@@ -32,6 +32,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import torch
 from torch import Tensor, nn
 
+from idlab.d90 import Crossing
 from idlab.deltas import LowRankDelta
 from idlab.jsontypes import JsonObject
 
@@ -219,6 +220,11 @@ class Method(ABC, Generic[S, A]):
         """One-time work a run at ``axes`` needs (compiling a kernel, ...), done before the run's clock
         starts so that it does not count in its ``wall_time_s``; default none. May raise: the run
         then fails in `prepare` as it would have."""
+
+    def claims(self, found: Mapping[str, Crossing]) -> list[str]:
+        """Markdown lines testing published claims about this method's crossings on one study (``found``:
+        variant -> its `idlab.d90.Crossing`, e.g. "SAID fastfood" -> d90); default none."""
+        return []
 
     def plan_model(self, model: nn.Module, axes: A, seed: int) -> nn.Module:
         """The model ``idlab plan`` measures on the meta device (default: the model, all floats trainable)."""
