@@ -110,6 +110,11 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--max-file-mb", type=float, default=None,
                    help="the largest file kept in git, in MB of 10^6 bytes (default 10); larger ones are left "
                         "out and marked kept: false in <study>/keep.json")
+    k.add_argument("--leave-out", action="append", default=[], metavar="GLOB",
+                   help="also leave out the files of each run matching this glob (path inside the run folder, "
+                        "e.g. 'adapter/*'); repeatable")
+    k.add_argument("--max-study-mb", type=float, default=None,
+                   help="refuse, writing nothing, when the kept files of the study exceed this many MB (default 50)")
     return p
 
 
@@ -349,11 +354,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"it to experiments/configs/**/*.yaml in the yaml.schemas setting")
         return 0
     if args.command == "keep":
-        from idlab.runs.keep import DEFAULT_MAX_FILE_MB, keep_study
+        from idlab.runs.keep import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_STUDY_MB, keep_study
 
         try:
-            published = keep_study(args.study_dir, DEFAULT_MAX_FILE_MB if args.max_file_mb is None
-                                 else args.max_file_mb)
+            published = keep_study(
+                args.study_dir, DEFAULT_MAX_FILE_MB if args.max_file_mb is None else args.max_file_mb,
+                leave_out=args.leave_out,
+                max_study_mb=DEFAULT_MAX_STUDY_MB if args.max_study_mb is None else args.max_study_mb)
         except (FileNotFoundError, ValueError) as e:
             print(f"idlab keep: {e}", file=sys.stderr)
             return 2

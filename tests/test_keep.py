@@ -156,3 +156,17 @@ def test_a_missing_file_without_the_mark_is_still_a_broken_run(published: dict[s
     summary = run_sweep(study, out=out)
     assert summary.ran == 1 and len(summary.ok) == 3
     assert f"run {rids['lora']} is pending again: adapter/adapter_model.safetensors is missing" in out.getvalue()
+
+
+def test_leave_out_patterns_and_the_study_budget(published: dict[str, Any]) -> None:
+    repo, study, rids = published["repo"], published["study"], published["rids"]
+    sdir = study.study_dir()
+    before = (sdir / KEEP_FILE).read_text()
+    with pytest.raises(ValueError, match="over --max-study-mb .*nothing written.*--leave-out 'adapter/\\*'"):
+        keep_study(sdir, max_study_mb=0.001)
+    assert (sdir / KEEP_FILE).read_text() == before
+    summary = keep_study(sdir, leave_out=["adapter/*"])
+    adapter = f"runs/{rids['lora']}/adapter/adapter_model.safetensors"
+    assert adapter in {f.path for f in summary.left_out}
+    assert f"results/tiny/{adapter}" not in _tracked(repo)
+    assert main(["keep", str(sdir), "--max-file-mb", "0"]) == 2

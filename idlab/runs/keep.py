@@ -20,8 +20,9 @@ earlier call left out and that is absent here (a clone) stays left out whatever 
 
 from __future__ import annotations
 
+import fnmatch
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,8 @@ from idlab.runs.store import (
 
 #: default of ``--max-file-mb``: the largest file kept in git, in MB (10^6 bytes)
 DEFAULT_MAX_FILE_MB = 10.0
+#: default of ``--max-study-mb``: the most a study may add to the repository, in MB
+DEFAULT_MAX_STUDY_MB = 50.0
 GITIGNORE = ".gitignore"
 #: study-level paths never published (gitignore patterns, anchored at the study folder)
 NEVER_PUBLISHED = ("/runs/.*", "/slurm/", "/tensorboard/", "/analysis/", "/.*", "!/.gitignore")
@@ -111,8 +114,9 @@ def _run_files(run_dir: Path) -> Iterator[tuple[str, int, str, bool]]:
         yield f.relative_to(run_dir).as_posix(), f.stat().st_size, file_sha256(f), True
 
 
-def _decide(study: Path, limit: int, max_file_mb: float) -> tuple[list[LeftOut], list[str], list[str]]:
+def _decide(study: Path, max_file_mb: float, leave_out: Sequence[str]) -> tuple[list[LeftOut], list[str], list[str]]:
     """Files left out, descriptions of incomplete runs and their folder names, for every run of ``study``."""
+    limit = int(max_file_mb * 1e6)
     left: list[LeftOut] = []
     incomplete: list[str] = []
     bad_dirs: list[str] = []
@@ -127,8 +131,11 @@ def _decide(study: Path, limit: int, max_file_mb: float) -> tuple[list[LeftOut],
             continue
         for rel, size, sha, present in _run_files(p):
             key = f"runs/{p.name}/{rel}"
+            pattern = next((g for g in leave_out if fnmatch.fnmatchcase(rel, g)), None)
             if size > limit:
                 left.append(LeftOut(key, size, sha, f"{_mb(size)} > --max-file-mb {max_file_mb:g}"))
+            elif pattern is not None:
+                left.append(LeftOut(key, size, sha, f"--leave-out {pattern}"))
             elif not present:  # whole per artefact_problem, so marked by an earlier call
                 left.append(LeftOut(key, size, sha, "absent here, left out by an earlier `idlab keep`"))
     return left, incomplete, bad_dirs
@@ -158,7 +165,7 @@ def _study_gitignore(left: list[LeftOut], bad_dirs: list[str], max_file_mb: floa
              "# never published: in-flight writes, claims, checkpoints, logs, a local analysis, hidden files",
              *NEVER_PUBLISHED]
     if left:
-        lines += [f"# left out of git (over --max-file-mb {max_file_mb:g}, or absent here): kept: false in "
+        lines += [f"# left out of git (over --max-file-mb {max_file_mb:g}, --leave-out, or absent here): kept: false in "
                   f"{KEEP_FILE}", *(f"/{f.path}" for f in left)]
     if bad_dirs:
         lines += ["# runs whose files are not whole: not published (the next sweep reruns them)",
@@ -179,20 +186,27 @@ def _publish_in_results(study: Path) -> Path:
     return gi
 
 
-def keep_study(study_dir: str | Path, max_file_mb: float = DEFAULT_MAX_FILE_MB) -> KeepSummary:
+def keep_study(study_dir: str | Path, max_file_mb: float = DEFAULT_MAX_FILE_MB, leave_out: Sequence[str] = (),
+               max_study_mb: float | None = DEFAULT_MAX_STUDY_MB) -> KeepSummary:
     """Publish ``study_dir`` into git (see the module docstring): decide per file, write keep.json, the
     study's .gitignore and its line in the results folder's .gitignore. Reads and writes no run file.
 
+    Args:
+        study_dir: the study folder (``results/<study>``).
+        max_file_mb: files larger than this (MB of 10^6 bytes) are left out.
+        leave_out: glob patterns of paths inside a run folder (``adapter/*``) left out whatever their size.
+        max_study_mb: refuse, writing nothing, when the kept files would exceed this (None: no limit).
+
     Raises:
         FileNotFoundError: ``study_dir`` is not a study folder (no ``runs/`` in it).
-        ValueError: ``max_file_mb`` is not positive, the study's name cannot be a gitignore line, or an
-            existing keep.json does not parse (each message names the fix).
+        ValueError: a limit is not positive, the kept files exceed ``max_study_mb``, the study's name cannot
+            be a gitignore line, or an existing keep.json does not parse (each message names the fix).
     """
     study = Path(study_dir)
     if not (study / "runs").is_dir():
         raise FileNotFoundError(f"{str(study)!r} is not a study folder (no runs/ in it); pass results/<study>")
-    if not max_file_mb > 0:
-        raise ValueError(f"--max-file-mb must be positive, got {max_file_mb:g}")
+    if not max_file_mb > 0 or not (max_study_mb is None or max_study_mb > 0):
+        raise ValueError(f"--max-file-mb and --max-study-mb must be positive, got {max_file_mb:g} and {max_study_mb}")
     if set(study.name) & _BAD_NAME_CHARS or study.name.startswith("."):
         raise ValueError(f"study name {study.name!r} cannot be published by a .gitignore line; rename the folder "
                          f"(letters, digits, -, _, .)")
@@ -200,8 +214,15 @@ def keep_study(study_dir: str | Path, max_file_mb: float = DEFAULT_MAX_FILE_MB) 
         raise ValueError(f"a study named {study.name!r} shares its folder name with what `idlab report` writes into "
                          f"the results folder ({study.name}/); rerun it with another name=...")
     read_marks(study)  # a keep.json that does not parse stops here, naming the fix
-    limit = int(max_file_mb * 1e6)
-    left, incomplete, bad_dirs = _decide(study, limit, max_file_mb)
+    left, incomplete, bad_dirs = _decide(study, max_file_mb, leave_out)
+    tracked = dict(_tracked(study, {f.path for f in left}, set(bad_dirs)))
+    total = sum(tracked.values())
+    if max_study_mb is not None and total > max_study_mb * 1e6:
+        top = ", ".join(f"{p} ({_mb(n)})" for p, n in sorted(tracked.items(), key=lambda kv: -kv[1])[:3])
+        raise ValueError(f"{study}: the kept files would take {_mb(total)}, over --max-study-mb {max_study_mb:g} "
+                         f"(largest: {top}); nothing written. Lower --max-file-mb, leave out duplicates "
+                         f"(--leave-out 'adapter/*': a LoRA run's delta.safetensors holds the same factors), "
+                         f"or raise --max-study-mb")
     files: JsonObject = {f.path: {"kept": False, "bytes": f.bytes, "sha256": f.sha256, "why": f.why} for f in left}
     left_bytes = sum(f.bytes for f in left)
     atomic_write_text(study / GITIGNORE, _study_gitignore(left, bad_dirs, max_file_mb))
@@ -209,7 +230,7 @@ def keep_study(study_dir: str | Path, max_file_mb: float = DEFAULT_MAX_FILE_MB) 
     manifest: JsonObject = {
         "about": "written by `idlab keep`: the files of this study left out of git (kept: false); "
                  "see results/README.md",
-        "max_file_mb": max_file_mb, "files": files, "incomplete_runs": incomplete_ids,
+        "max_file_mb": max_file_mb, "leave_out": [*leave_out], "files": files, "incomplete_runs": incomplete_ids,
         "left_out": {"files": len(left), "bytes": left_bytes}}
     tracked = dict(_tracked(study, {f.path for f in left}, set(bad_dirs)))
     tracked.pop(KEEP_FILE, None)  # an older one
@@ -221,4 +242,4 @@ def keep_study(study_dir: str | Path, max_file_mb: float = DEFAULT_MAX_FILE_MB) 
     return KeepSummary(study, max_file_mb, len(tracked), sum(tracked.values()), left, incomplete, largest)
 
 
-__all__ = ["DEFAULT_MAX_FILE_MB", "KEEP_FILE", "KeepSummary", "LeftOut", "keep_study"]
+__all__ = ["DEFAULT_MAX_FILE_MB", "DEFAULT_MAX_STUDY_MB", "KEEP_FILE", "KeepSummary", "LeftOut", "keep_study"]
