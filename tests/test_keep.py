@@ -162,7 +162,7 @@ def test_leave_out_patterns_and_the_study_budget(published: dict[str, Any]) -> N
     repo, study, rids = published["repo"], published["study"], published["rids"]
     sdir = study.study_dir()
     before = (sdir / KEEP_FILE).read_text()
-    with pytest.raises(ValueError, match="over --max-study-mb .*nothing written.*--leave-out 'adapter/\\*'"):
+    with pytest.raises(ValueError, match=r"over --max-study-mb .*nothing written.*--leave-out 'adapter/\*'"):
         keep_study(sdir, max_study_mb=0.001)
     assert (sdir / KEEP_FILE).read_text() == before
     summary = keep_study(sdir, leave_out=["adapter/*"])
