@@ -97,7 +97,7 @@ class KeepSummary:
         out += [f"  not published (files not whole; the next sweep reruns it): {r}" for r in self.incomplete]
         if self.largest:
             out.append("  largest kept: " + ", ".join(f"{p} ({_mb(n)})" for p, n in self.largest))
-        out.append(f"  git add {s} && git commit  (then `idlab report` on a clone redraws it without retraining)")
+        out.append(f"  git add {s.parent / GITIGNORE} {s} && git commit  (a clone then resumes the study and redraws it without retraining)")
         return out
 
 
