@@ -9,6 +9,7 @@
 #   CONFIG  study for `make sweep` (default: auto = GPU study with CUDA, else the CPU study)
 #   ARGS    extra key=value overrides for `make sweep`, e.g. ARGS="seeds=[0] executor=slurm"
 #   RESULTS results folder (default results/)
+#   STUDY   the study folder under $(RESULTS) that `make keep` publishes into git, e.g. STUDY=cpu_study_converged
 
 PYTHON  ?= python3
 VENV    ?= .venv
@@ -33,7 +34,7 @@ TEST_STAMP  := $(VENV)/.idlab-test-$(TORCH_ID)
 IDLAB_GLUE_DIR ?= $(if $(wildcard ../shared/data/glue/MRPC),$(abspath ../shared/data/glue))
 export IDLAB_GLUE_DIR
 
-.PHONY: install test test-slow test-gpu gpu-check test-slurm sweep report analyze bench lint typecheck check clean help
+.PHONY: install test test-slow test-gpu gpu-check test-slurm sweep report analyze keep bench lint typecheck check clean help
 
 install: $(STAMP)
 
@@ -84,6 +85,9 @@ analyze: $(STAMP)
 report: $(STAMP)
 	$(BIN)/idlab report $(RESULTS)
 
+keep: $(STAMP)
+	$(BIN)/idlab keep $(RESULTS)/$(STUDY) $(ARGS)
+
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all
 
@@ -104,6 +108,7 @@ help:
 	@echo "  sweep       run the study CONFIG (default auto: GPU study with CUDA, else the CPU study)"
 	@echo "  report      tables, figures and REPORT.md from $(RESULTS)"
 	@echo "  analyze     Delta W Parquet tables of the runs under $(RESULTS)"
+	@echo "  keep        publish $(RESULTS)/STUDY into git (files over 10 MB left out, marked kept: false; ARGS=\"--max-file-mb N\")"
 	@echo "  bench       benchmarks -> BENCHMARKS.md"
 	@echo "  test        the fast test suite (CPU)"
 	@echo "  test-slow   the long reproductions (marked slow)"
