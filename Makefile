@@ -54,7 +54,7 @@ $(STAMP): $(TORCH_STAMP) pyproject.toml Makefile
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[dev,cluster,test]"
+	$(BIN)/python -m pip install -q -e ".[dev,cluster,test,tracking]"
 	touch $(TEST_STAMP)
 
 test: $(TEST_STAMP)
