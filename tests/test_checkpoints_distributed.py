@@ -247,3 +247,4 @@ def test_the_plan_over_n_devices() -> None:
     assert lora.per_device_bytes(4) == 96 * gb + 8 * gb + gb and lora.smallest_world(80 * gb) is None
     table = devices_table([full, lora], 80)
     assert "fsdp2" in table and "none" in table and "projected" in table
+    assert "nproc_per_node=2" in table and "asks Slurm for 2 tasks and 2 GPUs" in table
