@@ -31,7 +31,7 @@ PER_RUN_TRAIN_FIELDS: dict[str, str] = {
 
 #: TrainConfig fields that say how a run executes, not what it computes: in no run id (`idlab.config.run`)
 #: and no study setting (`idlab.config.settings`), like device and progress
-EXECUTION_TRAIN_FIELDS = ("checkpoint_every", "keep_checkpoints", "distributed", "log_to")
+EXECUTION_TRAIN_FIELDS = ("checkpoint_every", "checkpoint_every_min", "keep_checkpoints", "distributed", "log_to")
 
 BUILTIN_TASKS = ("digits", "mnist", "toy")
 TASK_FAMILIES = ("glue/", "text/")

@@ -76,9 +76,10 @@ def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
         method = methods.get(run.method)
         prep = method.prepare(model, run.axes, run.seed)
         cfg = dataclasses.replace(run.train, device=device, progress=progress)
-        every = run.train.checkpoint_every
+        every, every_min = run.train.checkpoint_every, run.train.checkpoint_every_min
         folder = Path(study_dir) if study_dir is not None else None
-        spec = CheckpointSpec(RunStore(folder).checkpoint_dir(rid), rid, every) if every and folder else None
+        spec = (CheckpointSpec(RunStore(folder).checkpoint_dir(rid), rid, every, every_min)
+                if (every or every_min) and folder else None)
         track = TrackSpec(tuple(run.train.log_to), study, rid, (folder or Path(".")) / "tensorboard", run.to_dict())
         res = train(prep.model, task, cfg, desc=f"{rid} {run.method}", checkpoint=spec, shardable=method.shardable,
                     tracking=track)
