@@ -43,7 +43,7 @@ learning rates are added freely.
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="idlab", description="idlab: intrinsic dimension and LoRA rank on one axis.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    sub = p.add_subparsers(dest="command", metavar="{sweep,plan,status,runs,report,analyze,bench,schema}")
+    sub = p.add_subparsers(dest="command", metavar="{sweep,plan,status,runs,report,analyze,eval,bench,schema}")
     s = sub.add_parser("sweep", help="run a study grid (resumable)", epilog=SWEEP_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("config", nargs="?", default="auto", help="study YAML, its name, or auto (default)")
@@ -103,6 +103,18 @@ def _parser() -> argparse.ArgumentParser:
                     help="remove the selected runs (default selection: the failed ones), asking first")
     ru.add_argument("--yes", action="store_true", help="remove without asking")
     ru.add_argument("--json", action="store_true", help="a JSON array of records (pandas.read_json) instead of the table")
+    ev = sub.add_parser("eval", help="score finished runs on lm-evaluation-harness tasks (into each run's eval.json)")
+    ev.add_argument("run_dirs", nargs="+", help="run folders (results/<study>/runs/<run_id>)")
+    ev.add_argument("--tasks", required=True, help="lm-eval task names, comma-separated")
+    ev.add_argument("--limit", type=int, default=None, help="score the first N documents of each task")
+    ev.add_argument("--include-path", default=None, help="a folder of lm-eval task YAML files (local tasks)")
+    ev.add_argument("--no-builtin-tasks", action="store_true",
+                    help="only the tasks of --include-path (skips indexing lm-eval's ~15,000 built-in tasks)")
+    ev.add_argument("--tokenizer", default=None,
+                    help="tokenizer for runs whose model has none of its own (a factory model): a Hugging Face "
+                         "name or folder, an offline alias, or package.module:function")
+    ev.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    ev.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1, ...")
     return p
 
 
@@ -325,6 +337,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {out}; to have an editor check a study file against it (YAML language server, e.g. "
               f"VS Code's YAML extension), add the line\n  {modeline(out.resolve())}\nto the file, or map "
               f"it to experiments/configs/**/*.yaml in the yaml.schemas setting")
+        return 0
+    if args.command == "eval":
+        from idlab.sweep.lmeval import evaluate_runs
+
+        try:
+            evaluate_runs(args.run_dirs, [t.strip() for t in args.tasks.split(",") if t.strip()], limit=args.limit,
+                          include_path=args.include_path, builtin_tasks=not args.no_builtin_tasks,
+                          tokenizer=args.tokenizer, batch_size=args.batch_size, device=args.device)
+        except ValueError as e:
+            print(f"idlab eval: {e}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "runs":
         return main_runs(args.study_dir, args.run_ids, args.status, args.remove, args.yes, args.json)
