@@ -119,3 +119,22 @@ def test_report_applies_and_names_the_rule(tmp_path: Path, monkeypatch: pytest.M
     assert float(m.group(2)) == pytest.approx(pre, abs=1e-4)
     row = next(line for line in text.splitlines() if line.startswith("| DID dense | d90 |"))
     assert row.endswith("| improvement: pretrained + 90% x (baseline - pretrained) |")  # the rule of this d90
+
+
+def test_report_baseline_refuses_a_lower_is_better_metric_and_applies_the_rule() -> None:
+    from idlab.report.tables import baseline
+
+    def runs(hib: bool, start: float | None) -> pd.DataFrame:
+        return pd.DataFrame([{"method": "full", "status": "ok", "lr": 1e-3, "seed": s, "score_final": v,
+                              "score_start": start, "metric": "neg_loss" if hib else "loss", "higher_is_better": hib}
+                             for s, v in ((0, -1.0), (1, -1.2))])
+
+    meta = {"study": {"target": {"rule": "improvement"}}}
+    got = baseline(runs(True, -2.1), meta, "score_final")
+    assert got["value"] == pytest.approx(-1.1) and got["pretrained"] == pytest.approx(-2.1)
+    assert got["target"] == pytest.approx(-2.1 + 0.9 * 1.0) and got["rule"] == "improvement"
+    assert "lower-is-better" in baseline(runs(False, 2.1), meta, "score_final")["kind"]
+    assert "no step-0 evaluation" in baseline(runs(True, None), meta, "score_final")["kind"]
+    fixed = baseline(runs(True, None), {"study": {"target": {"rule": "improvement", "pretrained": -3.0}}}, "score_final")
+    assert fixed["target"] == pytest.approx(-3.0 + 0.9 * 1.9) and fixed["pretrained_kind"] == "fixed (target.pretrained)"
+    assert "improvement" in baseline(runs(True, None), {"study": {}}, "score_final")["kind"]  # fraction on a loss

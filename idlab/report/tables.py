@@ -235,6 +235,12 @@ def baseline(runs: pd.DataFrame, meta: Mapping[str, Any], score: str) -> dict[st
     threshold, rule = target.threshold, target.rule
     pre, pre_kind = pretrained_score(runs, target) if rule == "improvement" else (None, "")
     info = {"rule": rule, "pretrained": pre, "pretrained_kind": pre_kind, "threshold": threshold}
+    if "higher_is_better" in runs and (runs["higher_is_better"] == False).any():  # noqa: E712 (a nullable column)
+        metric = runs["metric"].dropna().iloc[0] if "metric" in runs and runs["metric"].notna().any() else "?"
+        return {**info, "value": None, "kind": f"missing (metric {metric} is lower-is-better; crossings compare "
+                "higher-is-better scores: track neg_loss and use target.rule: improvement)"}
+    if rule == "improvement" and pre is None:
+        return {**info, "value": None, "kind": f"missing (rule improvement needs the pretrained score: {pre_kind})"}
     try:
         if target.baseline is not None:
             b = make_target(target.baseline, threshold, "global (fixed)", rule=rule, pretrained=pre)
