@@ -27,7 +27,8 @@ TORCH_ID    := $(shell printf '%s|%s' '$(TORCH)' '$(TORCH_INDEX)' | cksum | cut 
 TORCH_STAMP := $(VENV)/.idlab-torch-$(TORCH_ID)
 STAMP       := $(VENV)/.idlab-installed-$(TORCH_ID)
 # The test tools on top (the `test` extra: triton, whose kernels the tests run under TRITON_INTERPRET
-# on CPU); `make sweep` does not install them.
+# on CPU; the `eval` extra: lm-eval 0.4.13 for `idlab eval`, about 35 small packages and 20 s beside the
+# installed torch, which it leaves alone); `make sweep` does not install them.
 TEST_STAMP  := $(VENV)/.idlab-test-$(TORCH_ID)
 # Offline GLUE tsv folder for tasks named glue/*: used when ../shared/data/glue exists and
 # IDLAB_GLUE_DIR is not set; online, tasks load GLUE by name through `datasets` instead.
@@ -54,7 +55,7 @@ $(STAMP): $(TORCH_STAMP) pyproject.toml Makefile
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[dev,cluster,test,tracking]"
+	$(BIN)/python -m pip install -q -e ".[dev,cluster,test,tracking,eval]"
 	touch $(TEST_STAMP)
 
 test: $(TEST_STAMP)

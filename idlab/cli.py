@@ -44,7 +44,7 @@ learning rates are added freely.
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="idlab", description="idlab: intrinsic dimension and LoRA rank on one axis.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    sub = p.add_subparsers(dest="command", metavar="{sweep,plan,status,runs,keep,report,analyze,bench,schema}")
+    sub = p.add_subparsers(dest="command", metavar="{sweep,plan,status,runs,keep,report,analyze,eval,bench,schema}")
     s = sub.add_parser("sweep", help="run a study grid (resumable)", epilog=SWEEP_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("config", nargs="?", default="auto", help="study YAML, its name, or auto (default)")
@@ -119,6 +119,18 @@ def _parser() -> argparse.ArgumentParser:
                         "e.g. 'adapter/*'); repeatable")
     k.add_argument("--max-study-mb", type=float, default=None,
                    help="refuse, writing nothing, when the kept files of the study exceed this many MB (default 50)")
+    ev = sub.add_parser("eval", help="score finished runs on lm-evaluation-harness tasks (into each run's eval.json)")
+    ev.add_argument("run_dirs", nargs="+", help="run folders (results/<study>/runs/<run_id>)")
+    ev.add_argument("--tasks", required=True, help="lm-eval task names, comma-separated")
+    ev.add_argument("--limit", type=int, default=None, help="score the first N documents of each task")
+    ev.add_argument("--include-path", default=None, help="a folder of lm-eval task YAML files (local tasks)")
+    ev.add_argument("--no-builtin-tasks", action="store_true",
+                    help="only the tasks of --include-path (skips indexing lm-eval's ~15,000 built-in tasks)")
+    ev.add_argument("--tokenizer", default=None,
+                    help="tokenizer for runs whose model has none of its own (a factory model): a Hugging Face "
+                         "name or folder, an offline alias, or package.module:function")
+    ev.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    ev.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1, ...")
     return p
 
 
@@ -370,6 +382,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"idlab keep: {e}", file=sys.stderr)
             return 2
         print("\n".join(published.lines()))
+    if args.command == "eval":
+        from idlab.sweep.lmeval import evaluate_runs
+
+        try:
+            evaluate_runs(args.run_dirs, [t.strip() for t in args.tasks.split(",") if t.strip()], limit=args.limit,
+                          include_path=args.include_path, builtin_tasks=not args.no_builtin_tasks,
+                          tokenizer=args.tokenizer, batch_size=args.batch_size, device=args.device)
+        except ValueError as e:
+            print(f"idlab eval: {e}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "runs":
         return main_runs(args.study_dir, args.run_ids, args.status, args.remove, args.yes, args.json)

@@ -81,12 +81,18 @@ class Prepared:
         info: recorded as ``result.json["method_info"]`` (head handling, layout, kernel, ...).
         extract: Delta W per module name after training (`Delta`).
         save: writes the method's own files into a run folder (adapter, theta_d, ...).
+        load: the inverse of ``save``: reads a finished run's folder back into ``model`` (the trained
+            state, on a model prepared with the run's axes and seed); `idlab.sweep.restore`.
+        merged: the trained model as a plain module of the base model's class (adapters merged,
+            theta_0 + P theta_d written into the weights), for code that wants the bare model.
     """
 
     model: nn.Module
     info: dict[str, Any] = field(default_factory=dict)
     extract: Callable[[], Mapping[str, Delta]] = field(default=lambda: {})
     save: Callable[[Path], None] = field(default=lambda p: None)
+    load: Callable[[Path], None] | None = None
+    merged: Callable[[], nn.Module] | None = None
 
     def deltas(self) -> dict[str, Delta]:
         """Delta W per module name, float32 on the CPU."""

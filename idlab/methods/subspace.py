@@ -289,9 +289,21 @@ class Subspace(Method[SubspaceSettings, SubspaceAxes]):
                 "d": str(axes.d), "projection": str(axes.projection), "layout": str(axes.layout),
                 "said": str(axes.said), "seed": str(seed), "head": str(head)})
 
+        def load(folder: Path) -> None:
+            from safetensors.torch import load_file
+
+            saved = load_file(str(folder / "subspace.safetensors"))
+            trained = {n: p for n, p in sm.named_parameters() if p.requires_grad}
+            if set(saved) != set(trained):
+                raise ValueError(f"{folder / 'subspace.safetensors'} holds {sorted(saved)}, the model trains "
+                                 f"{sorted(trained)}: not this run's subspace")
+            with torch.no_grad():
+                for n, t in saved.items():
+                    trained[n].copy_(t)
+
         mode = "train" if head else ("project" if axes.head == "project" else "none")
         info = {"head": mode, "head_module": head, "layout": axes.layout, "kernel": backend()}
-        return Prepared(sm, info, extract, save)
+        return Prepared(sm, info, extract, save, load=load, merged=sm.merged)
 
     def claims(self, found: Mapping[str, Crossing]) -> list[str]:
         """Aghajanyan et al. 2021: SAID's d90 is at most DID's (per projection with both curves), stated
