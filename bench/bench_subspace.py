@@ -49,14 +49,14 @@ def _step_fn(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) -> 
 
 
 def _bench_pair(name: str, make: Callable[[], nn.Module], loss_fn: Callable[[nn.Module], torch.Tensor],
-                repeats: int, warmup: int, recompute: bool = True) -> dict[str, object]:
+                repeats: int, warmup: int, recompute: bool = True, layout: str = "blocks") -> dict[str, object]:
     from idlab.subspace import SubspaceModel
 
     torch.manual_seed(0)
     plain = make()
     D = sum(p.numel() for p in plain.parameters())
     torch.manual_seed(0)
-    sub = SubspaceModel(make(), dim=DIM, projection="fastfood", recompute=recompute)
+    sub = SubspaceModel(make(), dim=DIM, projection="fastfood", recompute=recompute, layout=layout)
     steps = {"plain": _step_fn(plain, loss_fn), "subspace": _step_fn(sub, loss_fn)}
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(warmup):
@@ -90,6 +90,7 @@ def _breakdown(make: Callable[[], nn.Module], repeats: int) -> dict[str, list[fl
     sizes = [p.numel() for p in model.parameters()]  # one segment per tensor, as SubspaceModel builds it
     proj = make_projection("fastfood", D, DIM, seed=0, segments=sizes)
     one = make_projection("fastfood", D, DIM, seed=0)  # the same D as one segment: no per-tensor padding
+    pw2 = make_projection("fastfood", D, DIM, seed=0, segments=sizes, layout="pow2")  # per tensor, no padding
     theta = torch.zeros(DIM, requires_grad=True)
     g = torch.randn(D)
     params = [p for p in model.parameters()]
@@ -97,7 +98,7 @@ def _breakdown(make: Callable[[], nn.Module], repeats: int) -> dict[str, list[fl
         p.grad = torch.randn_like(p)
     opt = torch.optim.Adam(params, lr=1e-3)
     out: dict[str, list[float]] = {"projection fwd+bwd": [], "projection fwd+bwd, one segment of the same D": [],
-                                   "Adam over D": []}
+                                   "projection fwd+bwd, layout pow2 (per tensor)": [], "Adam over D": []}
     for i in range(repeats + 1):
         t0 = time.perf_counter()
         proj(theta).backward(g)
@@ -106,10 +107,13 @@ def _breakdown(make: Callable[[], nn.Module], repeats: int) -> dict[str, list[fl
         t2 = time.perf_counter()
         one(theta).backward(g)
         t3 = time.perf_counter()
+        pw2(theta).backward(g)
+        t4 = time.perf_counter()
         if i:  # the first call builds the workspace / Adam state
             out["projection fwd+bwd"].append(t1 - t0)
             out["Adam over D"].append(t2 - t1)
             out["projection fwd+bwd, one segment of the same D"].append(t3 - t2)
+            out["projection fwd+bwd, layout pow2 (per tensor)"].append(t4 - t3)
     return out
 
 
@@ -145,6 +149,8 @@ def main(quick: bool = False) -> str:
         _bench_pair("BERT (MiniLM-L6 shape, random init), batch 8 x 64", *_bert(), repeats=reps_bert, warmup=1),
         _bench_pair("same BERT, batch 16 x 64 (the MiniLM study's batch)", *_bert(16, 64), repeats=reps_bert,
                     warmup=1),
+        _bench_pair("same BERT, batch 16 x 64, layout pow2", *_bert(16, 64), repeats=reps_bert, warmup=1,
+                    layout="pow2"),
         _bench_pair("same BERT, batch 16 x 64, recompute=False (autograd keeps the weights)", *_bert(16, 64),
                     repeats=reps_bert, warmup=1, recompute=False),
         _bench_pair("same BERT, batch 32 x 128 (Aghajanyan et al.'s batch 32)", *_bert(32, 128),

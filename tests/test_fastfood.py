@@ -56,18 +56,20 @@ def kernel(request: pytest.FixtureRequest) -> str:
     hadamard.set_backend("auto")
 
 
+@pytest.mark.parametrize("layout", ["blocks", "pow2"])
 @pytest.mark.parametrize("D,d,segments,block", CASES)
 def test_blocks_equal_dense_formula(kernel: str, D: int, d: int, segments: tuple[int, ...] | None,
-                                    block: int) -> None:
-    p = make_projection("fastfood", D, d, seed=3, dtype=F64, segments=segments, block_size=block)
-    assert isinstance(p, BlockFastfoodProjection)
+                                    block: int, layout: str) -> None:
+    p = make_projection("fastfood", D, d, seed=3, dtype=F64, segments=segments, block_size=block, layout=layout)
+    assert isinstance(p, BlockFastfoodProjection) and p.layout == layout
     torch.testing.assert_close(p.explicit(), _reference(p), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("layout", ["blocks", "pow2"])
 @pytest.mark.parametrize("D,d,segments,block", CASES[:4])
-def test_blocks_adjoint_and_gradcheck(kernel: str, D: int, d: int, segments: tuple[int, ...] | None,
+def test_blocks_adjoint_and_gradcheck(kernel: str, layout: str, D: int, d: int, segments: tuple[int, ...] | None,
                                       block: int) -> None:
-    p = make_projection("fastfood", D, d, seed=1, dtype=F64, segments=segments, block_size=block)
+    p = make_projection("fastfood", D, d, seed=1, dtype=F64, segments=segments, block_size=block, layout=layout)
     m = p.explicit()
     x = torch.randn(d, dtype=F64, requires_grad=True)
     y = torch.randn(D, dtype=F64)
@@ -77,7 +79,7 @@ def test_blocks_adjoint_and_gradcheck(kernel: str, D: int, d: int, segments: tup
         sl = p.segment_slice(s)
         torch.testing.assert_close(p.segment_adjoint(y[sl], s), m[sl].T @ y[sl])
         torch.testing.assert_close(p.segment_forward(x.detach(), s), m[sl] @ x.detach())
-    small = make_projection("fastfood", 40, 5, seed=2, dtype=F64, segments=(30, 3, 7), block_size=4)
+    small = make_projection("fastfood", 40, 5, seed=2, dtype=F64, segments=(30, 3, 7), block_size=4, layout=layout)
     assert torch.autograd.gradcheck(small, (torch.randn(5, dtype=F64, requires_grad=True),))
 
 
@@ -102,6 +104,42 @@ def test_unit_columns_exact_when_pieces_are_powers_of_two() -> None:
     # D_p = n_p: ||column||^2 = sum_p n_p ||G_p||^2 / (||G_p||^2 D) = 1 exactly
     p = make_projection("fastfood", 4096, 16, seed=5, dtype=F64, segments=(2048, 1024, 1024), block_size=1024)
     torch.testing.assert_close(p.explicit().norm(dim=0), torch.ones(16, dtype=F64))
+
+
+def test_pow2_layout_cuts_tensors_into_exact_power_of_two_pieces() -> None:
+    """Known answers of `cut_segment`: MiniLM's shapes become exact pieces where that costs less; the
+    transformed coordinates of the whole model drop to D (plus the small remainders' padding)."""
+    from idlab.subspace.fastfood import cut_segment, piece_cost
+
+    bs = 1 << 20
+    assert cut_segment(147_456, bs, 10_000, pow2=False) == [(0, 147_456)]  # padded to 2^18
+    assert cut_segment(147_456, bs, 10_000, pow2=True) == [(0, 1 << 17), (1 << 17, 1 << 14)]  # 2^17 + 2^14
+    assert cut_segment(589_824, bs, 10_000, pow2=True) == [(0, 1 << 19), (1 << 19, 1 << 16)]
+    assert cut_segment(3 * bs + 5, bs, 1, pow2=True)[:3] == [(0, bs), (bs, bs), (2 * bs, bs)]
+    assert cut_segment(384, bs, 10_000, pow2=True) == [(0, 384)]  # a LayerNorm: its blocks cost ~d either way
+    assert piece_cost(384, 10_000) == piece_cost(512, 10_000) == 20 * 512
+    # the whole MiniLM-L6 shape list: pow2 transforms fewer coordinates than blocks, and close to D
+    shapes = [30522 * 384, 512 * 384, 2 * 384, 2 * 384] + 6 * (4 * [384 * 384, 384] + [2 * 384, 1536 * 384, 1536,
+                                                                                   384 * 1536, 384, 2 * 384])
+    shapes += [384 * 384, 384]
+    D = sum(shapes)
+
+    def coords(pow2: bool) -> int:
+        return sum(piece_cost(ln, 10_000) for s in shapes for _, ln in cut_segment(s, bs, 10_000, pow2))
+
+    assert coords(True) < 1.05 * D < 1.3 * D < coords(False)  # the rest: small tensors read all of theta_d
+
+
+def test_pow2_layout_is_another_p_with_exact_unit_columns() -> None:
+    """Every piece a power of two: the columns have unit norm exactly; the seed gives another P than 'blocks'."""
+    a = make_projection("fastfood", 3 * 1024 + 512, 16, seed=5, dtype=F64, segments=(3 * 1024 + 512,),
+                        block_size=4096, layout="pow2")
+    assert isinstance(a, BlockFastfoodProjection) and [ln for _, _, ln, _, _ in a.pieces()] == [2048, 1024, 512]
+    torch.testing.assert_close(a.explicit().norm(dim=0), torch.ones(16, dtype=F64))
+    b = make_projection("fastfood", 3 * 1024 + 512, 16, seed=5, dtype=F64, segments=(3 * 1024 + 512,),
+                        block_size=4096, layout="blocks")
+    assert [ln for _, _, ln, _, _ in b.pieces()] == [3 * 1024 + 512]
+    assert not torch.allclose(a.explicit(), b.explicit())
 
 
 @pytest.mark.parametrize("k", [0, 1, 2, 5, 10, 16])

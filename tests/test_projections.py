@@ -306,7 +306,7 @@ def test_fastfood_bad_state_and_layout() -> None:
         make_projection("fastfood", 100, 10, layout="global", fastfood_state=True)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"'all' is not allowed with layout 'blocks'.*layout='global'"):
         make_projection("fastfood", 100, 10, fastfood_state="all")
-    with pytest.raises(ValueError, match=r"unknown projection layout 'tiles'; allowed: blocks, global"):
+    with pytest.raises(ValueError, match=r"unknown projection layout 'tiles'; allowed: blocks, pow2, global"):
         make_projection("fastfood", 100, 10, layout="tiles")
     with pytest.raises(TypeError, match="cache_state"):  # the old name is gone
         make_projection("fastfood", 100, 10, cache_state="all")  # type: ignore[call-arg]

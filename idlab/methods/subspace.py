@@ -33,7 +33,14 @@ from idlab.jsontypes import JsonObject, as_int
 from idlab.methods.base import Axes, Delta, GridContext, Method, PlanTerms, Prepared, Style
 from idlab.models import head_module_name, linear_weights
 from idlab.options import doc
-from idlab.subspace.base import DEFAULT_LAYOUT, LEGACY_LAYOUT, FastfoodState, Layout, ProjectionKind
+from idlab.subspace.base import (
+    DEFAULT_LAYOUT,
+    LEGACY_LAYOUT,
+    STREAMED_LAYOUTS,
+    FastfoodState,
+    Layout,
+    ProjectionKind,
+)
 
 #: ``d: auto`` refinement stops once the bracket is this narrow, (hi - lo) / hi <= 1/6, i.e. hi / lo < 1.2
 REFINE_RTOL = 1 / 6
@@ -83,8 +90,10 @@ class SubspaceSettings:
     lr: tuple[float, ...] = field(default=(1e-2,), metadata=doc("learning rate(s) (nuisance search per cell)"))
     layout: Layout = field(
         default=DEFAULT_LAYOUT,
-        metadata=doc("Fastfood layout: 'blocks' (stacked hashed blocks, streamed per tensor, near-zero state) or "
-                     "'global' (Li et al.'s single block over next_pow2(D)); see docs/ENGINE.md"))
+        metadata=doc("Fastfood layout: 'blocks' (stacked hashed blocks, streamed per tensor, near-zero state), "
+                     "'pow2' (the same, each tensor cut into power-of-two pieces where that saves work: no "
+                     "padding, another P) or 'global' (Li et al.'s single block over next_pow2(D)); see "
+                     "docs/ENGINE.md"))
     fastfood_state: FastfoodState = field(
         default="auto",
         metadata=doc("what a Fastfood projection keeps between calls (same P, same results): 'auto' ('none' for "
@@ -148,7 +157,7 @@ class SubspaceAxes(Axes):
     @property
     def streamed(self) -> bool:
         """The engine builds one weight at a time (Fastfood layout "blocks")."""
-        return self.projection == "fastfood" and self.layout == "blocks"
+        return self.projection == "fastfood" and self.layout in STREAMED_LAYOUTS
 
 
 class Subspace(Method[SubspaceSettings, SubspaceAxes]):
@@ -170,7 +179,7 @@ class Subspace(Method[SubspaceSettings, SubspaceAxes]):
     def check(self, settings: SubspaceSettings, where: str) -> None:
         if settings.d != "auto" and any(d < 1 for d in settings.d):
             raise ConfigError(f"{where}: key 'subspace.d': got {list(settings.d)}; every d must be >= 1 (or d: auto)")
-        if settings.layout == "blocks" and settings.fastfood_state not in ("auto", "none"):
+        if settings.layout in STREAMED_LAYOUTS and settings.fastfood_state not in ("auto", "none"):
             raise ConfigError(f"{where}: key 'subspace.fastfood_state': got {settings.fastfood_state!r} with layout "
                               "'blocks', which has no state to keep; use 'auto' (or 'none'), or subspace.layout=global")
         if settings.auto_per_decade not in (1, 2, 3):

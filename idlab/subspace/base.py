@@ -17,9 +17,12 @@ _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant for mixing (seed, block) into
 #: THE closed lists of the subspace engine (the config schema and every check read these).
 ProjectionKind = Literal["dense", "sparse", "fastfood"]
 KINDS: tuple[str, ...] = get_args(ProjectionKind)
-#: Fastfood layouts: "blocks" (hashed blocks, streamed per tensor) or "global" (Li et al.'s single block)
-Layout = Literal["blocks", "global"]
+#: Fastfood layouts: "blocks" (hashed blocks, streamed per tensor), "pow2" (the same, each tensor cut into
+#: power-of-two pieces where that saves work: no padding) or "global" (Li et al.'s single block)
+Layout = Literal["blocks", "pow2", "global"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
+#: the layouts whose P is a stack of hashed blocks, streamed one tensor at a time
+STREAMED_LAYOUTS: tuple[str, ...] = ("blocks", "pow2")
 #: THE default layout (study config, `make_projection`, `SubspaceModel`)
 DEFAULT_LAYOUT: Layout = "blocks"
 #: the layout of a stored Fastfood run config without a "layout" key (made before layouts existed)

@@ -61,6 +61,7 @@ from idlab.subspace.fastfood_global import (
     check_d,
 )
 from idlab.subspace.hadamard import fast_module, triton_module, wht_
+from idlab.subspace.pieces import cut_segment, piece_cost
 
 __all__ = [
     "BLOCK_STATES",
@@ -69,7 +70,9 @@ __all__ = [
     "LAYOUTS",
     "BlockFastfoodProjection",
     "FastfoodProjection",
+    "cut_segment",
     "hashed_perm",
+    "piece_cost",
 ]
 
 BLOCK_STATES = ("none",)
@@ -198,6 +201,7 @@ class BlockFastfoodProjection(Projection):
         segments: lengths summing to D (default (D,)); `segment_forward` / `segment_adjoint`
             compute one segment's rows of P theta / P^T g on their own.
         block_size: largest piece, a power of two in [1, 2^24] (default 2^20).
+        pow2: layout "pow2": cut each segment by `cut_segment`'s power-of-two rule (another P).
 
     State between calls: one float64 scale 1 / (||G_pj|| sqrt(D)) per block (8 bytes per block,
     about 8e-6 bytes per parameter at the default block size), plus a shared 16 KiB table.
@@ -216,9 +220,11 @@ class BlockFastfoodProjection(Projection):
         dtype: torch.dtype,
         segments: Sequence[int] | None = None,
         block_size: int = FASTFOOD_BLOCK,
+        pow2: bool = False,
     ) -> None:
         super().__init__(D, d, seed, dtype)
-        check_d(D, d, "blocks")
+        self.layout = "pow2" if pow2 else "blocks"
+        check_d(D, d, self.layout)
         segs = tuple(int(s) for s in segments) if segments is not None else (self.D,)
         if any(s <= 0 for s in segs) or sum(segs) != self.D:
             raise ValueError(
@@ -239,8 +245,7 @@ class BlockFastfoodProjection(Projection):
         idx = 0
         for si, length in enumerate(segs):
             mine: list[_Piece] = []
-            for start in range(0, length, bs):
-                ln = min(bs, length - start)
+            for start, ln in cut_segment(length, bs, self.d, pow2):
                 n = next_pow2(ln)
                 c = min(n, self.b)
                 q = -(-self.d // c)
@@ -441,7 +446,7 @@ class BlockFastfoodProjection(Projection):
         return self.block_scale.device
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, layout=blocks, segments={len(self.segments)}, "
+        return (f"{super().extra_repr()}, layout={self.layout}, segments={len(self.segments)}, "
                 f"block_size={self.block_size}, blocks={self.num_blocks}")
 
 

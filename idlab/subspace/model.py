@@ -55,7 +55,7 @@ from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 from idlab.jsontypes import JsonObject
-from idlab.subspace.base import DEFAULT_LAYOUT, LEGACY_LAYOUT
+from idlab.subspace.base import DEFAULT_LAYOUT, LEGACY_LAYOUT, STREAMED_LAYOUTS
 from idlab.subspace.selection import (
     Slot,
     as_patterns,
@@ -227,7 +227,7 @@ class SubspaceModel(nn.Module):
     def _make_projection(self, seed: int) -> nn.Module:
         from idlab.subspace.projections import make_projection
 
-        segments = self._sizes if self.kind == "fastfood" and self.layout == "blocks" else None
+        segments = self._sizes if self.kind == "fastfood" and self.layout in STREAMED_LAYOUTS else None
         return make_projection(self.kind, self.D, self.d_proj, seed=seed, device=self._device, dtype=self._dtype,
                                layout=self.layout, segments=segments, **self.projection_options)
 

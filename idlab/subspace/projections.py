@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from idlab.subspace.base import DEFAULT_LAYOUT, KINDS, Projection
+from idlab.subspace.base import DEFAULT_LAYOUT, KINDS, STREAMED_LAYOUTS, Projection
 from idlab.subspace.dense import DENSE_CACHE_LIMIT, DenseProjection
 from idlab.subspace.sparse import SparseProjection
 
@@ -55,7 +55,8 @@ def make_projection(
         seed: every random draw derives from it (identical on every device).
         device, dtype: where and in which float dtype the forward computes.
         layout: fastfood only, "blocks" (default: stacked hashed Fastfood blocks, streamed one
-            segment at a time, near-zero state) or "global" (Li et al.'s single block over
+            segment at a time, near-zero state), "pow2" (the same with each segment cut into
+            power-of-two pieces where that costs less: `cut_segment`) or "global" (Li et al.'s single block over
             next_pow2(D), bit-identical to idlab's earlier fastfood). See `idlab.subspace.fastfood`.
             Dense and sparse P are defined over all D at once and accept either value.
         fastfood_state: fastfood only, what is kept between calls (never changes P): "auto"
@@ -87,7 +88,7 @@ def make_projection(
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(
             f"unknown projection layout {layout!r}; allowed: {', '.join(LAYOUTS)} ('blocks' is the "
-            "default, 'global' is Li et al.'s single Fastfood block)"
+            "default, 'pow2' the same without padding, 'global' is Li et al.'s single Fastfood block)"
         )
     if int(D) <= 0:
         raise ValueError(f"projection needs D > 0 (number of parameters), got D={D}")
@@ -101,13 +102,14 @@ def make_projection(
         return DenseProjection(D, d, seed, device, dtype, cache_limit=int(dense_cache_limit))
     if kind == "sparse":
         return SparseProjection(D, d, seed, device, dtype)
-    allowed = BLOCK_STATES if layout == "blocks" else GLOBAL_STATES
+    streamed = layout in STREAMED_LAYOUTS
+    allowed = BLOCK_STATES if streamed else GLOBAL_STATES
     if not isinstance(fastfood_state, str) or fastfood_state not in ("auto", *allowed):
         raise ValueError(
             f"fastfood_state={fastfood_state!r} is not allowed with layout {layout!r}; allowed: "
             f"auto, {', '.join(allowed)}"
             + (" (the blocks layout hashes B, Pi, G: it has no state to keep; use layout='global' for "
-               "'all' / 'index')" if layout == "blocks" else "")
+               "'all' / 'index')" if streamed else "")
         )
     if layout == "global":
         state = "all" if fastfood_state == "auto" else fastfood_state
@@ -116,5 +118,5 @@ def make_projection(
         )
     return BlockFastfoodProjection(
         D, d, seed, device, dtype, segments=segments,
-        block_size=FASTFOOD_BLOCK if block_size is None else block_size,
+        block_size=FASTFOOD_BLOCK if block_size is None else block_size, pow2=layout == "pow2",
     )
