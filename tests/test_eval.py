@@ -181,3 +181,41 @@ def test_bad_task_names_and_run_folders_are_refused_before_anything_runs(runs: d
     assert main(["eval", str(folder), str(tmp_path), "--tasks", "gsm8k_local_ll", *base]) == 2
     assert "not a run folder" in capsys.readouterr().err
     assert not (folder / "eval.json").exists()
+
+
+@needs_lm_eval
+@needs_gsm8k
+def test_a_study_lists_eval_tasks_and_the_sweep_scores_its_runs(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``eval: {tasks: [...]}`` in a study: `idlab sweep` checks the names before anything is written, scores
+    every run that finished ok after training, and a second sweep scores nothing again."""
+    from idlab.config import ConfigError
+    from idlab.runs.evals import read_evals
+    from idlab.sweep.driver import run_sweep
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    tasks = _task_dir(tmp_path)
+    raw = {"name": "evalblock", "model": {"name": "idlab_fixture_tasks:tiny_llama_wordpiece_model"},
+           "task": "idlab_fixture_tasks:random_lm", "methods": ["lora"],
+           "lora": {"r": [2], "target_modules": ["qv"], "lr": [1e-2]},
+           "train": {"steps": 2, "batch_size": 8, "eval_every": 2}, "seeds": [0], "device": "cpu",
+           "results_dir": str(tmp_path / "res"),
+           "eval": {"tasks": ["gsm8k_local_ll"], "limit": 2, "include_path": str(tasks), "builtin_tasks": False,
+                    "tokenizer": "minilm-l6"}}
+    with pytest.raises(ConfigError, match=r"eval.tasks.*gsm8k_local_l'.*close: gsm8k_local_ll"):
+        run_sweep(study_from_dict({**raw, "eval": {**raw["eval"], "tasks": ["gsm8k_local_l"]}}))
+    assert not (tmp_path / "res").exists()  # refused before anything was written
+    summary = run_sweep(study_from_dict(raw))
+    (rid,) = summary.ok
+    run_dir = tmp_path / "res" / "evalblock" / "runs" / rid
+    scores = read_evals(run_dir)
+    assert set(scores) == {"gsm8k_local_ll"} and scores["gsm8k_local_ll"].n_samples == 2
+    stamp = scores["gsm8k_local_ll"].evaluated_at
+    run_sweep(study_from_dict(raw))  # nothing to train, nothing to score again
+    assert read_evals(run_dir)["gsm8k_local_ll"].evaluated_at == stamp
+    plain = study_from_dict({k: v for k, v in raw.items() if k != "eval"})
+    from idlab.sweep.grid import expand
+
+    assert [r for r, _ in expand(plain)] == [rid]  # the eval block does not change the run id

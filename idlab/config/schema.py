@@ -155,6 +155,19 @@ class SlurmConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """lm-evaluation-harness tasks scored after training (``idlab eval`` on every run that finished ok)."""
+
+    tasks: tuple[str, ...] = field(default=(), metadata=doc("lm-eval task names scored after training (empty: none)"))
+    limit: int | None = field(default=None, metadata=doc("score the first N documents of each task (null: all)"))
+    include_path: str | None = field(default=None, metadata=doc("a folder of lm-eval task YAML files (local tasks)"))
+    builtin_tasks: bool = field(default=True, metadata=doc("index lm-eval's built-in tasks too (false: only "
+                                                           "include_path's)"))
+    tokenizer: str | None = field(default=None, metadata=doc("tokenizer for a model without its own (a factory model)"))
+    batch_size: int = field(default=8, metadata=doc("lm-eval batch size"))
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     """One study: model x task x methods x axes x seeds."""
 
@@ -190,6 +203,8 @@ class StudyConfig:
     retry_failed: bool = field(default=True, metadata=doc("rerun runs whose status is 'failed' (diverged is kept)"))
     progress: bool = field(default=False, metadata=doc("per-step tqdm bar inside each run"))
     slurm: SlurmConfig = field(default_factory=SlurmConfig, metadata=doc("Slurm settings (executor=slurm)"))
+    eval: EvalConfig = field(default_factory=EvalConfig,
+                             metadata=doc("lm-eval tasks `idlab sweep` scores after training (idlab eval)"))
     method_settings: Mapping[str, Any] = field(
         default_factory=dict, metadata={"help": "each method's block, by method name", "internal": True})
 

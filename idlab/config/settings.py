@@ -33,7 +33,7 @@ from idlab.jsontypes import JsonValue
 #: top-level StudyConfig fields that are not settings (the grid, where and how runs execute, the folder)
 NOT_SETTINGS = frozenset({"name", "description", "methods", "seeds", "executor", "nproc_per_node", "device", "gpus",
                           "progress",
-                          "retry_failed", "results_dir", "slurm", "method_settings"})
+                          "retry_failed", "results_dir", "slurm", "eval", "method_settings"})
 #: the blocks a run's config carries (`run_settings`)
 RUN_BLOCKS = ("model", "task", "train")
 

@@ -94,6 +94,10 @@ def run_sweep(study: StudyConfig, dry_run: bool = False, out: Any = None, allow_
     t0 = time.perf_counter()
     resolved = preflight(study)  # before anything is written: a bad device / precision stops here
     print(resolved, file=out)
+    if study.eval.tasks and not dry_run:
+        from idlab.sweep.lmeval import check_study_eval
+
+        check_study_eval(study)  # lm-eval installed, every task known: before anything is written
     if detach and study.executor != "slurm":
         raise ConfigError(f"--detach needs executor=slurm (got executor={study.executor})")
     if study.executor == "slurm" and not dry_run:  # sbatch --test-only before anything is written
@@ -154,6 +158,15 @@ def run_sweep(study: StudyConfig, dry_run: bool = False, out: Any = None, allow_
             summary.diverged.append((rid, str(res.error)))
         else:
             summary.failed.append((rid, str(res.error)))
+    if study.eval.tasks and not dry_run and summary.ok:
+        if study.executor == "slurm":
+            print(f"eval: executor=slurm trains on the nodes; score the runs where a device is: `idlab eval "
+                  f"{store.study_dir}/runs/* --tasks {','.join(study.eval.tasks)}`", file=out, flush=True)
+        else:
+            from idlab.sweep.lmeval import evaluate_study
+
+            evaluate_study(study, [store.run_dir(rid) for rid in summary.ok],
+                           log=lambda line: print(line, file=out, flush=True))
     summary.wall_time_s = time.perf_counter() - t0
     summary.detached = detach
     if detach:

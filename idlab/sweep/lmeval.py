@@ -24,6 +24,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from idlab.config import ConfigError, StudyConfig
 from idlab.runs.evals import TaskScore, clean_metric, read_evals, write_eval
 from idlab.sweep.restore import check_run_dir, restore_run, run_tokenizer
 
@@ -134,4 +135,31 @@ def evaluate_runs(run_dirs: Sequence[str | Path], tasks: Sequence[str], *, limit
     return out
 
 
-__all__ = ["check_tasks", "evaluate_runs", "missing_tasks", "score_model", "task_manager"]
+def check_study_eval(study: StudyConfig) -> None:
+    """A study's ``eval`` block against lm-eval, before anything is written: lm-eval installed, every task
+    known (close names listed), ``limit`` >= 1. Raises ConfigError naming the key and the fix."""
+    ev = study.eval
+    if not ev.tasks:
+        return
+    if ev.limit is not None and ev.limit < 1:
+        raise ConfigError(f"study {study.name!r}: key 'eval.limit': got {ev.limit}; must be >= 1 (or null: all)")
+    try:
+        check_tasks(ev.tasks, task_manager(ev.include_path, ev.builtin_tasks))
+    except ValueError as e:
+        raise ConfigError(f"study {study.name!r}: key 'eval.tasks': {e}") from None
+
+
+def evaluate_study(study: StudyConfig, run_dirs: Sequence[Path], log: Callable[[str], None] = print) -> None:
+    """Score the finished runs ``run_dirs`` of ``study`` on its ``eval.tasks`` (`evaluate_runs`, on this host's
+    device); runs already scored are skipped. Nothing to do without tasks or runs."""
+    ev = study.eval
+    if not ev.tasks or not run_dirs:
+        return
+    log(f"eval: {len(run_dirs)} finished run(s) on lm-eval task(s) {', '.join(ev.tasks)}"
+        + (f" (limit {ev.limit})" if ev.limit else ""))
+    evaluate_runs(run_dirs, ev.tasks, limit=ev.limit, include_path=ev.include_path, builtin_tasks=ev.builtin_tasks,
+                  tokenizer=ev.tokenizer, batch_size=ev.batch_size, device=study.device, log=log)
+
+
+__all__ = ["check_study_eval", "check_tasks", "evaluate_runs", "evaluate_study", "missing_tasks", "score_model",
+           "task_manager"]
