@@ -51,6 +51,18 @@ def test_tiny_llama_run_records_exact_match_forgetting_and_generations(tmp_path:
     assert again.to_dict() == res.to_dict()
 
 
+def test_gsm8k_preset_run_from_a_named_folder(tmp_path: Path) -> None:
+    model, data = llama_dir(tmp_path / "llama"), write_data(tmp_path / "gsm8k", fields=("question", "answer"))
+    raw = _study(tmp_path, model, data, generate_before=False, forgetting_corpus=None, packing=True)
+    raw["task"] = {**raw["task"], "name": "gsm8k", "data_dir": str(data)}
+    del raw["task"]["extractor"]  # the preset's: gsm8k
+    summary = run_sweep(study_from_dict(raw))
+    assert len(summary.ok) == 1, summary.failed
+    ((_, res),) = list(iter_results(tmp_path / "results" / "instruct"))
+    assert res.task_info["source_from"] == "task.data_dir" and res.task_info["extractor"] == "gsm8k"
+    assert res.exact_match is not None and res.exact_match_before is None and res.general_loss_after is None
+
+
 def test_old_result_rows_read_unchanged() -> None:
     old = {"run_id": "x", "status": "ok", "metrics": {"accuracy": 0.5}, "config": {}}
     r = RunResult.from_dict(old)

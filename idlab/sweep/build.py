@@ -57,7 +57,7 @@ def build_task_and_model(run: RunConfig) -> tuple[Task, nn.Module]:
 
         head: Literal["classification", "causal-lm"] = (
             "causal-lm" if is_causal_lm_task(tname) else "classification")
-        num_labels = GLUE_LABELS.get(tname.split("/", 1)[1].lower(), 2)
+        num_labels = GLUE_LABELS.get(tname.split("/", 1)[-1].lower(), 2)
         torch.manual_seed(seed)
         model, tokenizer = load_model(mname, task=head, num_labels=num_labels, dtype=_dtype(mcfg.dtype))
     task = _build_task(tcfg, tokenizer)
