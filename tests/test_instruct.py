@@ -165,3 +165,24 @@ def test_gsm8k_preset_reads_the_shared_folder(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.setenv("IDLAB_GSM8K_DIR", str(small))
     assert len(load_instruct_data("gsm8k", InstructOptions()).train) == 24
     assert load_instruct_data("gsm8k", InstructOptions(data_dir=str(GSM8K)), max_val=5).how == "task.data_dir"
+
+
+def test_the_pretrained_scores_survive_a_resume(tmp_path: Path) -> None:
+    from idlab.training.checkpoint import CheckpointSpec
+    from idlab.training.loop import TrainConfig, train
+
+    data = write_data(tmp_path / "data")
+    task = instruct_task(f"instruct/{data}", tokenizer(), max_length=32,
+                         options=InstructOptions(generate_subset=2, max_new_tokens=3, extractor="gsm8k",
+                                                 forgetting_blocks=2))
+    calls = []
+    measure = task.before_training
+    task.before_training = lambda m: calls.append(1) or measure(m)  # type: ignore[method-assign]
+    spec = CheckpointSpec(tmp_path / "ckpt", "r", every=2)
+    cfg = TrainConfig(lr=1e-2, steps=3, batch_size=4, progress=False, device="cpu")
+    first = train(tiny_llama(seed=0), task, cfg, checkpoint=spec)  # leaves its step-2 checkpoint
+    resumed = train(tiny_llama(seed=0), task, cfg, checkpoint=spec)
+    assert calls == [1] and resumed.resumed_from == 2
+    for key in ("exact_match_before", "general_loss_before", "exact_match", "general_loss_after"):
+        assert resumed.task_record[key] == first.task_record[key], key
+    assert first.task_record["general_loss_after"] != first.task_record["general_loss_before"]
