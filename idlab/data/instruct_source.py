@@ -147,10 +147,13 @@ def _records(source: str, split: str, config: str | None, key: str) -> list[dict
                           "a local .jsonl/.parquet file or folder") from None
     try:
         ds = load_dataset(source, config, split=split)
-    except ValueError as e:
-        if "split" in str(e).lower():
+    except Exception as e:  # unknown name or config, no network, offline mode without a cached copy
+        if isinstance(e, ValueError) and "split" in str(e).lower():
             raise InstructDataError(key, f"dataset {source!r} has no split {split!r} ({e}); set {key}") from None
-        raise
+        raise InstructDataError("task.name", f"dataset {source!r} (config {config!r}) could not be loaded with "
+                                f"`datasets` ({type(e).__name__}: {str(e)[:300]}); check the name and "
+                                "task.dataset_config, the network (HF_HUB_OFFLINE), or give a local .jsonl/.parquet "
+                                "file or folder") from None
     return list(ds.to_list())
 
 
