@@ -90,6 +90,8 @@ def test_bad_input_refused_before_anything_is_written(tmp_path: Path) -> None:
     _refused(_study(tmp_path, plain, data, chat_template="model"), res, "task.chat_template", "no chat template",
              "task.chat_template=auto")
     _refused(_study(tmp_path, model, data, eval_split="dev"), res, "task.eval_split", "dev.jsonl")
+    _refused(_study(tmp_path, model, data, forgetting_corpus=str(tmp_path / "none.txt")), res,
+             "task.forgetting_corpus", "none.txt")
     hub = _study(tmp_path, model, data)
     hub["task"]["name"] = "instruct/idlab-test/no-such-dataset"  # offline in the tests (conftest)
     _refused(hub, res, "task.name", "'idlab-test/no-such-dataset'", "could not be loaded")

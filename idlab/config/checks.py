@@ -167,6 +167,10 @@ def check_instruct(study: StudyConfig) -> None:
     from idlab.data.instruct_source import InstructDataError
 
     opts = instruct_options(task)
+    corpus = opts.forgetting_corpus
+    if corpus and corpus != "pydoc" and not Path(corpus).expanduser().is_file():
+        raise _where(study, "task.forgetting_corpus", f"got {corpus!r}, which is neither pydoc nor a text file; "
+                     "name a UTF-8 text file, use pydoc (the Python reference shipped with CPython), or null for none")
     try:
         load_instruct_data(task.name, opts, task.max_train, task.max_val)
         if opts.chat_template == "model" and ":" not in study.model.name:
