@@ -124,7 +124,8 @@ def check_model(study: StudyConfig) -> None:
         return
     if not text_task and ":" not in t:
         raise _where(study, "model.name", f"got {m!r} (a pretrained language model), but the task {t!r} has tensor "
-                     f"inputs; use a from-scratch model ({', '.join(SCRATCH_MODELS[:3])}) or a glue/ or text/ task")
+                     f"inputs; use a from-scratch model ({', '.join(SCRATCH_MODELS[:3])}) or a glue/, text/ or "
+                     "instruction task (gsm8k, instruct/<dataset>)")
     from idlab.models import OFFLINE_ALIASES, minilm_dir, resolve_model_name, smollm2_gguf_path
 
     try:

@@ -90,7 +90,8 @@ class TaskConfig:
     name: str = field(
         default="digits",
         metadata=doc(
-            "task: digits | mnist | toy | glue/<mrpc|sst2|rte|cola|...> | text/<corpus> | "
+            "task: digits | mnist | toy | glue/<mrpc|sst2|rte|cola|...> | text/<corpus> | gsm8k | "
+            "instruct/<Hugging Face dataset, .jsonl/.json/.parquet file or folder> | "
             "'package.module:function' returning an idlab Task"
         ),
     )
