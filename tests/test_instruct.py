@@ -186,3 +186,13 @@ def test_the_pretrained_scores_survive_a_resume(tmp_path: Path) -> None:
     for key in ("exact_match_before", "general_loss_before", "exact_match", "general_loss_after"):
         assert resumed.task_record[key] == first.task_record[key], key
     assert first.task_record["general_loss_after"] != first.task_record["general_loss_before"]
+
+
+@pytest.mark.parametrize("projection", ["fastfood", "dense"])
+def test_generation_through_a_subspace_wrapper(projection: str) -> None:
+    from idlab.subspace.model import SubspaceModel
+
+    prompts = [[1, 7, 8, 9], [1, 20]]
+    plain = greedy_generate(tiny_llama(seed=0), prompts, pad_id=0, eos_ids={2}, max_new_tokens=4)
+    sub = SubspaceModel(tiny_llama(seed=0), dim=8, projection=projection, seed=0)  # theta_d = 0: the same model
+    assert greedy_generate(sub, prompts, pad_id=0, eos_ids={2}, max_new_tokens=4) == plain
