@@ -280,9 +280,13 @@ def cast_for_precision(model: nn.Module, params: list[nn.Parameter], precision: 
             p.data = p.data.to(dtype)
 
 
-def _task_hook(hook: Callable[..., JsonObject], net: nn.Module, model: nn.Module, precision: str,
+def _task_hook(task: Task, name: str, net: nn.Module, model: nn.Module, precision: str,
                device: torch.device, *args: JsonObject) -> JsonObject:
-    """A task's `Task.before_training` / `after_training` on ``model`` in eval mode, no_grad, under autocast."""
+    """A task's `Task.before_training` / `after_training` (``name``) on ``model`` in eval mode, no_grad, under
+    autocast; ``{}`` for a task object that does not define it (a duck-typed task, not a `Task`)."""
+    hook: Callable[..., JsonObject] | None = getattr(task, name, None)
+    if hook is None:
+        return {}
     net.eval()
     with torch.no_grad(), autocast(precision, device):
         out = hook(model, *args)
@@ -399,7 +403,7 @@ def train(
 
     trackers = open_trackers(tracking, ctx.rank)
     before: JsonObject = (dict(state.get("task_before") or {}) if state is not None  # the pretrained model's
-                          else _task_hook(task.before_training, net, evaluated, precision, device))
+                          else _task_hook(task, "before_training", net, evaluated, precision, device))
     t0 = time.perf_counter()
     with float32_matmul(precision, device), contextlib.closing(trackers):
         diverged, error, step = False, None, start
@@ -460,7 +464,7 @@ def train(
             mean = float(all_sum(running, ctx)) / count if count and not diverged else float("nan")
             evaluate(step, mean)
         wall = time.perf_counter() - t0
-        record = {} if diverged else _task_hook(task.after_training, net, evaluated, precision, device, before)
+        record = {} if diverged else _task_hook(task, "after_training", net, evaluated, precision, device, before)
     verdict = check_convergence(curve, task.metric, task.higher_is_better, rule, early_stopped=stopped)
     gather_full(model, ctx)
     return TrainResult(
