@@ -102,7 +102,7 @@ def test_instruct_task_from_a_local_folder(tmp_path: Path) -> None:
     tok = tokenizer()
     task = instruct_task(f"instruct/{data}", tok, max_length=32,
                          options=InstructOptions(generate_subset=3, extractor="gsm8k"))
-    assert task.num_train == 24 and task.metric == "loss" and not task.higher_is_better
+    assert task.num_train == 24 and task.metric == "neg_loss" and task.higher_is_better
     x, y = task.train_batch(torch.arange(4))
     assert isinstance(x, dict) and x["input_ids"].shape == y.shape
     first = (y[0] != -100).nonzero().flatten()

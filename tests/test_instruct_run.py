@@ -35,7 +35,7 @@ def test_tiny_llama_run_records_exact_match_forgetting_and_generations(tmp_path:
     summary = run_sweep(study_from_dict(_study(tmp_path, model, data, generate_every=1)))
     assert len(summary.ok) == 1, summary.failed
     ((_, res),) = list(iter_results(tmp_path / "results" / "instruct"))
-    assert res.metric == "loss" and not res.higher_is_better and res.score() is not None
+    assert res.metric == "neg_loss" and res.higher_is_better and res.score() is not None
     assert res.exact_match is not None and res.exact_match_before is not None and 0 <= res.exact_match <= 1
     assert res.general_loss_before is not None and res.general_loss_after is not None
     assert res.forgetting == pytest.approx(res.general_loss_after - res.general_loss_before)

@@ -6,8 +6,11 @@ dataset name, a local .jsonl/.json/.parquet file or folder) with a field mapping
 rendered with the tokenizer's chat template (`idlab.data.chat`), tokenised, its prompt tokens
 labelled -100, optionally packed, and the tokenised set cached by content hash (`idlab.data.cache`).
 
-The tracked metric is ``loss``, the mean negative log-likelihood per response token on the eval
-split (nats, lower is better; ``neg_loss`` and ``perplexity`` beside it). Around training, the loop
+The response loss is ``loss``, the mean negative log-likelihood per response token on the eval split
+(nats, lower is better); the tracked metric is ``neg_loss`` = -loss, higher is better, as for the corpus
+task (`idlab.data.corpus.LMTask`), so "best" and the crossing rules read it like an accuracy
+(``target.rule: improvement`` for a fraction of full fine-tuning's gain over the pretrained model;
+``perplexity`` beside it). Around training, the loop
 calls `InstructTask.before_training` and `InstructTask.after_training`, which add to the run's row:
 
 - ``exact_match`` (and ``exact_match_before``, the pretrained model's): greedy generation
@@ -166,8 +169,8 @@ class InstructTask(Task):
         info: recorded by `describe`.
     """
 
-    metric = "loss"
-    higher_is_better = False
+    metric = "neg_loss"
+    higher_is_better = True
 
     def __init__(self, train: dict[str, Tensor], val: dict[str, Tensor], tokenizer: chat.Tokenizer, gen_ids: list[int],
                  gen_prompts: list[list[int]], gen_gold: list[str | None], extractor: Extractor,
