@@ -9,6 +9,7 @@
 #   CONFIG  study for `make sweep` (default: auto = GPU study with CUDA, else the CPU study)
 #   ARGS    extra key=value overrides for `make sweep`, e.g. ARGS="seeds=[0] executor=slurm"
 #   RESULTS results folder (default results/)
+#   STUDY   the study folder under $(RESULTS) that `make keep` publishes into git, e.g. STUDY=cpu_study_converged
 
 PYTHON  ?= python3
 VENV    ?= .venv
@@ -26,14 +27,15 @@ TORCH_ID    := $(shell printf '%s|%s' '$(TORCH)' '$(TORCH_INDEX)' | cksum | cut 
 TORCH_STAMP := $(VENV)/.idlab-torch-$(TORCH_ID)
 STAMP       := $(VENV)/.idlab-installed-$(TORCH_ID)
 # The test tools on top (the `test` extra: triton, whose kernels the tests run under TRITON_INTERPRET
-# on CPU); `make sweep` does not install them.
+# on CPU; the `eval` extra: lm-eval 0.4.13 for `idlab eval`, about 35 small packages and 20 s beside the
+# installed torch, which it leaves alone); `make sweep` does not install them.
 TEST_STAMP  := $(VENV)/.idlab-test-$(TORCH_ID)
 # Offline GLUE tsv folder for tasks named glue/*: used when ../shared/data/glue exists and
 # IDLAB_GLUE_DIR is not set; online, tasks load GLUE by name through `datasets` instead.
 IDLAB_GLUE_DIR ?= $(if $(wildcard ../shared/data/glue/MRPC),$(abspath ../shared/data/glue))
 export IDLAB_GLUE_DIR
 
-.PHONY: install test test-slow test-gpu gpu-check test-slurm sweep report analyze bench lint typecheck check clean help
+.PHONY: install test test-slow test-gpu gpu-check test-slurm sweep report analyze keep bench lint typecheck check clean help
 
 install: $(STAMP)
 
@@ -53,7 +55,7 @@ $(STAMP): $(TORCH_STAMP) pyproject.toml Makefile
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[dev,cluster,test]"
+	$(BIN)/python -m pip install -q -e ".[dev,cluster,test,tracking,eval]"
 	touch $(TEST_STAMP)
 
 test: $(TEST_STAMP)
@@ -84,6 +86,9 @@ analyze: $(STAMP)
 report: $(STAMP)
 	$(BIN)/idlab report $(RESULTS)
 
+keep: $(STAMP)
+	$(BIN)/idlab keep $(RESULTS)/$(STUDY) $(ARGS)
+
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all
 
@@ -104,6 +109,7 @@ help:
 	@echo "  sweep       run the study CONFIG (default auto: GPU study with CUDA, else the CPU study)"
 	@echo "  report      tables, figures and REPORT.md from $(RESULTS)"
 	@echo "  analyze     Delta W Parquet tables of the runs under $(RESULTS)"
+	@echo "  keep        publish $(RESULTS)/STUDY into git (files over 10 MB left out, marked kept: false; ARGS=\"--max-file-mb N\")"
 	@echo "  bench       benchmarks -> BENCHMARKS.md"
 	@echo "  test        the fast test suite (CPU)"
 	@echo "  test-slow   the long reproductions (marked slow)"

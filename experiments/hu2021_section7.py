@@ -10,8 +10,10 @@ the query and value projections (``<results>/runs/<run_id>/{result.json, delta.s
 written by ``idlab sweep``) and, for every layer found (or those asked) and both roles:
 
 - Section 7.2, subspace similarity phi (``idlab.analysis.subspace_similarity``) of the right
-  singular vectors of Delta W (the A side; singular vectors of Delta W itself, so invariant to
-  the B/A gauge): r_lo vs r_hi (default 8 vs 64) at every seed present, and seed s vs seed t at
+  singular vectors of the LoRA factor A, by the paper's definition (eq. 4; ``source="factor"``,
+  the default). ``--source update`` takes the right singular vectors of Delta W = s B A instead:
+  the same span, ordered by the update's singular values, invariant to the B/A split (what
+  sessions 1-9 reported; docs/SCIENCE.md section 3 has both). r_lo vs r_hi (default 8 vs 64) at every seed present, and seed s vs seed t at
   r_hi for every pair of seeds present; i <= 8, j <= r_hi. Beside every number the random-
   subspace baseline E[phi(i, j)] = max(i, j) / k, k = d_in.
 - Section 7.3, amplification (``idlab.analysis.weight_alignment``) at r = 4, r_lo, r_hi (seed
@@ -59,6 +61,7 @@ from idlab.analysis import (
     subspace_similarity,
     weight_alignment,
 )
+from idlab.analysis.similarity import Source
 from idlab.atomic import atomic_file, atomic_write_text
 from idlab.deltas.lowrank import LowRankDelta
 from idlab.runs import DELTA_FILE, Status, iter_results
@@ -68,6 +71,7 @@ ROLE_NAMES: dict[str, tuple[str, ...]] = {"query": ("q_proj", "query"), "value":
 QV_TARGET_SETS = ("qv", "bert-qv")
 ALIGN_RANKS = (4,)  # Hu et al.'s Table 7 uses r = 4 and 64; r_lo and r_hi are added
 PHI_MAX_I = 8
+_SOURCE_TEXT = {"factor": "A", "update": "Delta W"}
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)\.")
 
 
@@ -284,6 +288,7 @@ def analyse(
     *,
     rank_pair: tuple[int, int] = (8, 64),
     focus_layer: int | None = None,
+    source: Source = "factor",
 ) -> dict[str, Any]:
     """Run the Section 7 analysis; returns the numbers (also written to ``out`` if given).
 
@@ -296,6 +301,8 @@ def analyse(
         figures: write the phi heatmaps of the focus layer.
         rank_pair: (r_lo, r_hi) of the rank comparison (Hu et al.: 8 and 64).
         focus_layer: layer of the heatmaps and the detailed tables (default: the middle one).
+        source: phi from the right singular vectors of A ("factor", Hu et al. eq. 4) or of
+            Delta W ("update"); see `idlab.analysis.subspace_of`.
 
     Raises:
         ValueError: no usable query+value run at r_lo or r_hi (naming the missing ranks and
@@ -344,7 +351,9 @@ def analyse(
             raise ValueError(f"layers {bad} are not in the delta files; layers present: {all_layers}")
     focus = focus_layer if focus_layer is not None else (all_layers[len(all_layers) // 2] if all_layers else None)
     ref = chosen[(r_hi, seeds[0])] if (r_hi, seeds[0]) in chosen else next(iter(chosen.values()))
-    meta = {"model": ref.model, "task": ref.task, "layers": use_layers, "focus_layer": focus,
+    if source not in ("factor", "update"):
+        raise ValueError(f"source={source!r} is unknown; use 'factor' (from A, Hu et al. eq. 4) or 'update' (from Delta W)")
+    meta = {"model": ref.model, "task": ref.task, "layers": use_layers, "focus_layer": focus, "phi_source": source,
             "results": str(results), "rank_pair": [r_lo, r_hi],
             "module_names": {f"{layer}/{role}": names[(layer, role)] for (layer, role) in sorted(names)}}
     out_dir = Path(out) if out is not None else None
@@ -369,8 +378,8 @@ def analyse(
             for label, k1, k2 in pairs:
                 if lr not in deltas[k1] or lr not in deltas[k2]:
                     continue
-                U1 = subspace_of(deltas[k1][lr], side="right")
-                U2 = subspace_of(deltas[k2][lr], side="right")
+                U1 = subspace_of(deltas[k1][lr], side="right", source=source)
+                U2 = subspace_of(deltas[k2][lr], side="right", source=source)
                 p1, p2 = min(PHI_MAX_I, U1.shape[1]), U2.shape[1]
                 phi = subspace_similarity(U1[:, :p1], U2[:, :p2])
                 k = int(U1.shape[0])
@@ -382,7 +391,7 @@ def analyse(
                 if figures and out_dir is not None and layer == focus and first:
                     fig = out_dir / f"phi_{label}_layer{layer}_{role}.png"
                     title = (f"Hu et al. 7.2 phi, {meta['model']} on {meta['task']}, layer {layer} "
-                             f"{names[lr]}, right singular vectors: {summ['desc']}")
+                             f"{names[lr]}, right singular vectors of {_SOURCE_TEXT[source]}: {summ['desc']}")
                     _heatmap(fig, phi, k, title, f"i (top-i directions, {summ['desc'].split(' vs ')[0]})",
                              f"j (top-j directions, {summ['desc'].split(' vs ')[1]})")
                     summ["figure"] = str(fig)
@@ -436,13 +445,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--focus-layer", type=int, default=None, help="layer of the heatmaps (default: middle)")
     ap.add_argument("--out", default="results/hu2021_section7", help="output folder")
     ap.add_argument("--no-figures", action="store_true", help="skip the PNG heatmaps")
+    ap.add_argument("--source", choices=["factor", "update"], default="factor",
+                    help="phi from the right singular vectors of A (Hu et al. eq. 4, default) or of Delta W")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     layers: str | list[int] = "all" if args.layers == "all" else [int(x) for x in args.layers.split(",")]
     lo, hi = (int(x) for x in args.rank_pair.split(","))
     rep = analyse(args.results, layers, args.out, figures=not args.no_figures, rank_pair=(lo, hi),
-                  focus_layer=args.focus_layer)
+                  focus_layer=args.focus_layer, source=args.source)
     print(rep["markdown"])
     if rep["missing"]:
         print(f"missing runs: {', '.join(rep['missing'])}")

@@ -12,6 +12,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 ROLES = ("query", "value")
+def _source_text(meta: Mapping[str, Any]) -> str:
+    """Whose singular vectors phi compares (reports written before the choice existed: Delta W)."""
+    return ("A (Hu et al. eq. 4)" if meta.get("phi_source") == "factor"
+            else "Delta W = s B A (not the paper's A; same span, another order)")
+
+
 TOP_FACTOR = 10.0  # phi(1,1) "well above" baseline: at least this many times 1/k
 OTHER_FACTOR = 2.0  # other directions "near baseline": mean overlap at most this many times j/k
 SUFFICE_TOL = 0.01  # a rank "suffices" (Hu et al. Table 6) when its seed mean is within this of the best rank's
@@ -182,7 +188,7 @@ def render_markdown(rep: Mapping[str, Any]) -> str:
     L.append("## Every layer")
     L.append("")
     L.append(
-        f"phi(1,1) of the right singular vectors of Delta W (random baseline 1/k, k = d_in): r={r_lo} vs "
+        f"phi(1,1) of the right singular vectors of {_source_text(meta)} (random baseline 1/k, k = d_in): r={r_lo} vs "
         f"r={r_hi} (mean, range over seeds) and seed vs seed at r={r_hi} (over seed pairs). Amplification "
         "||ΔW||_F / ||U^T W_0 V^T||_F at seed 0 beside its controls: random directions (ΔW's norm over "
         "W_0's projection on random orthonormal U, V) and a random rank-r ΔW of the same norm. "

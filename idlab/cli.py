@@ -1,4 +1,4 @@
-"""``idlab`` command line: sweep, report, analyze, bench, plan, schema.
+"""``idlab`` command line: sweep, report, analyze, bench, plan, schema, status, runs, keep.
 
     idlab sweep CONFIG [key=value ...]   run a study (CONFIG: a YAML file, a name in
                                          experiments/configs/, or auto)
@@ -9,6 +9,7 @@
     idlab schema [--out FILE]            the JSON Schema of a study file (editor validation)
     idlab status STUDY_DIR               run id, Slurm job id, state and log of every run
     idlab runs STUDY_DIR [RUN_ID ...]    the runs of a study folder (status, cell, error); --remove
+    idlab keep STUDY_DIR                 publish a study folder into git (large files marked kept: false)
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ learning rates are added freely.
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="idlab", description="idlab: intrinsic dimension and LoRA rank on one axis.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    sub = p.add_subparsers(dest="command", metavar="{sweep,plan,status,runs,report,analyze,bench,schema}")
+    sub = p.add_subparsers(dest="command", metavar="{sweep,plan,status,runs,keep,report,analyze,eval,bench,schema}")
     s = sub.add_parser("sweep", help="run a study grid (resumable)", epilog=SWEEP_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("config", nargs="?", default="auto", help="study YAML, its name, or auto (default)")
@@ -70,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--no-similarity", action="store_true", help="skip subspace similarity")
     a.add_argument("--side", choices=["right", "left"], default="right",
                    help="singular vectors compared by phi (right = from A, Hu et al.)")
+    a.add_argument("--source", choices=["factor", "update"], default="factor",
+                   help="phi from the LoRA factor A (right side; B on the left) as Hu et al. eq. 4 "
+                        "(default), or from Delta W itself (same span, invariant to the B/A split); "
+                        "dense updates always use Delta W")
     a.add_argument("--max-i", type=int, default=8, help="rows of the stored phi maps")
     a.add_argument("--max-j", type=int, default=64, help="columns of the stored phi maps")
     a.add_argument("--dense-subspace-dim", type=int, default=64, help="directions kept from dense updates for phi")
@@ -103,8 +108,40 @@ def _parser() -> argparse.ArgumentParser:
                     help="remove the selected runs (default selection: the failed ones), asking first")
     ru.add_argument("--yes", action="store_true", help="remove without asking")
     ru.add_argument("--json", action="store_true", help="a JSON array of records (pandas.read_json) instead of the table")
+    k = sub.add_parser("keep", help="publish a study folder into git (large files left out, marked kept: false)",
+                       epilog=KEEP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    k.add_argument("study_dir", help="a study folder (results/<study>, holding runs/)")
+    k.add_argument("--max-file-mb", type=float, default=None,
+                   help="the largest file kept in git, in MB of 10^6 bytes (default 10); larger ones are left "
+                        "out and marked kept: false in <study>/keep.json")
+    k.add_argument("--leave-out", action="append", default=[], metavar="GLOB",
+                   help="also leave out the files of each run matching this glob (path inside the run folder, "
+                        "e.g. 'adapter/*'); repeatable")
+    k.add_argument("--max-study-mb", type=float, default=None,
+                   help="refuse, writing nothing, when the kept files of the study exceed this many MB (default 50)")
+    ev = sub.add_parser("eval", help="score finished runs on lm-evaluation-harness tasks (into each run's eval.json)")
+    ev.add_argument("run_dirs", nargs="+", help="run folders (results/<study>/runs/<run_id>)")
+    ev.add_argument("--tasks", required=True, help="lm-eval task names, comma-separated")
+    ev.add_argument("--limit", type=int, default=None, help="score the first N documents of each task")
+    ev.add_argument("--include-path", default=None, help="a folder of lm-eval task YAML files (local tasks)")
+    ev.add_argument("--no-builtin-tasks", action="store_true",
+                    help="only the tasks of --include-path (skips indexing lm-eval's ~15,000 built-in tasks)")
+    ev.add_argument("--tokenizer", default=None,
+                    help="tokenizer for runs whose model has none of its own (a factory model): a Hugging Face "
+                         "name or folder, an offline alias, or package.module:function")
+    ev.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    ev.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1, ...")
     return p
 
+
+KEEP_EPILOG = """  idlab keep results/cpu_study_converged                 decide, write keep.json and the .gitignore files
+  git add results/.gitignore results/cpu_study_converged && git commit -m "results: cpu_study_converged"
+
+Kept (tracked by git): study.json, settings.json, keep.json, and per run result.json (metrics, curve),
+adapter/, subspace.safetensors and delta.safetensors up to the limit. Left out: each larger file (the dense
+Delta W of full fine-tuning and subspace runs), marked kept: false; a clone still counts the run complete
+(the sweep does not rerun it), and the report and analysis say its Delta W was not kept. Run it again after
+every sweep of a published study. See results/README.md."""
 
 RUNS_EPILOG = """  idlab runs results/cpu_study                        the table: run id, status, method, cell, lr, seed, wall, error
   idlab runs results/cpu_study --status failed --json   the failed runs as JSON records
@@ -301,10 +338,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         except FileNotFoundError as e:
             print(f"idlab analyze: {e}", file=sys.stderr)
             return 1
+        from idlab.runs.marks import unkept_note
+
+        unkept = [(d, n) for d in dirs if (n := unkept_note(d)) is not None]  # Delta W left out of git
+        dirs = [d for d in dirs if d not in {u for u, _ in unkept}]
         out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "analysis"
         tables = analyze_runs(
             dirs, out, None, energy_p=args.energy_p, pairs="none" if args.no_similarity else "auto",
-            similarity_side=args.side, similarity_max_i=args.max_i, similarity_max_j=args.max_j,
+            similarity_side=args.side, similarity_source=args.source, similarity_max_i=args.max_i,
+            similarity_max_j=args.max_j,
             dense_subspace_dim=args.dense_subspace_dim, alignment_r=args.alignment_r,
             include_scale=not args.exclude_scale, intruder_k=args.intruder_k, intruder_eps=args.intruder_eps,
             num_threads=args.threads)
@@ -312,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name}: {len(df)} rows -> {out / (name + '.parquet')}")
         for _, row in tables["notes"].iterrows():
             print(f"note: {row['run_id']} {row['module']} [{row['table']}]: {row['note']}")
+        for _, n in unkept:
+            print(f"note: {n}")
         return 0
     if args.command == "schema":
         import json
@@ -325,6 +369,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {out}; to have an editor check a study file against it (YAML language server, e.g. "
               f"VS Code's YAML extension), add the line\n  {modeline(out.resolve())}\nto the file, or map "
               f"it to experiments/configs/**/*.yaml in the yaml.schemas setting")
+        return 0
+    if args.command == "keep":
+        from idlab.runs.keep import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_STUDY_MB, keep_study
+
+        try:
+            published = keep_study(
+                args.study_dir, DEFAULT_MAX_FILE_MB if args.max_file_mb is None else args.max_file_mb,
+                leave_out=args.leave_out,
+                max_study_mb=DEFAULT_MAX_STUDY_MB if args.max_study_mb is None else args.max_study_mb)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"idlab keep: {e}", file=sys.stderr)
+            return 2
+        print("\n".join(published.lines()))
+    if args.command == "eval":
+        from idlab.sweep.lmeval import evaluate_runs
+
+        try:
+            evaluate_runs(args.run_dirs, [t.strip() for t in args.tasks.split(",") if t.strip()], limit=args.limit,
+                          include_path=args.include_path, builtin_tasks=not args.no_builtin_tasks,
+                          tokenizer=args.tokenizer, batch_size=args.batch_size, device=args.device)
+        except ValueError as e:
+            print(f"idlab eval: {e}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "runs":
         return main_runs(args.study_dir, args.run_ids, args.status, args.remove, args.yes, args.json)

@@ -130,11 +130,13 @@ def test_analyze_runs_tables_equal_direct_calls(study: Path, tmp_path: Path) -> 
     assert pairs == {("lora_r2_s0", "lora_r4_s0", "rank"), ("lora_r4_s0", "lora_r4_s1", "seed")}
     sim = tables["similarity"]
     name = "model.layers.0.self_attn.q_proj"
-    phi = subspace_similarity(
-        subspace_of(runs["lora_r2_s0"][name]), subspace_of(runs["lora_r4_s0"][name])
+    phi = subspace_similarity(  # the default: from A, Hu et al. eq. 4
+        subspace_of(runs["lora_r2_s0"][name], source="factor"),
+        subspace_of(runs["lora_r4_s0"][name], source="factor"),
     )
     got = sim[(sim.run_a == "lora_r2_s0") & (sim.module == name)]
     assert len(got) == 2 * 4
+    assert set(sim.source) == {"factor"}
     for _, row in got.iterrows():
         assert row.phi == pytest.approx(float(phi[row.i - 1, row.j - 1]), abs=1e-5)
         assert row.random_baseline == pytest.approx(max(row.i, row.j) / 10)
@@ -153,3 +155,40 @@ def test_analyze_without_base_and_cli(
     assert "ranks" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError):
         analyze_runs([tmp_path / "nowhere"], None)
+
+
+def _planted(root: Path, run_id: str, delta: LowRankDelta, seed: int) -> None:
+    d = root / "runs" / run_id
+    d.mkdir(parents=True)
+    save_deltas(d / "delta.safetensors", {"model.layers.0.self_attn.q_proj": delta})
+    config = {"model": "tiny", "task": "toy", "method": "lora", "r": delta.A.shape[0], "seed": seed,
+              "target_modules": ["q_proj"], "d": None}
+    (d / "result.json").write_text(json.dumps({"run_id": run_id, "study": "s", "config": config,
+                                               "status": "ok"}))
+
+
+def test_phi_from_A_is_not_phi_from_delta_w(tmp_path: Path) -> None:
+    """Known answer (Hu et al. eq. 4 vs the update's singular vectors). Run 1 (r=2): A has
+    orthonormal rows a1, a2 with singular values 3 and 1, so A's top right-singular vector is a1;
+    B = [0.1 e1, 10 e2] makes Delta W = 0.3 e1 a1^T + 10 e2 a2^T, whose top one is a2. Run 2
+    (r=1, same seed): A' = a1. So phi(1, 1) is 1 from A and 0 from Delta W; phi(1, 2), against
+    run 2's whole span, is 1 either way."""
+    Q = torch.linalg.qr(torch.randn(10, 10, generator=torch.Generator().manual_seed(3), dtype=torch.float64)).Q
+    a1, a2 = Q[:, 0], Q[:, 1]
+    A = torch.stack([3 * a1, a2])  # (2, 10)
+    B = torch.zeros(12, 2, dtype=torch.float64)
+    B[0, 0], B[1, 1] = 0.1, 10.0
+    root = tmp_path / "study"
+    _planted(root, "r1", LowRankDelta(torch.randn(12, 1, dtype=torch.float64), a1[None, :].clone(), 1.0), 0)
+    _planted(root, "r2", LowRankDelta(B, A, 1.0), 0)
+    rows = {}
+    for source in ("factor", "update"):
+        sim = analyze_runs([root], None, similarity_source=source)["similarity"]  # type: ignore[arg-type]
+        assert set(sim.source) == {source} and set(sim.pair_kind) == {"rank"}
+        rows[source] = {(int(r.i), int(r.j)): float(r.phi) for r in sim.itertuples()}
+    assert rows["factor"][(1, 1)] == pytest.approx(1.0, abs=1e-6)
+    assert rows["update"][(1, 1)] == pytest.approx(0.0, abs=1e-6)
+    assert rows["factor"][(1, 2)] == pytest.approx(1.0, abs=1e-6)
+    assert rows["update"][(1, 2)] == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="similarity_source='A'"):
+        analyze_runs([root], None, similarity_source="A")  # type: ignore[arg-type]

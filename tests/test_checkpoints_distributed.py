@@ -117,6 +117,31 @@ def test_keep_checkpoints_and_the_run_id(tmp_path: Path) -> None:
     assert json.loads((folder / "meta.json").read_text()) == {"run_id": rid, "step": 10}
 
 
+def test_checkpoints_by_minutes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.checkpoint_every_min: a checkpoint whenever that much training time has passed since the last
+    one (a clock that advances 1 minute per step here, so every 3rd step at 2.5 minutes); it keeps the run
+    id and the numbers of the run without checkpoints."""
+    from idlab.training import checkpoint as ckpt_mod
+
+    clock = iter(range(0, 10_000, 60))
+    monkeypatch.setattr(ckpt_mod, "_clock", lambda: float(next(clock)))
+    saved: list[int] = []
+    real_save = ckpt_mod.save
+    monkeypatch.setattr(ckpt_mod, "save", lambda spec, state, write=True: (saved.append(state["step"]),
+                                                                           real_save(spec, state, write=write))[1])
+    timed = study_from_dict(study(tmp_path / "t", ["lora"], train={"checkpoint_every_min": 2.5,
+                                                                    "keep_checkpoints": True}))
+    plain = study_from_dict(study(tmp_path / "p", ["lora"]))
+    assert [r for r, _ in expand(plain)] == [r for r, _ in expand(timed)]
+    run_sweep(timed)
+    assert saved == [4, 7, 10]  # minute 0 at step 1; due at minutes >= 2.5 after each save (steps 4, 7, 10)
+    run_sweep(plain)
+    rid = expand(timed)[0][0]
+    assert results(tmp_path / "t")[rid]["curve"] == results(tmp_path / "p")[rid]["curve"]
+    with pytest.raises(ConfigError, match="checkpoint_every_min"):
+        study_from_dict(study(tmp_path, ["lora"], train={"checkpoint_every_min": 0}))
+
+
 def test_a_checkpoint_of_another_run_is_refused_before_anything_is_written(tmp_path: Path) -> None:
     s = study_from_dict(study(tmp_path, ["full"], train={"checkpoint_every": 5}))
     rid = expand(s)[0][0]
@@ -247,3 +272,4 @@ def test_the_plan_over_n_devices() -> None:
     assert lora.per_device_bytes(4) == 96 * gb + 8 * gb + gb and lora.smallest_world(80 * gb) is None
     table = devices_table([full, lora], 80)
     assert "fsdp2" in table and "none" in table and "projected" in table
+    assert "nproc_per_node=2" in table and "asks Slurm for 2 tasks and 2 GPUs" in table

@@ -203,6 +203,31 @@ def test_slurm_request_follows_the_study_device(tmp_path: Path, monkeypatch: pyt
     assert slurm.gpu_request(auto)[0] == 1 and slurm.cpus_request(auto)[0] == slurm.DEFAULT_CPUS
 
 
+def test_slurm_request_of_a_run_on_n_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """nproc_per_node=N under executor=slurm: N tasks on one node, one GPU each, the node's memory N times
+    the one-process plan, the CPUs split; refused without a launcher that starts the processes."""
+    from idlab.sweep import grid as sweep
+    from idlab.sweep import slurm, slurm_env
+    from idlab.sweep.executors import check_distributed
+
+    monkeypatch.setattr(slurm_env, "_sinfo", lambda partition: [(8, "(null)")])
+    raw = tiny_study(tmp_path, methods=["full"], seeds=[0], executor="slurm", device="cuda")
+    one, four = study_from_dict(raw), study_from_dict({**raw, "nproc_per_node": 4})
+    pending = sweep.expand(one)
+    req = slurm.slurm_request(four, pending)
+    assert req.params["tasks_per_node"] == 4 and req.params["nodes"] == 1 and req.params["gpus_per_node"] == 4
+    assert "--ntasks-per-node=4" in req.sbatch and "--gpus-per-node=4" in req.sbatch
+    assert slurm.slurm_mem_gb(four, pending)[0] == 4 * slurm.slurm_mem_gb(one, pending)[0]
+    cpu4 = study_from_dict({**raw, "nproc_per_node": 4, "device": "cpu"})
+    assert slurm.cpus_request(cpu4)[0] == 2 and slurm.gpu_request(cpu4)[0] == 0  # 8 CPUs / 4 tasks
+    assert "tasks per run" in str(check_distributed(cpu4))
+    assert "tasks_per_node" not in slurm.slurm_request(one, pending).params
+    with pytest.raises(ConfigError, match="set nproc_per_node=N"):
+        check_distributed(study_from_dict({**raw, "train": {**raw.get("train", {}), "distributed": "ddp"}}))
+    with pytest.raises(ConfigError, match=r"nproc_per_node.*executor=local"):
+        check_distributed(study_from_dict({**raw, "executor": "local", "nproc_per_node": 2}))
+
+
 def test_slurm_jobs_record_and_status_without_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from idlab.sweep import slurm_env, slurm_jobs
 

@@ -122,8 +122,8 @@ def test_numbers_match_direct_calls_and_missing_named(scheme: str, tmp_path: Pat
             assert got["amplification_random"] == pytest.approx(want.delta_fro / want.proj_random)
             ctrl = weight_alignment(_random_delta_like(runs[rid][n], r, seed=1000 + layer), W0[n], r=r)
             assert got["amplification_random_delta"] == pytest.approx(ctrl.amplification)
-        U1 = subspace_of(runs["r8s0"][n], side="right")
-        U2 = subspace_of(runs["r64s0"][n], side="right")
+        U1 = subspace_of(runs["r8s0"][n], side="right", source="factor")  # Hu et al. eq. 4: from A
+        U2 = subspace_of(runs["r64s0"][n], side="right", source="factor")
         phi = subspace_similarity(U1[:, :8], U2[:, :64])
         (p,) = rep["phi"][layer][role]["rank"]
         assert torch.allclose(torch.tensor(p["map"], dtype=torch.float64), phi, atol=1e-12)
@@ -153,7 +153,7 @@ def test_planted_shared_direction_is_found_and_random_ones_are_not(scheme: str, 
     for role in ("query", "value"):
         assert len(ph[role]["rank"]) == 3 and len(ph[role]["seed"]) == 3  # 3 seeds, 3 seed pairs
         for p in ph[role]["rank"] + ph[role]["seed"]:
-            assert p["phi_11"] > 0.99
+            assert p["phi_11"] > 0.95  # from A: the planted row dominates A, the noise rows tilt it a little
             assert p["others_mean_1J"] < 64 / D_IN + 0.15  # the rest: random, near J/k
     v = rep["verdict"]
     assert v["query"]["rank_top_above_0.5"] == {"holds": 1, "of": 1}

@@ -79,7 +79,7 @@ def test_make_test_adds_the_test_extra_and_sweep_does_not(tmp_path: Path) -> Non
         return subprocess.run(["make", "-n", target, f"VENV={venv}"], cwd=REPO, env=env, capture_output=True,
                               text=True, timeout=60, check=True).stdout
 
-    assert 'pip install -q -e ".[dev,cluster,test]"' in plan("test")
-    assert 'pip install -q -e ".[dev,cluster,test]"' in plan("gpu-check") and "bench.gpu_check" in plan("gpu-check")
+    assert 'pip install -q -e ".[dev,cluster,test,tracking,eval]"' in plan("test")
+    assert 'pip install -q -e ".[dev,cluster,test,tracking,eval]"' in plan("gpu-check") and "bench.gpu_check" in plan("gpu-check")
     sweep = plan("sweep")
     assert 'pip install -q -e ".[dev,cluster]"' in sweep and "test]" not in sweep

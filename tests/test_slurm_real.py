@@ -191,3 +191,35 @@ def test_time_out_requeues_and_resumes_from_the_last_checkpoint(tmp_path: Path) 
     resumed = res.to_dict().get("resumed_from")
     assert isinstance(resumed, int) and 0 < resumed < 60, resumed  # it went on from a checkpoint
     _timed("time-out requeue resumes from the checkpoint", t0)
+
+
+def test_a_run_on_two_slurm_tasks_gives_the_one_process_numbers(tmp_path: Path) -> None:
+    """nproc_per_node=2 under executor=slurm: Slurm starts the two processes itself (--ntasks-per-node=2),
+    submitit's TorchDistributedEnvironment ranks them, they train one run with DDP over gloo, rank 0
+    writes it; the loss curve and Delta W are the one-process run's to float32 rounding."""
+    from safetensors.torch import load_file
+
+    t0 = time.perf_counter()
+    one = idlab("sweep", "smoke", "methods=[full]", "seeds=[0]", "executor=local", f"results_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stdout + one.stderr
+    two = idlab("sweep", *BASE, "seeds=[0]", "nproc_per_node=2", "train.distributed=ddp",
+                f"results_dir={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert "2 tasks per run on one node" in two.stdout + two.stderr and "1 done, 0 failed" in two.stderr
+    sd = tmp_path / "two" / "smoke"
+    _assert_whole(sd, 1)
+    assert any("--ntasks-per-node=2" in s.read_text() for s in (sd / "slurm").rglob("*_submission.sh"))
+    (rid,) = json.loads((sd / "study.json").read_text())["run_ids"]
+    a, b = RunStore(tmp_path / "one" / "smoke").result(rid), RunStore(sd).result(rid)
+    assert a is not None and b is not None and b.status == "ok", b and b.error
+    dist = b.to_dict()["distributed"]
+    assert dist == {"strategy": "ddp", "world_size": 2, "backend": "gloo"}
+    la = [c["train_loss"] for c in a.to_dict()["curve"]]
+    lb = [c["train_loss"] for c in b.to_dict()["curve"]]
+    assert len(la) == len(lb) >= 2 and max(abs(x - y) for x, y in zip(la, lb)) < 1e-5, (la, lb)
+    da = load_file(str(tmp_path / "one" / "smoke" / "runs" / rid / "delta.safetensors"))
+    db = load_file(str(sd / "runs" / rid / "delta.safetensors"))
+    assert set(da) == set(db) and da
+    for k in da:
+        assert float((da[k] - db[k]).abs().max()) < 1e-5, k
+    _timed("a run on two Slurm tasks (DDP, gloo) = the one-process run", t0)

@@ -49,15 +49,50 @@ def test_tensorboard_streams_every_evaluation(tmp_path: Path) -> None:
     assert [e.value for e in acc.Scalars("train/lr")] == pytest.approx([0.02] * 3)
 
 
-@pytest.mark.parametrize("backend", ["wandb", "trackio", "tensorboard"])
-def test_a_missing_tracking_package_is_refused_before_anything_is_written(tmp_path: Path, backend: str) -> None:
-    if importlib.util.find_spec(backend) is not None:
-        pytest.skip(f"{backend} is installed here")
-    with pytest.raises(ConfigError, match=r"pip install idlab\[tracking\]"):
-        run_sweep(study_from_dict(raw(tmp_path, [backend])))
-    assert not (tmp_path / "tracked").exists()
-
-
 def test_an_unknown_backend_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="log_to"):
         study_from_dict(raw(tmp_path, ["mlflow"]))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None or importlib.util.find_spec("trackio") is None,
+                    reason="wandb / trackio are not installed (pip install idlab[tracking])")
+def test_wandb_offline_and_trackio_stream_every_evaluation(tmp_path: Path) -> None:
+    """Both through their own APIs in a real `idlab sweep` (a subprocess, so that each library reads its
+    environment at import): wandb in offline mode writes its run file under the study folder, trackio
+    its local SQLite database under TRACKIO_DIR; both hold the three evaluations, named by run id."""
+    import json
+    import sqlite3
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = tmp_path / "tracked.yaml"
+    cfg.write_text(yaml.safe_dump(raw(tmp_path / "res", ["wandb", "trackio"])))
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TRACKIO_DIR": str(tmp_path / "trackio")}
+    out = subprocess.run([sys.executable, "-m", "idlab.cli", "sweep", str(cfg)], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (rid, _), = expand(study_from_dict(raw(tmp_path / "res", [])))
+    (wb,) = (tmp_path / "res" / "tracked" / "tensorboard" / "wandb").glob(f"offline-run-*-{rid}/run-{rid}.wandb")
+    data = wb.read_bytes()  # protobuf records: a logged key is stored as its UTF-8 name in every history row
+    assert data.count(b"eval/accuracy") >= 3 and data.count(b"train/loss") >= 3 and rid.encode() in data
+    with sqlite3.connect(tmp_path / "trackio" / "tracked.db") as db:
+        rows = db.execute("SELECT run_name, step, metrics FROM metrics ORDER BY step").fetchall()
+    assert [(name, step) for name, step, _ in rows] == [(rid, 4), (rid, 8), (rid, 12)]
+    first = json.loads(rows[0][2])
+    assert {"train/loss", "train/lr", "train/examples_per_s", "memory/peak_bytes", "eval/accuracy"} <= set(first)
+    assert first["train/lr"] == pytest.approx(0.02)
+
+
+@pytest.mark.parametrize("backend", ["wandb", "trackio", "tensorboard"])
+def test_a_tracking_package_that_will_not_import_is_refused(tmp_path: Path, backend: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend whose package is missing (its spec hidden here, so the case runs where it is installed) is a
+    ConfigError naming the extra, before anything is written."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == backend else real(name, *a))
+    with pytest.raises(ConfigError, match=r"pip install idlab\[tracking\]"):
+        run_sweep(study_from_dict(raw(tmp_path, [backend])))
+    assert not (tmp_path / "tracked").exists()

@@ -24,9 +24,15 @@ missing -> <NA>), module_type is its last component (``q_proj``).
 
 Pairs for similarity (``pairs="auto"``): runs with equal (model, task, method,
 target_modules, d) and either a different r at the same seed ("rank", smaller r first) or the
-same r at a different seed ("seed"). Subspaces are the ``similarity_side`` singular vectors of
-Delta W (default right, as Hu et al.): all r of a low-rank update, the top
-``dense_subspace_dim`` of a dense one.
+same r at a different seed ("seed"). Subspaces (``similarity_side`` right by default, as Hu et al.):
+with ``similarity_source="factor"`` (default; Hu et al. eq. 4) the right-singular vectors of the
+LoRA factor A (left: of B), all r of them; with ``"update"`` the singular vectors of
+Delta W = s B A itself, which span the same r-dimensional space but order it by Delta W's
+singular values and do not depend on how the update is split into B and A (reparameterisation-
+invariant). A dense update (full fine-tuning, a subspace run, a merged PEFT update) has no
+factor: its top ``dense_subspace_dim`` singular vectors of Delta W are used under either
+setting, and the similarity rows say which (column ``source``: factor, update, or
+"factor/update" for a mixed pair).
 
 W_0 comes from ``base_weights(model_name) -> {module_name: weight (d_out, d_in)}`` (called
 once per model; ``module_name`` or ``module_name + ".weight"`` keys); without it the
@@ -66,6 +72,7 @@ from idlab.analysis.runinfo import (
     parse_layer,
     read_run,
 )
+from idlab.analysis.similarity import Source, subspace_of
 from idlab.analysis.spectra import (
     check_update,
     svd,
@@ -98,6 +105,7 @@ def analyze_runs(
     energy_p: float = 0.9,
     pairs: Literal["auto", "none"] | Sequence[tuple[str, str]] = "auto",
     similarity_side: Literal["right", "left"] = "right",
+    similarity_source: Source = "factor",
     similarity_max_i: int = 8,
     similarity_max_j: int = 64,
     dense_subspace_dim: int = 64,
@@ -118,6 +126,9 @@ def analyze_runs(
         energy_p: p of the energy rank.
         pairs: "auto" (see `auto_pairs`), "none", or explicit (run_id_a, run_id_b) pairs.
         similarity_side: "right" (Hu et al., from A) or "left" (from B) singular vectors.
+        similarity_source: "factor" (Hu et al. eq. 4: singular vectors of A, or of B on the
+            left side) or "update" (singular vectors of Delta W, invariant to the B/A split).
+            Dense updates always use "update" (they have no factor).
         similarity_max_i, similarity_max_j: extent of the stored phi maps (Hu et al.: 8, 64).
         dense_subspace_dim: directions kept from a dense update for similarity.
         alignment_r: directions for the amplification (None: the LoRA rank, or the
@@ -141,6 +152,7 @@ def analyze_runs(
             energy_p=energy_p,
             pairs=pairs,
             similarity_side=similarity_side,
+            similarity_source=similarity_source,
             similarity_max_i=similarity_max_i,
             similarity_max_j=similarity_max_j,
             dense_subspace_dim=dense_subspace_dim,
@@ -176,6 +188,7 @@ def _analyze_runs(
     energy_p: float,
     pairs: Literal["auto", "none"] | Sequence[tuple[str, str]],
     similarity_side: Literal["right", "left"],
+    similarity_source: Source,
     similarity_max_i: int,
     similarity_max_j: int,
     dense_subspace_dim: int,
@@ -185,6 +198,9 @@ def _analyze_runs(
     intruder_eps: float,
     seed: int,
 ) -> dict[str, pd.DataFrame]:
+    if similarity_source not in ("factor", "update"):
+        raise ValueError(f"similarity_source={similarity_source!r} is unknown; use 'factor' (Hu et al. "
+                         "eq. 4, from A or B) or 'update' (from Delta W)")
     t0 = time.perf_counter()
     runs = []
     for run_dir in expand_run_dirs(run_dirs):
@@ -213,7 +229,7 @@ def _analyze_runs(
         model_count[r.model] = model_count.get(r.model, 0) + 1
 
     rows: Rows = {k: [] for k in TABLE_COLUMNS}
-    subspaces: dict[tuple[str, str], Tensor] = {}
+    subspaces: dict[tuple[str, str], tuple[Tensor, str]] = {}  # (run, module) -> (basis (k, p), source)
     base_cache: dict[str, Mapping[str, Tensor] | None] = {}
     basis_cache: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
 
@@ -260,13 +276,14 @@ def _analyze_runs(
                 rows, rc, mc, full, energy_p, d_out, d_in, isinstance(delta, LowRankDelta)
             )
             if run.run_id in in_pairs:
-                p = (
-                    full.S.numel()
-                    if isinstance(delta, LowRankDelta)
-                    else min(dense_subspace_dim, full.S.numel())
-                )
-                vecs = full.Vh[:p].T if similarity_side == "right" else full.U[:, :p]
-                subspaces[(run.run_id, name)] = vecs.to(torch.float32).contiguous()
+                low = isinstance(delta, LowRankDelta)
+                p = full.S.numel() if low else min(dense_subspace_dim, full.S.numel())
+                if low and similarity_source == "factor":  # Hu et al. eq. 4: from A (right) or B (left)
+                    vecs, src = subspace_of(delta, similarity_side, r=p, source="factor"), "factor"
+                else:  # singular vectors of Delta W (the only choice for a dense update)
+                    vecs = full.Vh[:p].T if similarity_side == "right" else full.U[:, :p]
+                    src = "update"
+                subspaces[(run.run_id, name)] = (vecs.to(torch.float32).contiguous(), src)
             if weights is None:
                 continue
             W0 = lookup(weights, name)

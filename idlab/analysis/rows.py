@@ -34,7 +34,7 @@ RUN_COLUMNS = ["run_id", "study", "model", "task", "method", "r", "d", "seed", "
 MODULE_COLUMNS = ["module", "layer", "module_type"]
 # A pair of runs compared on one module and side (the similarity tables).
 PAIR_COLUMNS = ["run_a", "run_b", "pair_kind", "model", "task", "method", "r_a", "r_b",
-                "seed_a", "seed_b", *MODULE_COLUMNS, "side", "k"]
+                "seed_a", "seed_b", *MODULE_COLUMNS, "side", "source", "k"]
 TABLE_COLUMNS: dict[str, list[str]] = {
     "spectra": [*RUN_COLUMNS, *MODULE_COLUMNS, "index", "singular_value", "energy_cumulative"],
     "ranks": [
@@ -238,7 +238,7 @@ def similarity_rows(
     a: RunInfo,
     b: RunInfo,
     kind: str,
-    subspaces: Mapping[tuple[str, str], Tensor],
+    subspaces: Mapping[tuple[str, str], tuple[Tensor, str]],
     side: str,
     max_i: int,
     max_j: int,
@@ -263,8 +263,8 @@ def similarity_rows(
     for name in sorted(modules_a ^ modules_b):
         note(f"{a.run_id}|{b.run_id}", name, "similarity", "module in only one run of the pair")
     for name in sorted(modules_a & modules_b):
-        Ua, Ub = subspaces[(a.run_id, name)], subspaces[(b.run_id, name)]
-        mc = module_columns(name)
+        (Ua, src_a), (Ub, src_b) = subspaces[(a.run_id, name)], subspaces[(b.run_id, name)]
+        mc = {**module_columns(name), "source": src_a if src_a == src_b else f"{src_a}/{src_b}"}
         try:
             phi = subspace_similarity(Ua, Ub, orthonormalize=True)
         except ValueError as e:

@@ -15,10 +15,17 @@ Conventions (docs/SCIENCE.md section 3):
   ``subspace_of(..., side="right")`` is the default. ``side="left"`` takes the left
   singular vectors (in R^{d_out}, the column space of B). The paper's text and figure
   labels are not consistent about which side is meant; record the side with every result.
-- ``source="update"`` (default) takes singular vectors of Delta W itself, which works for
-  dense updates and is invariant to the B/A gauge (B G, G^{-1} A). ``source="factor"``
-  takes the SVD of A alone (right) or B alone (left), literally as the paper describes;
-  same span, possibly different order.
+- ``source="factor"`` is phi by the paper's own definition (Hu et al. eq. 4): the
+  right-singular vectors of the LoRA factor A alone (left side: of B alone). It is the
+  default of `idlab.analysis.export.analyze_runs`, ``idlab analyze`` and the Section 7
+  reproduction. ``source="update"`` (this function's default, because it also serves dense
+  updates) takes the singular vectors of Delta W = s B A itself. The two span the same
+  r-dimensional space, so phi(p1, p2) agrees, but they order it differently: A's directions
+  by A's singular values, Delta W's by the update's, so top-i / top-j cells can differ a lot.
+  The update version is invariant to the B/A gauge (B G, G^{-1} A give the same Delta W and
+  the same phi), which makes it the one to compare a LoRA run with a dense update (full
+  fine-tuning, a merged PEFT update); the factor version says what A learned, as the paper
+  measures it. Record the source with every result (column ``source`` of the analysis tables).
 - Two independent uniformly random subspaces of R^k give E[phi(i, j)] = max(i, j) / k
   exactly (E||U1_i^T U2_j||_F^2 = i j / k). Report it beside every phi map.
 - Appendix G writes phi as "(1/p)(1 - d^2)"; that is a typo for 1 - d^2 / p with
@@ -36,6 +43,8 @@ from idlab.analysis.spectra import Update, check_update, num_singular_values, sv
 from idlab.deltas.lowrank import LowRankDelta
 
 Side = Literal["right", "left"]
+#: whose singular vectors phi compares: the LoRA factor (Hu et al. eq. 4) or the update Delta W
+Source = Literal["factor", "update"]
 
 
 def _check_orthonormal(U: Tensor, name: str, atol: float) -> None:
@@ -101,7 +110,7 @@ def subspace_of(
     delta: Update,
     side: Side = "right",
     r: int | None = None,
-    source: Literal["update", "factor"] = "update",
+    source: Source = "update",
 ) -> Tensor:
     """Orthonormal basis of an update's top-r singular subspace, shape (k, r), float64.
 

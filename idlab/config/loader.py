@@ -51,6 +51,9 @@ def _validate(cfg: StudyConfig, where: str) -> None:
         raise fail("seeds", f"got {list(cfg.seeds)}; every value must be >= 0")
     if not 0 < cfg.target.threshold <= 1:
         raise fail("target.threshold", f"got {cfg.target.threshold}; must be in (0, 1]")
+    if cfg.target.rule == "improvement" and cfg.target.pretrained is None and not cfg.train.eval_at_start:
+        raise fail("target.rule", "improvement needs the pretrained score: set train.eval_at_start: true (the "
+                   "step-0 evaluation of every run) or target.pretrained (a fixed value)")
     for name in cfg.methods:
         m = methods.get(name)
         settings = cfg.settings(name)

@@ -16,8 +16,9 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
+from idlab.d90 import TARGET_RULES, TargetRule
 from idlab.data.chat import TemplateMode
 from idlab.data.generate import Extractor
 from idlab.data.instruct import InstructOptions
@@ -36,7 +37,7 @@ PER_RUN_TRAIN_FIELDS: dict[str, str] = {
 
 #: TrainConfig fields that say how a run executes, not what it computes: in no run id (`idlab.config.run`)
 #: and no study setting (`idlab.config.settings`), like device and progress
-EXECUTION_TRAIN_FIELDS = ("checkpoint_every", "keep_checkpoints", "distributed", "log_to")
+EXECUTION_TRAIN_FIELDS = ("checkpoint_every", "checkpoint_every_min", "keep_checkpoints", "distributed", "log_to")
 
 BUILTIN_TASKS = ("digits", "mnist", "toy")
 TASK_FAMILIES = ("glue/", "text/", "instruct/")
@@ -144,13 +145,26 @@ class TaskConfig:
 
 @dataclass(frozen=True)
 class TargetConfig:
-    """The target of every crossing (d90, r90, p90): ``threshold`` x the baseline score."""
+    """The target of every crossing (d90, r90, p90): by ``rule``, ``threshold`` x the baseline score
+    ("fraction") or ``threshold`` x its gain over the pretrained score ("improvement")."""
 
     threshold: float = field(default=0.9, metadata=doc("crossing threshold as a fraction of the baseline (0.9: d90)"))
     baseline: float | None = field(
         default=None,
         metadata=doc("fixed 'global' baseline (e.g. 1.0 on MNIST); None: the mean of the full fine-tuning runs "
                        "at their selected learning rate ('local')"),
+    )
+    rule: TargetRule = field(
+        default="fraction",
+        metadata=doc("threshold rule: fraction (Li et al.: target = threshold x baseline; a score in [0, 1] such as "
+                       "accuracy or exact match) | improvement (target = pretrained + threshold x (baseline - "
+                       "pretrained): that fraction of full fine-tuning's gain over the pretrained model; a loss, "
+                       "tracked as neg_loss: L_pre - 0.9 (L_pre - L_full)); docs/SCIENCE.md section 6"),
+    )
+    pretrained: float | None = field(
+        default=None,
+        metadata=doc("the pretrained model's score for rule improvement (in the tracked metric's units, e.g. "
+                       "neg_loss); None: the step-0 evaluation of the full fine-tuning runs (train.eval_at_start)"),
     )
 
 
@@ -169,8 +183,12 @@ def target_of(study: Mapping[str, Any]) -> TargetConfig:
     block = study.get("target")
     if not isinstance(block, Mapping):
         block = next((b for b in study.values() if isinstance(b, Mapping) and "threshold" in b), {})
-    base = block.get("baseline")
-    return TargetConfig(threshold=float(block.get("threshold", 0.9)), baseline=None if base is None else float(base))
+    base, pre = block.get("baseline"), block.get("pretrained")
+    rule = str(block.get("rule", "fraction"))
+    if rule not in TARGET_RULES:
+        raise ConfigError(f"study.json: target.rule {rule!r}; rules: {', '.join(TARGET_RULES)}")
+    return TargetConfig(threshold=float(block.get("threshold", 0.9)), baseline=None if base is None else float(base),
+                        rule=cast(TargetRule, rule), pretrained=None if pre is None else float(pre))
 
 
 @dataclass(frozen=True)
@@ -231,7 +249,9 @@ class StudyConfig:
                                       "torchrun (each run on nproc_per_node processes: train.distributed)")
     )
     nproc_per_node: int = field(
-        default=1, metadata=doc("executor torchrun: processes per run (GPUs on CUDA; any number on the CPU, gloo)"))
+        default=1, metadata=doc("processes per run (train.distributed): executor torchrun starts them on this host, "
+                                "executor slurm asks for that many tasks on one node (GPUs on CUDA, one each; any "
+                                "number on the CPU, gloo)"))
     gpus: tuple[int, ...] | None = field(default=None, metadata=doc("multigpu: GPU indices (null: all visible)"))
     device: str = field(default="auto", metadata=doc("auto, cpu, cuda, cuda:1 (local executor)"))
     retry_failed: bool = field(default=True, metadata=doc("rerun runs whose status is 'failed' (diverged is kept)"))

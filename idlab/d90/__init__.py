@@ -8,7 +8,10 @@ crossing over LoRA rank r), the sweep's ``d: auto`` refinement (`next_bisection`
 
 Definitions (scores are higher-is-better; x = d, or the LoRA rank r for r90):
 
-- target = threshold * baseline; baseline = a fixed value ("global", e.g. 1.0 on MNIST)
+- target (`make_target`, by the study's rule): "fraction" (Li's rule, the default) target =
+  threshold * baseline; "improvement" target = pretrained + threshold * (baseline - pretrained),
+  that fraction of full fine-tuning's gain over the pretrained model (for a loss L = -score:
+  L_pre - threshold (L_pre - L_full)). baseline = a fixed value ("global", e.g. 1.0 on MNIST)
   or the mean of direct-training scores ("local", full fine-tuning).
 - A cell's learning rate (`select_lr`): rates are ranked by `seed_mean` over the seeds they
   all share (each rate's own seeds when none is shared); the local baseline is the seeds of
@@ -49,15 +52,19 @@ reused). A NaN score raises by default; ``on_nan="fail"`` records it and counts 
 as a failure.
 """
 
+from idlab.d90.compare import compare_crossings, crossing_text
 from idlab.d90.estimator import (
+    TARGET_RULES,
     Baseline,
     Crossing,
     D90Result,
+    TargetRule,
     analyze_d90,
     bisection_point,
     crossing,
     interpolate_log,
     make_baseline,
+    make_target,
     next_bisection,
     rate_baseline,
     rate_scores,
@@ -67,7 +74,25 @@ from idlab.d90.estimator import (
 )
 from idlab.d90.search import find_d90
 
-__all__ = ["Baseline", "Crossing", "D90Result", "analyze_d90", "bisection_point", "crossing", "find_d90",
-           "interpolate_log", "make_baseline", "next_bisection", "rate_baseline", "rate_scores", "seed_mean",
-           "select_lr",
-           "threshold_crossing"]
+__all__ = [
+    "TARGET_RULES",
+    "Baseline",
+    "Crossing",
+    "D90Result",
+    "TargetRule",
+    "analyze_d90",
+    "bisection_point",
+    "compare_crossings",
+    "crossing",
+    "crossing_text",
+    "find_d90",
+    "interpolate_log",
+    "make_baseline",
+    "make_target",
+    "next_bisection",
+    "rate_baseline",
+    "rate_scores",
+    "seed_mean",
+    "select_lr",
+    "threshold_crossing",
+]

@@ -5,10 +5,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+
+#: THE threshold rules of a crossing (docs/SCIENCE.md section 6): "fraction" (Li et al.: target =
+#: threshold x baseline, for a score in [0, 1]) and "improvement" (target = pretrained + threshold x
+#: (baseline - pretrained): that fraction of full fine-tuning's gain over the pretrained model, for a loss)
+TargetRule = Literal["fraction", "improvement"]
+TARGET_RULES: tuple[str, ...] = ("fraction", "improvement")
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,7 @@ class D90Result:
         evaluations: DataFrame with columns d, seed, score, phase (scan / bisect / prior).
         ci_level, n_bootstrap: bootstrap settings.
         message: why d90 is None, or "".
+        rule: the threshold rule (`TARGET_RULES`); pretrained: the pretrained score of rule "improvement".
     """
 
     d90: int | None
@@ -49,6 +56,8 @@ class D90Result:
     ci_level: float = 0.95
     n_bootstrap: int = 1000
     message: str = ""
+    rule: str = "fraction"
+    pretrained: float | None = None
 
     @property
     def found(self) -> bool:
@@ -79,6 +88,8 @@ class D90Result:
             "ci_level": self.ci_level,
             "n_bootstrap": self.n_bootstrap,
             "message": self.message,
+            "rule": self.rule,
+            "pretrained": self.pretrained,
             "evaluations": [
                 {"d": d, "seed": s, "score": v, "phase": ph} for d, s, v, ph in _rows(self.evaluations)
             ],
@@ -102,8 +113,11 @@ class Baseline:
         value: the baseline score (mean of ``runs`` for a local baseline).
         kind: "global" (a fixed value), "local" (direct-training runs), or the label given.
         runs: the direct-training scores of a local baseline (empty for a global one).
-        threshold: fraction of the baseline to reach (0.9).
-        target: threshold * value.
+        threshold: fraction of the baseline (rule "fraction") or of its gain over the pretrained
+            score (rule "improvement") to reach (0.9).
+        target: threshold * value (fraction); pretrained + threshold * (value - pretrained) (improvement).
+        rule: the threshold rule, one of `TARGET_RULES`.
+        pretrained: the pretrained model's score (rule "improvement"; None for "fraction").
     """
 
     value: float
@@ -111,32 +125,69 @@ class Baseline:
     runs: tuple[float, ...]
     threshold: float
     target: float
+    rule: str = "fraction"
+    pretrained: float | None = None
+
+
+def _baseline_value(baseline: float | Sequence[float]) -> tuple[float, tuple[float, ...], str]:
+    """(value, runs, default kind) of a fixed baseline or of direct-training scores (their mean)."""
+    if isinstance(baseline, (int, float, np.floating, np.integer)) and not isinstance(baseline, bool):
+        return float(baseline), (), "global"
+    if isinstance(baseline, Iterable) and not isinstance(baseline, (str, bytes)):
+        runs = tuple(float(b) for b in baseline)
+        if not runs:
+            raise ValueError("d90: baseline is an empty sequence; pass direct-run scores or a float")
+        return float(np.mean(runs)), runs, "local"
+    raise TypeError(
+        f"d90: baseline must be a float (global) or a sequence of direct-run scores (local), got {baseline!r}"
+    )
 
 
 def make_baseline(baseline: float | Sequence[float], threshold: float = 0.9, kind: str | None = None) -> Baseline:
-    """A `Baseline` from a fixed value (global) or direct-training scores (local: their mean).
+    """A `Baseline` (rule "fraction") from a fixed value (global) or direct-training scores (local: their mean).
 
     Raises:
         ValueError: an empty sequence, a non-finite or non-positive baseline, a bad threshold.
         TypeError: neither a number nor a sequence of numbers.
     """
-    runs: tuple[float, ...]
-    if isinstance(baseline, (int, float, np.floating, np.integer)) and not isinstance(baseline, bool):
-        value, runs, default = float(baseline), (), "global"
-    elif isinstance(baseline, Iterable) and not isinstance(baseline, (str, bytes)):
-        runs = tuple(float(b) for b in baseline)
-        if not runs:
-            raise ValueError("d90: baseline is an empty sequence; pass direct-run scores or a float")
-        value, default = float(np.mean(runs)), "local"
-    else:
-        raise TypeError(
-            f"d90: baseline must be a float (global) or a sequence of direct-run scores (local), got {baseline!r}"
-        )
+    value, runs, default = _baseline_value(baseline)
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"d90: baseline must be finite and > 0, got {value} (from {baseline!r})")
+        raise ValueError(f"d90: baseline must be finite and > 0, got {value} (from {baseline!r}); the fraction "
+                         "rule needs a score in [0, 1] (a loss: rule 'improvement', target.rule: improvement)")
     if not (math.isfinite(threshold) and threshold > 0):
         raise ValueError(f"d90: threshold must be a positive number, got {threshold}")
     return Baseline(value, kind or default, runs, float(threshold), float(threshold) * value)
+
+
+def make_target(baseline: float | Sequence[float], threshold: float = 0.9, kind: str | None = None, *,
+                rule: str = "fraction", pretrained: float | None = None) -> Baseline:
+    """THE target of a crossing under ``rule`` (`TARGET_RULES`; docs/SCIENCE.md section 6).
+
+    Scores are higher-is-better (a loss enters as its negative, ``neg_loss``). "fraction":
+    `make_baseline` (``pretrained`` is not used). "improvement": target = pretrained + threshold x
+    (baseline - pretrained), i.e. for a loss L = -score: L_pre - threshold (L_pre - L_full).
+
+    Raises:
+        ValueError: an unknown rule; for "improvement" a missing or non-finite pretrained score, a
+            non-finite baseline, or a baseline that does not improve on the pretrained score.
+    """
+    if rule == "fraction":
+        return make_baseline(baseline, threshold, kind)
+    if rule != "improvement":
+        raise ValueError(f"d90: unknown threshold rule {rule!r}; rules: {', '.join(TARGET_RULES)}")
+    value, runs, default = _baseline_value(baseline)
+    if not (math.isfinite(threshold) and threshold > 0):
+        raise ValueError(f"d90: threshold must be a positive number, got {threshold}")
+    if pretrained is None or not math.isfinite(pretrained):
+        raise ValueError(f"d90: rule 'improvement' needs a finite pretrained score, got {pretrained} "
+                         "(train.eval_at_start: true records it; or set target.pretrained)")
+    if not math.isfinite(value):
+        raise ValueError(f"d90: baseline must be finite, got {value} (from {baseline!r})")
+    if value <= pretrained:
+        raise ValueError(f"d90: full fine-tuning ({value:.6g}) does not improve on the pretrained score "
+                         f"({pretrained:.6g}): no gain to reach a fraction of")
+    t = float(pretrained) + float(threshold) * (value - float(pretrained))
+    return Baseline(value, kind or default, runs, float(threshold), t, "improvement", float(pretrained))
 
 
 def seed_mean(vals: Iterable[float]) -> float:
@@ -171,8 +222,9 @@ def select_lr(scores: Mapping[float, Mapping[int, float]]) -> float | None:
 
 
 def rate_baseline(scores: Mapping[float, Mapping[int, float]], threshold: float = 0.9,
-                  kind: str | None = None) -> Baseline | None:
-    """The local baseline from direct-training (full FT) runs: the seeds of the `select_lr` rate.
+                  kind: str | None = None, *, rule: str = "fraction", pretrained: float | None = None) -> Baseline | None:
+    """The local baseline from direct-training (full FT) runs: the seeds of the `select_lr` rate; its
+    target by ``rule`` (`make_target`).
 
     None when there is no rate or the selected rate has a failed seed (then every rate has one).
     """
@@ -182,7 +234,7 @@ def rate_baseline(scores: Mapping[float, Mapping[int, float]], threshold: float 
     vals = [scores[lr][k] for k in sorted(scores[lr])]
     if not vals or not all(math.isfinite(v) for v in vals):
         return None
-    return make_baseline(vals, threshold, kind)
+    return make_target(vals, threshold, kind, rule=rule, pretrained=pretrained)
 
 
 def interpolate_log(x_a: float, m_a: float, x_b: float, m_b: float, target: float) -> float:
@@ -341,6 +393,8 @@ def analyze_d90(
     ci_level: float = 0.95,
     bootstrap_seed: int = 0,
     n_evaluations: int | None = None,
+    rule: str = "fraction",
+    pretrained: float | None = None,
 ) -> D90Result:
     """d90, interpolation and bootstrap from given evaluations (no new runs).
 
@@ -352,8 +406,9 @@ def analyze_d90(
         ci_level: coverage of the percentile interval.
         bootstrap_seed: seed of the resampling.
         n_evaluations: recorded as is (default: the number of rows).
+        rule, pretrained: the threshold rule and the pretrained score (`make_target`).
     """
-    base = make_baseline(baseline, threshold, baseline_kind)
+    base = make_target(baseline, threshold, baseline_kind, rule=rule, pretrained=pretrained)
     if n_bootstrap < 100:
         raise ValueError(f"analyze_d90: n_bootstrap must be >= 100, got {n_bootstrap}")
     if not 0 < ci_level < 1:
@@ -363,7 +418,8 @@ def analyze_d90(
         df["phase"] = "prior"
     common = dict(
         target=base.target, baseline=base.value, baseline_kind=base.kind, baseline_runs=base.runs,
-        threshold=base.threshold, ci_level=ci_level, n_bootstrap=n_bootstrap,
+        threshold=base.threshold, ci_level=ci_level, n_bootstrap=n_bootstrap, rule=base.rule,
+        pretrained=base.pretrained,
     )
     if df.empty:
         return D90Result(None, None, None, None, seeds=(), n_evaluations=n_evaluations or 0,
@@ -381,6 +437,6 @@ def analyze_d90(
                      evaluations=df, **common)  # type: ignore[arg-type]
 
 
-__all__ = ["Baseline", "Crossing", "D90Result", "analyze_d90", "bisection_point", "crossing", "interpolate_log",
-           "make_baseline", "next_bisection", "rate_baseline", "rate_scores", "seed_mean", "select_lr",
+__all__ = ["TARGET_RULES", "Baseline", "Crossing", "D90Result", "TargetRule", "analyze_d90", "bisection_point",
+           "crossing", "interpolate_log", "make_baseline", "make_target", "next_bisection", "rate_baseline", "rate_scores", "seed_mean", "select_lr",
            "threshold_crossing"]

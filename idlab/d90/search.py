@@ -15,7 +15,7 @@ from idlab.d90.estimator import (
     _rows,
     analyze_d90,
     bisection_point,
-    make_baseline,
+    make_target,
     seed_mean,
 )
 from idlab.jsontypes import as_float
@@ -54,6 +54,8 @@ def find_d90(
     bootstrap_seed: int = 0,
     log: Callable[[str], None] | None = None,
     progress: bool = True,
+    rule: str = "fraction",
+    pretrained: float | None = None,
 ) -> D90Result:
     """Find d90 with a log-spaced scan, log-scale bisection and a seed bootstrap.
 
@@ -77,6 +79,9 @@ def find_d90(
         progress: print one line per evaluation to stderr (``find_d90: d=..., seed=...,
             score=... (k of n at this d; evaluation m, t s)``); each evaluation trains a model,
             so a search takes minutes.
+        rule, pretrained: the threshold rule ("fraction": threshold x baseline; "improvement":
+            pretrained + threshold x (baseline - pretrained)) and the pretrained score
+            (`idlab.d90.make_target`).
 
     Returns:
         `D90Result`; ``d90 is None`` (with a message) if no d in range passes.
@@ -85,7 +90,7 @@ def find_d90(
         ValueError: bad range / factor / rtol / threshold / baseline, or a NaN score
             with ``on_nan="raise"``.
     """
-    base = make_baseline(baseline, threshold, baseline_kind)
+    base = make_target(baseline, threshold, baseline_kind, rule=rule, pretrained=pretrained)
     target = base.target
     seeds = tuple(int(s) for s in seeds)
     if not seeds or len(set(seeds)) != len(seeds):
@@ -169,6 +174,7 @@ def find_d90(
     res = analyze_d90(
         df, base.runs if base.runs else base.value, threshold, baseline_kind=base.kind,
         n_bootstrap=n_bootstrap, ci_level=ci_level, bootstrap_seed=bootstrap_seed, n_evaluations=n_calls,
+        rule=base.rule, pretrained=base.pretrained,
     )
     if res.d90 is None and d_max is not None:
         object.__setattr__(res, "message", f"no d <= d_max={d_max} reached the target: " + res.message)

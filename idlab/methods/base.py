@@ -32,6 +32,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import torch
 from torch import Tensor, nn
 
+from idlab.d90 import Crossing
 from idlab.deltas import LowRankDelta
 from idlab.jsontypes import JsonObject
 
@@ -80,12 +81,18 @@ class Prepared:
         info: recorded as ``result.json["method_info"]`` (head handling, layout, kernel, ...).
         extract: Delta W per module name after training (`Delta`).
         save: writes the method's own files into a run folder (adapter, theta_d, ...).
+        load: the inverse of ``save``: reads a finished run's folder back into ``model`` (the trained
+            state, on a model prepared with the run's axes and seed); `idlab.sweep.restore`.
+        merged: the trained model as a plain module of the base model's class (adapters merged,
+            theta_0 + P theta_d written into the weights), for code that wants the bare model.
     """
 
     model: nn.Module
     info: dict[str, Any] = field(default_factory=dict)
     extract: Callable[[], Mapping[str, Delta]] = field(default=lambda: {})
     save: Callable[[Path], None] = field(default=lambda p: None)
+    load: Callable[[Path], None] | None = None
+    merged: Callable[[], nn.Module] | None = None
 
     def deltas(self) -> dict[str, Delta]:
         """Delta W per module name, float32 on the CPU."""
@@ -219,6 +226,11 @@ class Method(ABC, Generic[S, A]):
         """One-time work a run at ``axes`` needs (compiling a kernel, ...), done before the run's clock
         starts so that it does not count in its ``wall_time_s``; default none. May raise: the run
         then fails in `prepare` as it would have."""
+
+    def claims(self, found: Mapping[str, Crossing]) -> list[str]:
+        """Markdown lines testing published claims about this method's crossings on one study (``found``:
+        variant -> its `idlab.d90.Crossing`, e.g. "SAID fastfood" -> d90); default none."""
+        return []
 
     def plan_model(self, model: nn.Module, axes: A, seed: int) -> nn.Module:
         """The model ``idlab plan`` measures on the meta device (default: the model, all floats trainable)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -64,7 +65,21 @@ class FullFineTuning(Method[FullSettings, FullAxes]):
             return {n: w.detach().cpu().float() - w0[n].to(w.dtype).float()
                     for n, w in linear_weights(model).items()}
 
-        return Prepared(model, {"head": "train"}, extract)
+        def load(folder: Path) -> None:
+            """W = W_0 + Delta W from delta.safetensors: the linear weights only (the file's content)."""
+            import warnings
+
+            from idlab.deltas.io import dense_of, load_deltas
+
+            warnings.warn(f"{folder}: a full fine-tuning run folder holds Delta W of the linear weights only; "
+                          "embeddings, norms and biases are restored at their pretrained values", stacklevel=2)
+            weights = linear_weights(model)
+            with torch.no_grad():
+                for n, dw in load_deltas(folder / "delta.safetensors").items():
+                    w = weights[n]
+                    w.copy_((w0[n].float() + dense_of(dw)).to(w.dtype))
+
+        return Prepared(model, {"head": "train"}, extract, load=load, merged=lambda: model)
 
     def plan_terms(self, model: nn.Module, axes: FullAxes, precision: str,
                    loaded: Mapping[int, torch.dtype]) -> PlanTerms:

@@ -138,6 +138,22 @@ class LoraAxes(Axes):
         return self.r
 
 
+def load_adapter_weights(peft_model: nn.Module, folder: Path) -> None:
+    """Load a saved PEFT adapter folder's weights (``adapter_model.safetensors``: adapters and
+    ``modules_to_save``) into ``peft_model``, a model PEFT wrapped with the same config. Raises on a
+    missing file or a weight the model does not have."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    f = folder / "adapter_model.safetensors"
+    if not f.is_file():
+        raise FileNotFoundError(f"no {f.name} in {folder}: not a finished run's adapter folder")
+    res: Any = set_peft_model_state_dict(peft_model, load_file(str(f)))
+    unexpected = list(getattr(res, "unexpected_keys", []))
+    if unexpected:
+        raise ValueError(f"{f}: weights the model does not have: {sorted(unexpected)[:5]}")
+
+
 def _matches(model: nn.Module, targets: Sequence[str]) -> bool:
     """``targets`` (a `TARGET_SETS` value) name linear layers of ``model``."""
     from idlab.methods.lora_peft import matched_targets
@@ -224,7 +240,9 @@ class LoRA(Method[LoraSettings, LoraAxes]):
             save_adapter(peft_model, folder / "adapter")
 
         return Prepared(peft_model, {"head": "train" if head else "none", "head_module": head},
-                        lambda: dict(lora_deltas(peft_model, with_base=False)), save)
+                        lambda: dict(lora_deltas(peft_model, with_base=False)), save,
+                        load=lambda folder: load_adapter_weights(peft_model, folder / "adapter"),
+                        merged=lambda: cast(nn.Module, cast(Any, peft_model).merge_and_unload()))
 
     def plan_model(self, model: nn.Module, axes: LoraAxes, seed: int) -> nn.Module:
         return self.prepare(model, axes, seed).model
@@ -235,5 +253,5 @@ class LoRA(Method[LoraSettings, LoraAxes]):
         return PlanTerms(host_copies=4 * trainable)  # Delta W as factors, float32
 
 
-__all__ = ["TARGET_SETS", "LoRA", "LoraAxes", "LoraSettings", "alpha_value", "parse_target_sets",
+__all__ = ["TARGET_SETS", "LoRA", "LoraAxes", "LoraSettings", "alpha_value", "load_adapter_weights", "parse_target_sets",
            "target_set_label"]

@@ -40,7 +40,12 @@ from torch import nn
 from idlab.errors import ConfigError
 from idlab.jsontypes import JsonObject
 from idlab.methods.base import Axes, GridContext, Method, PlanTerms, Prepared, Style
-from idlab.methods.lora import TARGET_SETS, parse_target_sets, target_set_label
+from idlab.methods.lora import (
+    TARGET_SETS,
+    load_adapter_weights,
+    parse_target_sets,
+    target_set_label,
+)
 from idlab.models import head_module_name, linear_weights
 from idlab.options import doc
 
@@ -421,7 +426,14 @@ class PeftMethod(Method[PeftSettings, PeftAxes]):
         def save(folder: Path) -> None:
             save_adapter(pm, folder / "adapter")
 
-        return Prepared(pm, info, extract, save)
+        def merged() -> nn.Module:
+            if why:  # PEFT cannot merge this method: the wrapped model itself
+                return cast(nn.Module, pm)
+            return cast(nn.Module, cast(Any, pm).merge_and_unload())
+
+        return Prepared(pm, info, extract, save,
+                        load=lambda folder: load_adapter_weights(cast(nn.Module, pm), folder / "adapter"),
+                        merged=merged)
 
     def plan_model(self, model: nn.Module, axes: PeftAxes, seed: int) -> nn.Module:
         torch.manual_seed(seed)

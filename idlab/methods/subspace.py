@@ -20,7 +20,14 @@ from typing import ClassVar, Literal, cast
 import torch
 from torch import nn
 
-from idlab.d90 import next_bisection, rate_scores, select_lr
+from idlab.d90 import (
+    Crossing,
+    compare_crossings,
+    crossing_text,
+    next_bisection,
+    rate_scores,
+    select_lr,
+)
 from idlab.errors import ConfigError
 from idlab.jsontypes import JsonObject, as_int
 from idlab.methods.base import Axes, Delta, GridContext, Method, PlanTerms, Prepared, Style
@@ -282,9 +289,34 @@ class Subspace(Method[SubspaceSettings, SubspaceAxes]):
                 "d": str(axes.d), "projection": str(axes.projection), "layout": str(axes.layout),
                 "said": str(axes.said), "seed": str(seed), "head": str(head)})
 
+        def load(folder: Path) -> None:
+            from safetensors.torch import load_file
+
+            saved = load_file(str(folder / "subspace.safetensors"))
+            trained = {n: p for n, p in sm.named_parameters() if p.requires_grad}
+            if set(saved) != set(trained):
+                raise ValueError(f"{folder / 'subspace.safetensors'} holds {sorted(saved)}, the model trains "
+                                 f"{sorted(trained)}: not this run's subspace")
+            with torch.no_grad():
+                for n, t in saved.items():
+                    trained[n].copy_(t)
+
         mode = "train" if head else ("project" if axes.head == "project" else "none")
         info = {"head": mode, "head_module": head, "layout": axes.layout, "kernel": backend()}
-        return Prepared(sm, info, extract, save)
+        return Prepared(sm, info, extract, save, load=load, merged=sm.merged)
+
+    def claims(self, found: Mapping[str, Crossing]) -> list[str]:
+        """Aghajanyan et al. 2021: SAID's d90 is at most DID's (per projection with both curves), stated
+        with the bootstrap intervals (`crossing_text`, `compare_crossings`)."""
+        out = []
+        for proj in sorted({v.split(" ", 1)[1] for v in found if " " in v}):
+            said, did = found.get(f"SAID {proj}"), found.get(f"DID {proj}")
+            if said is None or did is None:
+                continue
+            verdict = compare_crossings(said, did)
+            out.append(f"- Aghajanyan et al.: SAID's d90 <= DID's ({proj}). Here SAID {crossing_text(said)}, "
+                       f"DID {crossing_text(did)}: {verdict}.")
+        return out
 
     def plan_terms(self, model: nn.Module, axes: SubspaceAxes, precision: str,
                    loaded: Mapping[int, torch.dtype]) -> PlanTerms:

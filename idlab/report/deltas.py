@@ -3,6 +3,8 @@
 Runs `idlab.analysis.export.analyze_runs` on the ok runs that have ``delta.safetensors``
 (or reuses its Parquet tables when the same runs were analysed before), and, per seed, the
 alignment and intruder tables against W_0 rebuilt from the run's config (`base_weights`).
+A run whose Delta W a published study left out of git (``kept: false``, `idlab.runs.marks`)
+gets one note line instead.
 The report only reads the tables this returns.
 """
 
@@ -15,7 +17,12 @@ from typing import Any
 
 import pandas as pd
 
-from idlab.runs import RESULT_FILE, atomic_write_text, read_json, read_result
+from idlab.runs import DELTA_FILE, RESULT_FILE, atomic_write_text, read_json, read_result
+from idlab.runs.marks import unkept_note
+
+#: version of the analysis tables kept in runs.json: a cache written by another version is
+#: recomputed (2: phi from the LoRA factor A by default, column ``source``)
+ANALYSIS_FORMAT = 2
 
 
 def study_tables(study_runs: pd.DataFrame, out: Path, enabled: bool) -> tuple[dict[str, pd.DataFrame], list[str]]:
@@ -31,14 +38,17 @@ def study_tables(study_runs: pd.DataFrame, out: Path, enabled: bool) -> tuple[di
     except ImportError as e:
         return {}, [f"idlab.analysis.export not available ({e}): no spectra / phi / amplification"]
     ok = study_runs[(study_runs["status"] == "ok")]
-    dirs = sorted(Path(d) for d in ok["run_dir"] if (Path(d) / "delta.safetensors").exists())
+    # a published study's run whose Delta W was left out of git (kept: false in keep.json): one note each
+    notes += [n for d in sorted(ok["run_dir"]) if (n := unkept_note(Path(d), DELTA_FILE)) is not None]
+    dirs = sorted(Path(d) for d in ok["run_dir"] if (Path(d) / DELTA_FILE).exists())
     if not dirs:
-        return {}, ["no delta.safetensors among the ok runs: no spectra / phi / amplification"]
+        return {}, [*notes, f"no {DELTA_FILE} among the ok runs: no spectra / phi / amplification"]
     manifest = out / "runs.json"
     want = [d.name for d in dirs]
     names = ["spectra", "ranks", "similarity", "similarity_summary", "alignment", "intruders", "notes"]
     prev = read_json(manifest)
-    if prev and prev.get("run_ids") == want and all((out / f"{n}.parquet").exists() for n in names):
+    fresh = prev and prev.get("run_ids") == want and prev.get("format") == ANALYSIS_FORMAT
+    if fresh and all((out / f"{n}.parquet").exists() for n in names):
         return {n: pd.read_parquet(out / f"{n}.parquet") for n in names}, notes
     import logging
 
@@ -74,7 +84,7 @@ def study_tables(study_runs: pd.DataFrame, out: Path, enabled: bool) -> tuple[di
     for n in names:
         df = tables.get(n, pd.DataFrame())
         df.to_parquet(out / f"{n}.parquet", index=False)
-    atomic_write_text(manifest, json.dumps({"run_ids": want}, indent=1) + "\n")
+    atomic_write_text(manifest, json.dumps({"run_ids": want, "format": ANALYSIS_FORMAT}, indent=1) + "\n")
     return {n: tables.get(n, pd.DataFrame()) for n in names}, notes
 
 

@@ -126,7 +126,7 @@ def fig_perf_vs_size(method: str, runs: pd.DataFrame, found: Mapping[str, CurveC
                         textcoords="offset points", color=colors[v], fontsize=8)
     if base.get("value") is not None:
         ax.axhline(base["value"], color="k", lw=1, label=f"baseline ({base['kind']}) {base['value']:.3f}")
-        ax.axhline(base["target"], color="k", ls="--", lw=1, label=f"{base['threshold']:.0%} of baseline")
+        ax.axhline(base["target"], color="k", ls="--", lw=1, label=_target_label(base))
     ax.set_xscale("log")
     _log_axis(ax.xaxis)
     ax.set_xlabel(f"{m.title or method} {key} (log)")
@@ -165,7 +165,7 @@ def fig_perf_vs_params(sel: pd.DataFrame, runs: pd.DataFrame, found: Crossings, 
                                 textcoords="offset points", fontsize=7, color=colors[v])
     if base.get("value") is not None:
         ax.axhline(base["value"], color="k", lw=1, label=f"baseline ({base['kind']})")
-        ax.axhline(base["target"], color="k", ls="--", lw=1, label=f"{base['threshold']:.0%} of baseline")
+        ax.axhline(base["target"], color="k", ls="--", lw=1, label=_target_label(base))
     if base.get("floor") is not None:
         ax.axhline(base["floor"], color="grey", ls=":", lw=1, label="majority class")
     for name, results in found.items():
@@ -212,6 +212,13 @@ def fig_size_heatmap(method: str, sel: pd.DataFrame, runs: pd.DataFrame, out: Pa
     ax.set_ylabel("variant")
     ax.set_title(_title(meta, f"{m.title or method}: {m.size_key} x variant (seed mean)", runs[runs["method"] == method]))
     return _save(fig, out, f"{method}_heatmap")
+
+
+def _target_label(base: Mapping[str, object]) -> str:
+    """The legend of the target line: '90% of baseline' (rule fraction) or '90% of the gain over pretrained'."""
+    if base.get("rule") == "improvement":
+        return f"{base['threshold']:.0%} of the gain over pretrained"
+    return f"{base['threshold']:.0%} of baseline"
 
 
 def spectrum_label(row: Mapping[str, Any], targets: bool = False) -> str:

@@ -16,6 +16,7 @@ from idlab.report.tables import (
     baseline,
     crossings,
     majority_floor,
+    rule_text,
     selected_runs,
     thin_crossings,
 )
@@ -50,8 +51,9 @@ def _grid_text(res: CurveCrossing) -> str:
 
 
 
-def _crossing_rows(found: Crossings, suffix: str = "") -> list[dict[str, Any]]:
-    """Rows of the headline table: each method's crossing (d90, r90, ...) per variant."""
+def _crossing_rows(found: Crossings, rule: str, suffix: str = "") -> list[dict[str, Any]]:
+    """Rows of the headline table: each method's crossing (d90, r90, ...) per variant, with the threshold
+    rule of its target (`idlab.report.tables.rule_text`)."""
     rows = []
     for name, results in found.items():
         m = methods.get(name)
@@ -62,7 +64,8 @@ def _crossing_rows(found: Crossings, suffix: str = "") -> list[dict[str, Any]]:
             params = res.value_params if m.size_counts_parameters else res.params
             rows.append({"method": v, "quantity": f"{m.quantity}{suffix}", "grid value": res.value,
                          "interpolated": res.interp, f"{res.ci_level:.0%} interval (bootstrap over seeds)": _ci_text(res, fmt),
-                         "trainable parameters": params, "grid searched (runs per point)": _grid_text(res)})
+                         "trainable parameters": params, "grid searched (runs per point)": _grid_text(res),
+                         "threshold rule": rule})
     return rows
 
 
@@ -106,10 +109,13 @@ def headline_lines(h: Headline) -> list[str]:
     base, found, chance, sel_runs = h.base, h.found, h.chance, h.sel_runs
     if base.get("value") is None:
         return [f"No baseline: {base['kind']}. d90 and r90 need full fine-tuning results "
-                "(or `target.baseline`).", ""]
-    lines = [f"Baseline {base['value']:.4f} ({base['kind']}); target {base['threshold']:.0%} = "
-             f"{base['target']:.4f}.", ""]
-    rows = _crossing_rows(found)
+                f"(or `target.baseline`); threshold rule {rule_text(base)}.", ""]
+    rule = rule_text(base)
+    pre = (f" Pretrained score {base['pretrained']:.4f} ({base['pretrained_kind']})."
+           if base.get("rule") == "improvement" and base.get("pretrained") is not None else "")
+    lines = [f"Baseline {base['value']:.4f} ({base['kind']}); target by the rule {rule} = "
+             f"{base['target']:.4f}.{pre}", ""]
+    rows = _crossing_rows(found, rule)
     if chance is not None:
         floor, t = chance.floor, chance.target
         lines += [f"Majority-class floor {floor:.4f} (always predicting the most frequent training class). "
@@ -118,7 +124,8 @@ def headline_lines(h: Headline) -> list[str]:
                      if base["target"] <= floor else "")
                   + f"Rows marked 'above chance' use target = floor + {base['threshold']:.0%} x "
                   f"(baseline - floor) = {t:.4f}.", ""]
-        rows += _crossing_rows(chance.found, " (above chance)")
+        rows += _crossing_rows(chance.found, f"above chance: floor + {base['threshold']:.0%} x (baseline - floor)",
+                               " (above chance)")
     if not rows:
         return lines
     lines += [md_table(pd.DataFrame(rows)), "",

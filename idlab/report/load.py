@@ -7,7 +7,7 @@ not whole are skipped with a warning) and a study's ``study.json`` (`study_meta`
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TypedDict, cast
 
@@ -71,6 +71,7 @@ def _row(path: Path, res: RunResult) -> JsonObject:
         "higher_is_better": res.higher_is_better,
         "score_final": res.metrics.get(res.metric),
         "score_best": res.best.get(res.metric),
+        "score_start": _step0(res.curve, res.metric),
         "converged": res.converged,
         "best_step": res.best_step,
         "steps": res.steps,
@@ -108,8 +109,8 @@ def load_results(results_dir: str | Path) -> pd.DataFrame:
 
     Runs whose files are not whole are skipped with a one-line warning (`idlab.runs.iter_results`).
     Columns include run_id, study, status, method, variant, model, task, seed, lr, r,
-    target_set, d, projection, said, metric, score_final, score_best,
-    trainable_parameters, total_parameters, wall_time_s, peak_memory_bytes, device,
+    target_set, d, projection, said, metric, score_final, score_best, score_start (the metric's
+    step-0 evaluation, ``train.eval_at_start``; NaN without one), trainable_parameters, total_parameters, wall_time_s, peak_memory_bytes, device,
     git_commit, version_*, and one column per resolved setting of the run's stored config
     (`idlab.report.settings.setting_values`): ``setting_<key>`` with the study file's dotted key,
     e.g. ``setting_model.name``, ``setting_model.hidden`` (a list as JSON text, ``"[16]"``),
@@ -130,11 +131,17 @@ def load_results(results_dir: str | Path) -> pd.DataFrame:
     for c in ("said", "use_rslora", "higher_is_better"):
         if c in df:
             df[c] = df[c].astype("boolean")
-    for c in ("lr", "lora_alpha", "score_final", "score_best", "best_step", "wall_time_s", "train_time_s"):
+    for c in ("lr", "lora_alpha", "score_final", "score_best", "score_start", "best_step", "wall_time_s", "train_time_s"):
         if c in df:
             df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
     order = [c for c in ("study", "method", "variant", "r", "d", "lr", "seed", "run_id") if c in df]
     return df.sort_values(order, na_position="first", kind="mergesort").reset_index(drop=True)
+
+
+def _step0(curve: Sequence[Mapping[str, float | None]], metric: str) -> float | None:
+    """The tracked metric at step 0 (the model before training: ``train.eval_at_start``), or None."""
+    v = next((p.get(metric) for p in curve if p.get("step") == 0), None)
+    return None if v is None else float(v)
 
 
 def load_curves(results_dir: str | Path) -> pd.DataFrame:

@@ -34,6 +34,7 @@ import pandas as pd
 
 from idlab import methods
 from idlab.report import figures
+from idlab.report.claims import StudyHeadline, method_claims, model_size_lines
 from idlab.report.figures import (
     fig_curves,
     fig_perf_vs_params,
@@ -43,7 +44,7 @@ from idlab.report.figures import (
     fig_spectra,
     spectrum_label,
 )
-from idlab.report.headline import compute_headline, headline_lines
+from idlab.report.headline import Headline, compute_headline, headline_lines
 from idlab.report.load import load_curves, load_results, score_col, study_meta, variant
 from idlab.report.settings import GROUP_COL, header_lines, setting_columns, setting_groups
 from idlab.report.tables import amplification_table, cell_table, pareto_front
@@ -54,8 +55,9 @@ _fmt = fmt  # the name the tests and older callers import
 
 
 def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_dir: Path, out_dir: Path,
-                 analysis: bool = True) -> list[str]:
-    """Figures, analysis tables and the REPORT.md section (returned as lines) of one study.
+                 analysis: bool = True, heads: list[StudyHeadline] | None = None) -> list[str]:
+    """Figures, analysis tables and the REPORT.md section (returned as lines) of one study; each setting
+    group's headline is appended to ``heads`` when given (the cross-model claims of `make_report`).
 
     A study whose runs differ in a setting (model options, task options, train block:
     `idlab.report.settings`) is reported per setting group, each with its own baseline, crossings,
@@ -100,14 +102,21 @@ def report_study(study: str, runs: pd.DataFrame, curves: pd.DataFrame, results_d
         gcurves = curves[curves["run_id"].isin(set(g["run_id"]))]
         if where:
             lines += [f"### Setting group {where}: {label}", ""]
-        lines += _group_section(study, where, label, g.reset_index(drop=True), gcells, gcurves, meta, score,
-                                out_dir, analysis)
+        sec, head = _group_section(study, where, label, g.reset_index(drop=True), gcells, gcurves, meta, score,
+                                   out_dir, analysis)
+        lines += sec
+        if heads is not None:
+            total = pd.to_numeric(g["total_parameters"], errors="coerce").dropna() if "total_parameters" in g \
+                else pd.Series(dtype=float)
+            heads.append(StudyHeadline(study, where, ", ".join(map(str, g["model"].dropna().unique())),
+                                       ", ".join(map(str, g["task"].dropna().unique())),
+                                       int(total.median()) if len(total) else None, head))
     return lines
 
 
 def _group_section(study: str, where: str, label: str, runs: pd.DataFrame, cells: pd.DataFrame,
                    curves: pd.DataFrame, meta: Mapping[str, Any], score: str, out_dir: Path,
-                   analysis: bool) -> list[str]:
+                   analysis: bool) -> tuple[list[str], Headline]:
     """Headline, figures and tables of one setting group (the whole study when it has one group)."""
     fig_dir = out_dir / "figures" / study / where if where else out_dir / "figures" / study
     of = f" ({where}: {label})" if where else ""
@@ -141,6 +150,9 @@ def _group_section(study: str, where: str, label: str, runs: pd.DataFrame, cells
 
     lines = [f"### Headline: how many trainable parameters reach 90% of full fine-tuning{of}", ""]
     lines += headline_lines(head)
+    claims = method_claims(found)
+    if claims:
+        lines += [f"### Published claims on these crossings{of}", "", *claims, ""]
     lines += [f"### Figures{of}", ""]
     for caption, paths in figs:
         pngs = [p for p in paths if p.suffix == ".png" and p.exists()]
@@ -175,7 +187,7 @@ def _group_section(study: str, where: str, label: str, runs: pd.DataFrame, cells
         lines += [f"- note: {n}"]
     if notes:
         lines.append("")
-    return lines
+    return lines, head
 
 
 def _rank_summary(ranks: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
@@ -275,16 +287,20 @@ def make_report(results_dir: str | Path = "results", out_dir: str | Path | None 
     lines += ["Studies: " + ", ".join(f"`{s}`" for s in studies) + ".", "",
               "Tables: `summary.parquet` (one row per run), `curves.parquet` (learning curves), "
               "`cells.parquet` (seed statistics per cell), `analysis/<study>/*.parquet` (ΔW analysis).", ""]
+    heads: list[StudyHeadline] = []
     for study in studies:
         srun = runs[runs["study"] == study].reset_index(drop=True)
         scurve = curves[curves["study"] == study]
-        lines += report_study(study, srun, scurve, results_dir, out, analysis)
+        lines += report_study(study, srun, scurve, results_dir, out, analysis, heads)
         meta = study_meta(results_dir, study)
         c = cell_table(srun, score_col(meta))
         if not c.empty:
             all_cells.append(c)
     if all_cells:
         pd.concat(all_cells, ignore_index=True).drop(columns=["cell"]).to_parquet(out / "cells.parquet", index=False)
+    across = model_size_lines(heads)
+    if across:
+        lines += ["## Across models", "", *across]
     versions = runs[[str(c) for c in runs.columns if str(c).startswith("version_")] + ["git_commit", "device"]].drop_duplicates()
     lines += ["## Environment", "", md_table(versions.reset_index(drop=True)), ""]
     md = out / "REPORT.md"

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 
 from idlab import methods
-from idlab.config.schema import target_of
-from idlab.d90 import Crossing, make_baseline, rate_baseline, rate_scores, select_lr
+from idlab.config.schema import TargetConfig, target_of
+from idlab.d90 import Crossing, make_target, rate_baseline, rate_scores, select_lr
 from idlab.report.settings import GROUP_COL, group_labels, setting_columns, varying_settings
 
 #: what tells cells apart: the method, its curve (variant) and the point on its size axis; the rest for
@@ -204,26 +204,61 @@ def amplification_table(align: pd.DataFrame, ranks: Sequence[int] = (4, 64)) -> 
 
 
 
+def pretrained_score(runs: pd.DataFrame, target: TargetConfig, score: str = "score_start") -> tuple[float | None, str]:
+    """(pretrained score, where it came from) for the "improvement" rule: ``target.pretrained`` if set, else
+    the mean over seeds of the baseline method's (full FT's) step-0 evaluation (``score_start``), else None."""
+    if target.pretrained is not None:
+        return target.pretrained, "fixed (target.pretrained)"
+    base = methods.baseline_method().name
+    if runs.empty or score not in runs:
+        return None, "no step-0 evaluation (train.eval_at_start: true, or target.pretrained)"
+    full = runs[(runs["method"] == base) & runs[score].notna()]
+    if full.empty:
+        return None, "no step-0 evaluation of a full fine-tuning run (train.eval_at_start: true, or target.pretrained)"
+    per_seed = full.groupby(full["seed"].astype(str))[score].mean()  # the step-0 model does not depend on the lr
+    return float(per_seed.mean()), f"step-0 evaluation of full FT, mean of {len(per_seed)} seed(s)"
+
+
+def rule_text(base: Mapping[str, object]) -> str:
+    """How a baseline's target was set: 'fraction: 90% x baseline' or 'improvement: pretrained + 90% x (baseline -
+    pretrained)' (`idlab.d90.make_target`)."""
+    th = f"{base.get('threshold', 0.9):.0%}"
+    if base.get("rule", "fraction") == "improvement":
+        return f"improvement: pretrained + {th} x (baseline - pretrained)"
+    return f"fraction: {th} x baseline"
+
+
 def baseline(runs: pd.DataFrame, meta: Mapping[str, Any], score: str) -> dict[str, Any]:
     """The study's crossing baseline: ``target.baseline``, else the baseline method's runs (full FT) at the
-    lr of `idlab.d90.rate_baseline`."""
+    lr of `idlab.d90.rate_baseline`; its target by the study's ``target.rule`` (`idlab.d90.make_target`)."""
     target = target_of(meta.get("study") or {})
-    threshold = target.threshold
-    if target.baseline is not None:
-        b = make_baseline(target.baseline, threshold, "global (fixed)")
-        return {"value": b.value, "kind": b.kind, "threshold": b.threshold, "target": b.target}
-    base = methods.baseline_method().name
-    full = runs[(runs["method"] == base) & runs["status"].isin(["ok", "diverged"])] if not runs.empty else runs
-    by_lr: dict[float, dict[int, float]] = {}
-    for lr, seed, sc in zip(full.get("lr", []), full.get("seed", []), full.get(score, [])):
-        if pd.notna(lr) and pd.notna(seed):
-            by_lr.setdefault(float(lr), {})[int(seed)] = float(sc) if pd.notna(sc) else math.nan
-    got = rate_baseline(by_lr, threshold)
+    threshold, rule = target.threshold, target.rule
+    pre, pre_kind = pretrained_score(runs, target) if rule == "improvement" else (None, "")
+    info = {"rule": rule, "pretrained": pre, "pretrained_kind": pre_kind, "threshold": threshold}
+    if "higher_is_better" in runs and (runs["higher_is_better"] == False).any():  # noqa: E712 (a nullable column)
+        metric = runs["metric"].dropna().iloc[0] if "metric" in runs and runs["metric"].notna().any() else "?"
+        return {**info, "value": None, "kind": f"missing (metric {metric} is lower-is-better; crossings compare "
+                "higher-is-better scores: track neg_loss and use target.rule: improvement)"}
+    if rule == "improvement" and pre is None:
+        return {**info, "value": None, "kind": f"missing (rule improvement needs the pretrained score: {pre_kind})"}
+    try:
+        if target.baseline is not None:
+            b = make_target(target.baseline, threshold, "global (fixed)", rule=rule, pretrained=pre)
+            return {**info, "value": b.value, "kind": b.kind, "target": b.target}
+        base = methods.baseline_method().name
+        full = runs[(runs["method"] == base) & runs["status"].isin(["ok", "diverged"])] if not runs.empty else runs
+        by_lr: dict[float, dict[int, float]] = {}
+        for lr, seed, sc in zip(full.get("lr", []), full.get("seed", []), full.get(score, [])):
+            if pd.notna(lr) and pd.notna(seed):
+                by_lr.setdefault(float(lr), {})[int(seed)] = float(sc) if pd.notna(sc) else math.nan
+        got = rate_baseline(by_lr, threshold, rule=rule, pretrained=pre)
+    except ValueError as e:  # no pretrained score, no gain over it, a loss under the fraction rule
+        return {**info, "value": None, "kind": f"missing ({e})"}
     if got is None:
         why = "no full fine-tuning result" if not by_lr else "every full-FT learning rate has a failed seed"
-        return {"value": None, "kind": f"missing ({why})", "threshold": threshold}
-    return {"value": got.value, "kind": f"local: full FT mean of {len(got.runs)} seed(s)",
-            "threshold": got.threshold, "target": got.target}
+        return {**info, "value": None, "kind": f"missing ({why})"}
+    return {**info, "value": got.value, "kind": f"local: full FT mean of {len(got.runs)} seed(s)",
+            "target": got.target}
 
 
 def selected_runs(runs: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
@@ -308,4 +343,4 @@ def thin_crossings(results: Mapping[str, CurveCrossing]) -> list[str]:
 
 
 __all__ = ["CELL_KEYS", "Crossings", "CurveCrossing", "amplification_table", "baseline", "cell_table", "crossings", "groups",
-           "majority_floor", "pareto_front", "selected_runs", "thin_crossings", "threshold_crossing"]
+           "majority_floor", "pareto_front", "pretrained_score", "rule_text", "selected_runs", "thin_crossings", "threshold_crossing"]

@@ -45,6 +45,7 @@ from idlab.atomic import atomic_write_text, fsync_dir
 from idlab.errors import NotWritableError
 from idlab.jsontypes import JsonObject, JsonValue
 from idlab.runs import claims
+from idlab.runs.marks import left_out
 from idlab.runs.result import ArtifactEntry, ResultFormatError, RunResult, as_result
 
 if TYPE_CHECKING:
@@ -178,8 +179,9 @@ def safetensors_problem(path: Path) -> str | None:
 def artifact_problem(run_dir: str | Path, result: RunResult | Mapping[str, object]) -> str | None:
     """Why the files of a run folder do not match its result.json (first problem found), or None.
 
-    With ``result.artifacts``: each listed file must exist with the listed size and sha256.
-    Without it (results from before the list): every ``*.safetensors`` must be whole.
+    With ``result.artifacts``: each listed file must exist with the listed size and sha256, unless the
+    study's keep.json marks it ``kept: false`` with that size and sha256 (`idlab.runs.marks.left_out`: a
+    published study whose large file was left out of git) and it is absent. Without it (results from before the list): every ``*.safetensors`` must be whole.
     """
     root = Path(run_dir)
     listed = _listed(result)
@@ -192,6 +194,11 @@ def artifact_problem(run_dir: str | Path, result: RunResult | Mapping[str, objec
     for entry in listed:
         f = root / entry.path
         if not f.is_file():
+            try:
+                if left_out(root, entry.path, entry.bytes, entry.sha256):
+                    continue  # marked kept: false by `idlab keep`: not in git, the run is still whole
+            except ValueError as e:  # an unreadable keep.json
+                return f"{entry.path} is missing, and {e}"
             return f"{entry.path} is missing"
         size = f.stat().st_size
         if size != entry.bytes:

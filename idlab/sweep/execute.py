@@ -77,9 +77,10 @@ def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
         method = methods.get(run.method)
         prep = method.prepare(model, run.axes, run.seed)
         cfg = dataclasses.replace(run.train, device=device, progress=progress)
-        every = run.train.checkpoint_every
+        every, every_min = run.train.checkpoint_every, run.train.checkpoint_every_min
         folder = Path(study_dir) if study_dir is not None else None
-        spec = CheckpointSpec(RunStore(folder).checkpoint_dir(rid), rid, every) if every and folder else None
+        spec = (CheckpointSpec(RunStore(folder).checkpoint_dir(rid), rid, every, every_min)
+                if (every or every_min) and folder else None)
         track = TrackSpec(tuple(run.train.log_to), study, rid, (folder or Path(".")) / "tensorboard", run.to_dict())
         res = train(prep.model, task, cfg, desc=f"{rid} {run.method}", checkpoint=spec, shardable=method.shardable,
                     tracking=track)
@@ -181,9 +182,27 @@ def run_one(study_dir: str, study_name: str, rid: str, run: RunConfig, device: s
     Returns:
         the run's status: ok | diverged | failed, or `CLAIMED`.
     """
+    store = RunStore(study_dir)
+    claim = claim_run(store, rid, retry_failed)
+    if not isinstance(claim, Claim):
+        return claim
+    try:
+        if nproc_per_node > 1:
+            status = launch_torchrun(store, study_name, rid, run, nproc_per_node, device, progress)
+        else:
+            status = write_run(store, rid, *execute_run(run, rid, study_name, device=device, progress=progress,
+                                                        study_dir=store.study_dir))
+        finish_run(store, rid, run, status)
+        return status
+    finally:
+        claim.release()
+
+
+def claim_run(store: RunStore, rid: str, retry_failed: bool) -> Claim | str:
+    """Claim run ``rid`` to train it (`Claim`), or say why not: its status when it is complete, `CLAIMED`
+    when another live process holds it. A checkpoint of another run id raises `CheckpointMismatch`."""
     from idlab.training.checkpoint import check_checkpoint
 
-    store = RunStore(study_dir)
     status, _ = _finished(store, rid, retry_failed)
     if status is not None:
         return status
@@ -194,23 +213,23 @@ def run_one(study_dir: str, study_name: str, rid: str, run: RunConfig, device: s
     try:
         status, problem = _finished(store, rid, retry_failed)  # finished while we were claiming it
         if status is not None:
+            claim.release()
             return status
         if problem is not None:
             print(f"rerunning {rid}: {problem}", file=sys.stderr, flush=True)
-        ckpt = store.checkpoint_dir(rid)
-        step = check_checkpoint(ckpt, rid)
-        if step is not None:
-            print(f"resuming {rid} from its checkpoint at step {step}", file=sys.stderr, flush=True)
-        if nproc_per_node > 1:
-            status = launch_torchrun(store, study_name, rid, run, nproc_per_node, device, progress)
-        else:
-            status = write_run(store, rid, *execute_run(run, rid, study_name, device=device, progress=progress,
-                                                        study_dir=store.study_dir))
-        if status == "ok" and not run.train.keep_checkpoints:
-            shutil.rmtree(ckpt, ignore_errors=True)
-        return status
-    finally:
+        step = check_checkpoint(store.checkpoint_dir(rid), rid)
+    except BaseException:
         claim.release()
+        raise
+    if step is not None:
+        print(f"resuming {rid} from its checkpoint at step {step}", file=sys.stderr, flush=True)
+    return claim
+
+
+def finish_run(store: RunStore, rid: str, run: RunConfig, status: str) -> None:
+    """After the run's folder is written: drop its checkpoint once it is ok (unless keep_checkpoints)."""
+    if status == "ok" and not run.train.keep_checkpoints:
+        shutil.rmtree(store.checkpoint_dir(rid), ignore_errors=True)
 
 
 def write_run(store: RunStore, rid: str, result: RunResult, writer: Callable[[Path], None] | None) -> str:
@@ -224,4 +243,5 @@ def write_run(store: RunStore, rid: str, result: RunResult, writer: Callable[[Pa
     return result.status
 
 
-__all__ = ["CLAIMED", "environment", "execute_run", "launch_torchrun", "run_one", "torchrun_command", "write_run"]
+__all__ = ["CLAIMED", "claim_run", "environment", "execute_run", "finish_run", "launch_torchrun", "run_one",
+           "torchrun_command", "write_run"]

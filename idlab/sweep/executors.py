@@ -148,14 +148,25 @@ def check_distributed(study: StudyConfig) -> str | None:
             raise ConfigError(f"{where}: key 'train.distributed': got 'fsdp2', but method(s) {bad} do not train the "
                               "model's own weights, so there is nothing for FSDP2 to shard; use ddp or auto "
                               "(auto: fsdp2 for shardable methods, ddp for the others)")
-    if study.executor != "torchrun":
+    n = study.nproc_per_node
+    if study.executor not in ("torchrun", "slurm"):
         if strategy in ("ddp", "fsdp2"):
             raise ConfigError(f"{where}: key 'train.distributed': got {strategy!r} with executor={study.executor}; "
-                              "a distributed run needs executor=torchrun (and nproc_per_node)")
+                              "a distributed run needs executor=torchrun or executor=slurm (and nproc_per_node)")
+        if n != 1:
+            raise ConfigError(f"{where}: key 'nproc_per_node': got {n} with executor={study.executor}; processes per "
+                              "run need executor=torchrun (this host) or executor=slurm (Slurm starts them)")
         return None
-    n = study.nproc_per_node
     if n < 1:
         raise ConfigError(f"{where}: key 'nproc_per_node': got {n}; must be >= 1")
+    if study.executor == "slurm":
+        if n == 1:
+            if strategy in ("ddp", "fsdp2"):
+                raise ConfigError(f"{where}: key 'train.distributed': got {strategy!r} with executor=slurm and "
+                                  "nproc_per_node=1; set nproc_per_node=N (Slurm starts N tasks per run)")
+            return None
+        return (f"executor slurm: {n} tasks per run on one node (submitit's TorchDistributedEnvironment; gloo on "
+                f"the CPU, nccl on CUDA), train.distributed={strategy}")
     cpu = study.device == "cpu" or (study.device == "auto" and not torch.cuda.is_available())
     if not cpu:
         visible = torch.cuda.device_count()
@@ -215,12 +226,13 @@ def preflight(study: StudyConfig) -> str:
     dtypes = [getattr(torch, study.model.dtype)]
     check_checkpoints(study)
     line = check_distributed(study)
+    if study.executor == "slurm":
+        check_slurm(study)
+        return (f"{line or 'executor slurm'}: device={study.device} / precision={study.train.precision} resolved on "
+                "the nodes")
     if line is not None:
         dev = torch.device("cpu") if "CPU" in line else torch.device("cuda", 0)
         return f"{line}, precision {resolve_precision(study.train.precision, dev, dtypes)}"
-    if study.executor == "slurm":
-        check_slurm(study)
-        return f"executor slurm: device={study.device} / precision={study.train.precision} resolved on the nodes"
     if study.executor == "multigpu":
         workers = multigpu_workers(study)
         dev = torch.device("cpu" if study.device == "cpu" else "cuda:0")

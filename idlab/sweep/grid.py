@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from idlab import methods
 from idlab.config import RunConfig, StudyConfig
-from idlab.d90 import Baseline, make_baseline, rate_baseline
+from idlab.d90 import Baseline, make_target, rate_baseline
 from idlab.methods import Axes, CellScores, GridContext
 from idlab.runs import RunStore, run_id
 
@@ -45,19 +45,44 @@ def cell_scores(study: StudyConfig, store: RunStore, method: str, axes: Axes,
     return scores
 
 
-def baseline_value(study: StudyConfig, store: RunStore) -> Baseline | None:
-    """The crossing baseline: ``target.baseline`` if set, else the baseline method's seeds at its
-    selected learning rate (`idlab.d90.rate_baseline`, the report's rule); None until all are stored."""
-    t = study.target
-    if t.baseline is not None:
-        return make_baseline(t.baseline, t.threshold)
+def _pretrained(study: StudyConfig, store: RunStore) -> float | None:
+    """``target.pretrained``, else the mean over seeds of the baseline method's step-0 evaluation (the report's
+    rule, `idlab.report.tables.pretrained_score`); None without either."""
+    if study.target.pretrained is not None:
+        return study.target.pretrained
     base = methods.baseline_method()
     if base.name not in study.methods:
         return None
     settings = study.settings(base.name)
     (cell,) = base.cells(settings)
-    scores = cell_scores(study, store, base.name, cell, base.learning_rates(settings))
-    return None if scores is None else rate_baseline(scores, t.threshold)
+    by_seed: dict[int, list[float]] = {}
+    for lr in base.learning_rates(settings):
+        for seed in study.seeds:
+            res = store.result(run_id(run_config(study, base.name, cell, lr, seed)))
+            v = None if res is None else next((pt.get(res.metric) for pt in res.curve if pt.get("step") == 0), None)
+            if v is not None:
+                by_seed.setdefault(seed, []).append(float(v))
+    return sum(sum(v) / len(v) for v in by_seed.values()) / len(by_seed) if by_seed else None
+
+
+def baseline_value(study: StudyConfig, store: RunStore) -> Baseline | None:
+    """The crossing baseline: ``target.baseline`` if set, else the baseline method's seeds at its
+    selected learning rate (`idlab.d90.rate_baseline`, the report's rule); its target by ``target.rule``.
+    None until all are stored, or when the rule cannot be applied (no pretrained score, no gain over it)."""
+    t = study.target
+    pre = _pretrained(study, store) if t.rule == "improvement" else None
+    try:
+        if t.baseline is not None:
+            return make_target(t.baseline, t.threshold, rule=t.rule, pretrained=pre)
+        base = methods.baseline_method()
+        if base.name not in study.methods:
+            return None
+        settings = study.settings(base.name)
+        (cell,) = base.cells(settings)
+        scores = cell_scores(study, store, base.name, cell, base.learning_rates(settings))
+        return None if scores is None else rate_baseline(scores, t.threshold, rule=t.rule, pretrained=pre)
+    except ValueError:
+        return None
 
 
 def _context(study: StudyConfig, store: RunStore, method: str) -> GridContext:

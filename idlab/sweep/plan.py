@@ -439,6 +439,10 @@ def devices_table(plans: Sequence[RunPlan], device_memory_gb: float) -> str:
     lines.append(f"(projected, not measured: the smallest N devices of {device_memory_gb:g} GB each that one run "
                  "fits on; fsdp2 divides weights, grads and optimizer state by N, ddp keeps them on every device; "
                  "activations of ceil(batch/N) examples per rank)")
+    most = max((n for p in seen.values() if (n := p.smallest_world(budget)) is not None), default=None)
+    if most is not None and most > 1:
+        lines.append(f"(run these with nproc_per_node={most}: executor=torchrun on one {most}-GPU host, or "
+                     f"executor=slurm, which asks Slurm for {most} tasks and {most} GPUs on one node per run)")
     return "\n".join(lines)
 
 

@@ -14,6 +14,10 @@ The request (`slurm_request`), per array task (one run each):
   the submitting host first, into its cache (``$IDLAB_KERNEL_CACHE``, else ``~/.cache/idlab/kernels``:
   shared with the tasks where home or that variable is on a shared file system).
 - Time: ``slurm.time_min`` (the plan projects no time).
+- Processes: ``nproc_per_node`` > 1 (with ``train.distributed``) asks for that many tasks on one node
+  (``--ntasks-per-node``), one GPU each on CUDA; Slurm starts them, submitit's
+  ``TorchDistributedEnvironment`` gives each its rank, and they train the run together
+  (`idlab.sweep.slurm_jobs.run_ranks`). Memory is per node: the plan's figure times the processes.
 - Passed through: partition, account, qos, constraint, ``slurm.setup`` (shell lines before the task)
   and ``slurm.additional_parameters`` (any sbatch option).
 
@@ -28,7 +32,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from idlab.config import ConfigError, RunConfig, StudyConfig
@@ -46,6 +50,10 @@ def slurm_mem_gb(study: StudyConfig, pending: Sequence[Run]) -> tuple[int, str]:
     (at least `MIN_MEM_GB`). Returns (GB, where it came from). Raises ConfigError when the plan fails."""
     if study.slurm.mem_gb is not None:
         return int(study.slurm.mem_gb), "slurm.mem_gb"
+    n = study.nproc_per_node
+    if n > 1:  # --mem is per node and every process holds its own copy of the model (a bound for FSDP2)
+        one, why = slurm_mem_gb(replace(study, nproc_per_node=1), pending)
+        return one * n, f"{why} x nproc_per_node={n}"
     from idlab.sweep.plan import plan_runs
 
     try:
@@ -70,6 +78,9 @@ def slurm_parameters(study: StudyConfig, mem_gb: int, cpus: int | None = None) -
     params: dict[str, object] = {"timeout_min": s.time_min, "cpus_per_task": cpus or cpus_request(study)[0],
                               "mem_gb": mem_gb, "slurm_array_parallelism": s.array_parallelism,
                               "name": job_name(study)}
+    if study.nproc_per_node > 1:  # Slurm starts the run's processes itself (one task each, one node)
+        params["tasks_per_node"] = study.nproc_per_node
+        params["nodes"] = 1
     if gpus:
         params["gpus_per_node"] = gpus
     if gres:

@@ -36,7 +36,8 @@ def _sinfo(partition: str | None) -> list[tuple[int, str]] | None:
 
 
 def gpu_request(study: StudyConfig) -> tuple[int, str | None, str]:
-    """(GPUs per node, gres string or None, why) for one task of ``study`` (the rule: module doc)."""
+    """(GPUs per node, gres string or None, why) for one run of ``study`` (the rule: module doc); a run on
+    ``nproc_per_node`` processes asks for one GPU per process on the device's default."""
     s, dev = study.slurm, str(study.device)
     if s.gres and s.gpus_per_node is not None:
         raise ConfigError("slurm.gres and slurm.gpus_per_node are both set: give one of them")
@@ -50,14 +51,17 @@ def gpu_request(study: StudyConfig) -> tuple[int, str | None, str]:
         return s.gpus_per_node, None, "slurm.gpus_per_node"
     if dev == "cpu":
         return 0, None, "device=cpu: no GPU"
+    n = study.nproc_per_node
     if dev.startswith("cuda"):
-        return 1, None, f"device={dev}: one GPU per task"
+        return (1, None, f"device={dev}: one GPU per task") if n == 1 else \
+            (n, None, f"device={dev}: one GPU per process, nproc_per_node={n}")
     nodes = _sinfo(s.partition)
     if nodes is None:
         raise ConfigError("device=auto with executor=slurm and no sinfo answer: cannot tell whether the nodes have "
                           "GPUs; set device=cuda (one GPU per task), device=cpu (none) or slurm.gpus_per_node=N")
     if any("gpu" in g for _, g in nodes):
-        return 1, None, f"device=auto: partition {s.partition or '(default)'} has GPU nodes (sinfo): one GPU per task"
+        return n, None, (f"device=auto: partition {s.partition or '(default)'} has GPU nodes (sinfo): one GPU per "
+                         f"{'task' if n == 1 else f'process, nproc_per_node={n}'}")
     return 0, None, f"device=auto: partition {s.partition or '(default)'} has no GPU gres (sinfo): no GPU"
 
 
@@ -65,11 +69,13 @@ def cpus_request(study: StudyConfig) -> tuple[int, str]:
     """(CPUs per task, why)."""
     if study.slurm.cpus_per_task is not None:
         return study.slurm.cpus_per_task, "slurm.cpus_per_task"
+    n = study.nproc_per_node  # a distributed run: n tasks on one node share its CPUs
     nodes = _sinfo(study.slurm.partition) if study.slurm.backend == "slurm" else None
     if nodes:
-        most = max(c for c, _ in nodes)
+        most = max(c for c, _ in nodes) // n
         if most < DEFAULT_CPUS:
-            return most, f"the partition's largest node has {most} CPUs (default {DEFAULT_CPUS})"
+            per = f" / nproc_per_node={n}" if n > 1 else ""
+            return max(most, 1), f"the partition's largest node has {most * n} CPUs{per} (default {DEFAULT_CPUS})"
     return DEFAULT_CPUS, f"default {DEFAULT_CPUS}"
 
 

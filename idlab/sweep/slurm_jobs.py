@@ -255,7 +255,61 @@ class SlurmTask(_Checkpointable):
                                capture_output=True, timeout=20)
             except (OSError, subprocess.TimeoutExpired):
                 pass
+        if _slurm_tasks() > 1:
+            return run_ranks(study_dir, study_name, rid, run, device, retry_failed)
         return run_one(study_dir, study_name, rid, run, device, retry_failed)
+
+
+def _slurm_tasks() -> int:
+    """Tasks of this Slurm job (``nproc_per_node`` of the study; 1 outside Slurm or submitit)."""
+    try:
+        from submitit import JobEnvironment
+
+        return int(JobEnvironment().num_tasks)
+    except Exception:  # not inside a submitit job (local / debug backends)
+        return 1
+
+
+def run_ranks(study_dir: str, study_name: str, rid: str, run: RunConfig, device: str, retry_failed: bool) -> str:
+    """One rank of a run that Slurm started on N tasks (``nproc_per_node`` > 1, ``--ntasks-per-node``).
+
+    submitit's ``TorchDistributedEnvironment`` exports MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE /
+    LOCAL_RANK (the first node's host, a port drawn from the job id), exactly what torchrun would set;
+    the process group joins with ``cpu:gloo,cuda:nccl``, so the loop (`idlab.training.distributed`) finds
+    it initialised and each rank takes its own GPU (LOCAL_RANK) on CUDA. Rank 0 alone claims the run
+    (`claim_run`), tells the others whether to train it (a broadcast), and writes its folder; the others
+    train and write nothing. Returns the run's status (every rank returns rank 0's decision).
+    """
+    import torch
+    import torch.distributed as dist
+    from submitit.helpers import TorchDistributedEnvironment
+
+    from idlab.runs.claims import Claim
+    from idlab.sweep.execute import claim_run, execute_run, finish_run, write_run
+
+    env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    store = RunStore(study_dir)
+    claim: Claim | str = ""
+    go = torch.zeros(1)
+    try:
+        if env.rank == 0:
+            claim = claim_run(store, rid, retry_failed)
+            go[0] = 1.0 if isinstance(claim, Claim) else 0.0
+        dist.broadcast(go, src=0)
+        if go[0] == 0:
+            return claim if isinstance(claim, str) and claim else "skipped"
+        result, writer = execute_run(run, rid, study_name, device=device, study_dir=store.study_dir)
+        if env.rank != 0:
+            return result.status
+        status = write_run(store, rid, result, writer)
+        finish_run(store, rid, run, status)
+        return status
+    finally:
+        if isinstance(claim, Claim):
+            claim.release()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 _task = SlurmTask()

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from idlab.atomic import atomic_file, atomic_write_text
 from idlab.errors import ConfigError
+from idlab.training.distributed import DistContext, all_max
 
 CHECKPOINT_FILE = "checkpoint.pt"
 META_FILE = "meta.json"
@@ -36,6 +38,11 @@ class CheckpointMismatch(ConfigError):
     """A checkpoint folder holds the checkpoint of another run (its run id differs)."""
 
 
+def _clock() -> float:
+    """Seconds of a monotonic clock (the time rule of `CheckpointSpec.due`; tests replace it)."""
+    return time.monotonic()
+
+
 @dataclass(frozen=True)
 class CheckpointSpec:
     """Where and how often the loop checkpoints one run.
@@ -43,12 +50,34 @@ class CheckpointSpec:
     Attributes:
         folder: the run's checkpoint folder (created on the first save).
         run_id: stored in the checkpoint; a checkpoint of another run id is refused.
-        every: steps between checkpoints.
+        every: steps between checkpoints (None: by time only).
+        every_min: minutes of training between checkpoints (None: by steps only); with both, a
+            checkpoint is saved when either is due, and the clock restarts at every save.
     """
 
     folder: Path
     run_id: str
-    every: int
+    every: int | None
+    every_min: float | None = None
+    _last: list[float] = field(default_factory=list, repr=False, compare=False)  # time of the last save
+
+    def due(self, step: int, ctx: DistContext | None = None, device: torch.device | None = None) -> bool:
+        """Whether step ``step`` saves. The time rule is decided on rank 0 and shared (`all_max`), so that
+        every rank of a distributed run takes part in the same collective save."""
+        if self.every is not None and step % self.every == 0:
+            self._last[:] = [_clock()]
+            return True
+        if self.every_min is None:
+            return False
+        now = _clock()
+        if not self._last:
+            self._last.append(now)  # the clock starts at the first step
+        late = now - self._last[0] >= 60.0 * self.every_min
+        if ctx is not None and ctx.world > 1:
+            late = bool(all_max(torch.tensor(float(late and ctx.rank == 0), device=device), ctx))
+        if late:
+            self._last[:] = [now]
+        return late
 
 
 class BatchOrder:

@@ -114,6 +114,9 @@ class TrainConfig:
     plateau_window: float = field(default=0.2, metadata=doc("plateau test: the last fraction of the steps"))
     checkpoint_every: int | None = field(
         default=None, metadata=doc("save the training state every N steps (a killed run resumes there); null: off"))
+    checkpoint_every_min: float | None = field(
+        default=None, metadata=doc("also save it every N minutes of training (whichever of the two comes first); "
+                                   "null: off"))
     keep_checkpoints: bool = field(default=False, metadata=doc("keep the checkpoint after the run finished ok"))
     log_to: tuple[Backend, ...] = field(
         default=(), metadata=doc("stream loss, lr, eval metrics, throughput, memory to: tensorboard, wandb, trackio"))
@@ -144,6 +147,9 @@ class TrainConfig:
         check_precision(self.precision)
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ValueError(f"TrainConfig.checkpoint_every must be >= 1 or None, got {self.checkpoint_every}")
+        if self.checkpoint_every_min is not None and not self.checkpoint_every_min > 0:
+            raise ValueError(f"TrainConfig.checkpoint_every_min must be > 0 (minutes) or None, got "
+                             f"{self.checkpoint_every_min}")
         check_backends(self.log_to)  # a missing package: `pip install idlab[tracking]`, before any run
         if self.distributed not in STRATEGIES:
             raise ValueError(f"TrainConfig.distributed={self.distributed!r} is unknown; use {', '.join(STRATEGIES)}")
@@ -439,7 +445,7 @@ def train(
                 running += lval * (len(mine) / len(idx)) if ctx.world > 1 else lval
                 count += 1
                 evaluating = every > 0 and step % every == 0 and step != total
-                saving = checkpoint is not None and step % checkpoint.every == 0 and step != total
+                saving = checkpoint is not None and step != total and checkpoint.due(step, ctx, device)
                 if evaluating or saving or step % DIVERGENCE_CHECK_EVERY == 0 or step == total:
                     fb = int(all_max(first_bad, ctx))
                     if fb:
