@@ -10,7 +10,11 @@ checks that the study can run at all, without training or downloading anything:
   ``glue/`` or ``text/`` task -- so a typo never falls through to a hub download;
 - the model files: an offline alias's package is installed, a folder exists, and with
   ``HF_HUB_OFFLINE=1`` a Hugging Face name is in the local cache (`idlab.models.resolve_model_name`);
-- a GLUE ``data_dir`` (or ``$IDLAB_GLUE_DIR``) is an existing folder.
+- a GLUE ``data_dir`` (or ``$IDLAB_GLUE_DIR``) is an existing folder;
+- an instruction task (``gsm8k``, ``instruct/<source>``; `check_instruct`): its splits hold the mapped
+  fields, the extractor finds an answer in some gold response, the generation subset fits the eval
+  split, and ``chat_template: model`` has a tokenizer with a chat template; its keys are refused on
+  other tasks.
 
 Each failure is a `ConfigError` naming the key, the value and the fix; the sweep calls
 `check_study` before it writes ``study.json`` or any run folder, and ``idlab sweep`` exits 2.
@@ -18,11 +22,24 @@ Each failure is a `ConfigError` naming the key, the value and the fix; the sweep
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from pathlib import Path
+from typing import cast
 
-from idlab.config.schema import BUILTIN_TASKS, ConfigError, StudyConfig
+from idlab.config.schema import (
+    BUILTIN_TASKS,
+    TASK_PRESETS,
+    ConfigError,
+    StudyConfig,
+    TaskConfig,
+    instruct_options,
+    is_instruct,
+    is_text_task,
+)
+from idlab.data.chat import Tokenizer
+from idlab.data.instruct import InstructOptions
 
 #: models trained from scratch on a built-in tensor task (`idlab.methods`)
 SCRATCH_MODELS = ("mlp", "mnist-fc", "lenet", "toy")
@@ -78,13 +95,18 @@ def _check_task(study: StudyConfig) -> None:
             raise _where(study, "task.data_dir", f"{src} = {data_dir!r} is not a folder; point it at a folder "
                          "in the GLUE tsv layout (e.g. ../shared/data/glue) or unset it to use `datasets`")
         return
+    if is_instruct(t):
+        if t.startswith("instruct/") and len(t) == len("instruct/"):
+            raise _where(study, "task.name", "got 'instruct/'; name the data: instruct/<Hugging Face dataset name, "
+                         ".jsonl/.json/.parquet file or folder>")
+        return
     if t.startswith("text/"):
         src = t.split("/", 1)[1]
         if src != "pydoc" and not Path(src).expanduser().is_file():
             raise _where(study, "task.name", f"got {t!r}; allowed values: text/pydoc or text/<path of a text file>")
         return
-    raise _where(study, "task.name", f"got {t!r}; allowed values: {', '.join(BUILTIN_TASKS)}, glue/<name>, "
-                 "text/<corpus>, or package.module:function")
+    raise _where(study, "task.name", f"got {t!r}; allowed values: {', '.join(BUILTIN_TASKS + TASK_PRESETS)}, "
+                 "glue/<name>, text/<corpus>, instruct/<dataset>, or package.module:function")
 
 
 def check_model(study: StudyConfig) -> None:
@@ -93,7 +115,7 @@ def check_model(study: StudyConfig) -> None:
     if ":" in m:
         _check_factory(study, "model.name", m)
         return
-    text_task = t.startswith(("glue/", "text/"))
+    text_task = is_text_task(t)
     if m in SCRATCH_MODELS:
         if text_task:
             raise _where(study, "model.name", f"got {m!r} (trained from scratch on tensor inputs), but the task "
@@ -102,7 +124,8 @@ def check_model(study: StudyConfig) -> None:
         return
     if not text_task and ":" not in t:
         raise _where(study, "model.name", f"got {m!r} (a pretrained language model), but the task {t!r} has tensor "
-                     f"inputs; use a from-scratch model ({', '.join(SCRATCH_MODELS[:3])}) or a glue/ or text/ task")
+                     f"inputs; use a from-scratch model ({', '.join(SCRATCH_MODELS[:3])}) or a glue/, text/ or "
+                     "instruction task (gsm8k, instruct/<dataset>)")
     from idlab.models import OFFLINE_ALIASES, minilm_dir, resolve_model_name, smollm2_gguf_path
 
     try:
@@ -116,10 +139,54 @@ def check_model(study: StudyConfig) -> None:
         raise _where(study, "model.name", str(e)) from None
 
 
+def _tokenizer(name: str) -> Tokenizer:
+    from transformers import AutoTokenizer
+
+    from idlab.models import resolve_model_name
+
+    tok: Tokenizer = cast("Tokenizer", AutoTokenizer.from_pretrained(resolve_model_name(name)))
+    return tok
+
+
+def check_instruct(study: StudyConfig) -> None:
+    """An instruction task's data and template (module docstring); its keys on another task are refused.
+
+    Reads the splits (a hub dataset is downloaded here, once, as the runs would) and, for
+    ``chat_template: model``, the model's tokenizer; trains nothing and writes nothing.
+    """
+    task = study.task
+    if not is_instruct(task.name):
+        default = TaskConfig()
+        for key in (f.name for f in dataclasses.fields(InstructOptions)):
+            if key != "data_dir" and getattr(task, key) != getattr(default, key):
+                raise _where(study, f"task.{key}", f"got {getattr(task, key)!r}, but task.{key} applies to "
+                             f"instruction tasks only ({', '.join(TASK_PRESETS)}, instruct/<dataset>), not to "
+                             f"{task.name!r}; remove it")
+        return
+    from idlab.data.chat import ChatTemplateError, resolve_template
+    from idlab.data.instruct import load_instruct_data
+    from idlab.data.instruct_source import InstructDataError
+
+    opts = instruct_options(task)
+    corpus = opts.forgetting_corpus
+    if corpus and corpus != "pydoc" and not Path(corpus).expanduser().is_file():
+        raise _where(study, "task.forgetting_corpus", f"got {corpus!r}, which is neither pydoc nor a text file; "
+                     "name a UTF-8 text file, use pydoc (the Python reference shipped with CPython), or null for none")
+    try:
+        load_instruct_data(task.name, opts, task.max_train, task.max_val)
+        if opts.chat_template == "model" and ":" not in study.model.name:
+            resolve_template(_tokenizer(study.model.name), "model")
+    except InstructDataError as e:
+        raise _where(study, e.key, str(e)) from None
+    except ChatTemplateError as e:
+        raise _where(study, "task.chat_template", str(e)) from None
+
+
 def check_study(study: StudyConfig) -> None:
     """Every check of this module, in order; raises the first `ConfigError`."""
     check_task(study)
     check_model(study)
+    check_instruct(study)
 
 
-__all__ = ["SCRATCH_MODELS", "check_model", "check_study", "check_task"]
+__all__ = ["SCRATCH_MODELS", "check_instruct", "check_model", "check_study", "check_task"]

@@ -12,12 +12,17 @@ Every field carries a help string (``field(metadata={"help": ...})``);
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
 from idlab.d90 import TARGET_RULES, TargetRule
+from idlab.data.chat import TemplateMode
+from idlab.data.generate import Extractor
+from idlab.data.instruct import InstructOptions
+from idlab.data.instruct_source import PRESETS, is_instruct_task
 from idlab.errors import ConfigError
 from idlab.options import doc
 from idlab.training.loop import TrainConfig
@@ -35,7 +40,29 @@ PER_RUN_TRAIN_FIELDS: dict[str, str] = {
 EXECUTION_TRAIN_FIELDS = ("checkpoint_every", "checkpoint_every_min", "keep_checkpoints", "distributed", "log_to")
 
 BUILTIN_TASKS = ("digits", "mnist", "toy")
-TASK_FAMILIES = ("glue/", "text/")
+TASK_FAMILIES = ("glue/", "text/", "instruct/")
+#: task presets by name: instruction data with its fields and answer extractor (`idlab.data.instruct_source`)
+TASK_PRESETS = tuple(PRESETS)
+
+
+def is_instruct(task: str) -> bool:
+    """An instruction-tuning task: a preset (gsm8k) or ``instruct/<source>``."""
+    return is_instruct_task(task)
+
+
+def is_text_task(task: str) -> bool:
+    """A task on a pretrained language model: glue/, text/, instruct/ or a preset."""
+    return task.startswith(TASK_FAMILIES) or task in PRESETS
+
+
+def instruct_options(task: TaskConfig) -> InstructOptions:
+    """The instruction-task keys of ``task`` (`idlab.data.instruct.InstructOptions`, same names)."""
+    return InstructOptions(**{f.name: getattr(task, f.name) for f in dataclasses.fields(InstructOptions)})
+
+
+def is_causal_lm_task(task: str) -> bool:
+    """A task trained by next-token loss on a causal LM (``text/``, instruction tasks)."""
+    return task.startswith("text/") or is_instruct_task(task)
 
 
 @dataclass(frozen=True)
@@ -64,7 +91,8 @@ class TaskConfig:
     name: str = field(
         default="digits",
         metadata=doc(
-            "task: digits | mnist | toy | glue/<mrpc|sst2|rte|cola|...> | text/<corpus> | "
+            "task: digits | mnist | toy | glue/<mrpc|sst2|rte|cola|...> | text/<corpus> | gsm8k | "
+            "instruct/<Hugging Face dataset, .jsonl/.json/.parquet file or folder> | "
             "'package.module:function' returning an idlab Task"
         ),
     )
@@ -72,8 +100,47 @@ class TaskConfig:
     max_train: int | None = field(default=None, metadata=doc("keep at most this many training examples"))
     max_val: int | None = field(default=None, metadata=doc("keep at most this many validation examples"))
     data_dir: str | None = field(
-        default=None, metadata=doc("folder in the GLUE tsv layout (glue/* tasks); None: $IDLAB_GLUE_DIR if set, else Hugging Face datasets")
+        default=None, metadata=doc("folder in the GLUE tsv layout (glue/* tasks; None: $IDLAB_GLUE_DIR if set, else "
+                                   "Hugging Face datasets), or of a preset's split files (gsm8k: train.jsonl, "
+                                   "test.jsonl; None: $IDLAB_GSM8K_DIR, else ../shared/data/gsm8k, else the hub)")
     )
+    # ---- instruction tasks (gsm8k, instruct/<source>): idlab.data.instruct.InstructOptions, same names
+    dataset_config: str | None = field(default=None, metadata=doc("Hugging Face dataset config (gsm8k: main)"))
+    train_split: str = field(default="train", metadata=doc("instruction tasks: the training split"))
+    eval_split: str = field(default="test", metadata=doc("instruction tasks: the split evaluated and generated on"))
+    prompt_field: str | None = field(
+        default=None, metadata=doc("field holding the prompt (None: the preset's, gsm8k question; else 'prompt')"))
+    response_field: str | None = field(
+        default=None, metadata=doc("field holding the response (None: the preset's, gsm8k answer; else 'response')"))
+    system_field: str | None = field(default=None, metadata=doc("field holding a system message (None: none)"))
+    chat_template: TemplateMode = field(
+        default="auto", metadata=doc("auto: the tokenizer's chat template, a plain one where it has none; model: "
+                                     "the tokenizer's (refused when it has none); plain: ### Instruction / Response"))
+    packing: bool = field(default=False, metadata=doc("pack training examples into blocks of max_length tokens"))
+    extractor: Extractor | None = field(
+        default=None, metadata=doc("answer extractor for exact match: gsm8k (after ####, else the last number), "
+                                   "last_number, text (None: the preset's, else text)"))
+    generate_subset: int = field(
+        default=0, metadata=doc("eval prompts (a fixed, seeded subset) answered by greedy generation at the end of "
+                                "the run for exact match; 0: no generation"))
+    max_new_tokens: int = field(default=256, metadata=doc("generation: new tokens at most (stops at EOS)"))
+    generate_batch_size: int = field(default=16, metadata=doc("generation: prompts per batch (left padded)"))
+    generate_every: int = field(
+        default=0, metadata=doc("also generate at every N-th evaluation (exact_match in the curve); 0: at the end only"))
+    generate_before: bool = field(default=True, metadata=doc("also score the pretrained model (exact_match_before)"))
+    generate_seed: int = field(default=0, metadata=doc("seed of the generation subset"))
+    forgetting_corpus: str | None = field(
+        default="pydoc", metadata=doc("instruction tasks: general corpus whose next-token loss is recorded before "
+                                      "and after training (pydoc or a text file; null: off)"))
+    forgetting_blocks: int = field(default=32, metadata=doc("held-out blocks of 128 tokens of the forgetting corpus"))
+
+    def __post_init__(self) -> None:
+        for key in ("generate_subset", "generate_every", "forgetting_blocks"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"task.{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("max_new_tokens", "generate_batch_size", "max_length"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"task.{key} must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)
@@ -236,6 +303,7 @@ __all__ = [
     "EXECUTION_TRAIN_FIELDS",
     "PER_RUN_TRAIN_FIELDS",
     "TASK_FAMILIES",
+    "TASK_PRESETS",
     "ConfigError",
     "ModelConfig",
     "SlurmConfig",
@@ -243,5 +311,9 @@ __all__ = [
     "TargetConfig",
     "TaskConfig",
     "TrainConfig",
+    "instruct_options",
+    "is_causal_lm_task",
+    "is_instruct",
+    "is_text_task",
     "target_of",
 ]

@@ -110,6 +110,17 @@ class Task(ABC):
         """A JSON-able description recorded with every result."""
         return {"name": self.name, "metric": self.metric, "num_train": self.num_train}
 
+    def before_training(self, model: nn.Module) -> JsonObject:
+        """Measurements of the model before its first step (the pretrained scores), kept by the loop
+        (and in its checkpoints) and handed to `after_training`. Runs under no_grad. Default: none."""
+        return {}
+
+    def after_training(self, model: nn.Module, before: JsonObject) -> JsonObject:
+        """The task's own record of a finished run (not diverged), given `before_training`'s: keys of
+        ``result.json`` (e.g. ``exact_match``; `idlab.runs.RunResult`) and ``generations`` (rows written
+        beside it). Runs under no_grad. Default: none."""
+        return {}
+
 
 def binary_f1(pred: Tensor, target: Tensor) -> float:
     """F1 of the positive class (label 1), the GLUE MRPC convention."""

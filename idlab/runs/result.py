@@ -44,7 +44,8 @@ TRAINED_KEYS = ("steps", "trainable_parameters", "total_parameters", "train_time
                 "device", "precision", "task_info", "metric", "higher_is_better", "method_info", "converged",
                 "convergence")
 #: keys written only when set
-OPTIONAL_KEYS = ("traceback", "artifacts", "slurm")
+OPTIONAL_KEYS = ("traceback", "artifacts", "slurm", "exact_match", "exact_match_before", "general_loss_before",
+                 "general_loss_after", "generation")
 
 
 class ResultFormatError(ValueError):
@@ -101,6 +102,14 @@ class RunResult:
             None in results written before the list existed.
         slurm: where a Slurm array task ran it (job_id, array_job_id, array_task_id, node, partition,
             stdout, stderr: `idlab.sweep.slurm.slurm_record`); None elsewhere and in older files.
+        exact_match / exact_match_before: instruction tasks with ``task.generate_subset``: the share of
+            the fixed generation subset answered exactly after training / by the pretrained model
+            (`idlab.data.instruct`); None elsewhere and in older files.
+        general_loss_before / general_loss_after: instruction tasks: next-token loss (nats) on held-out
+            blocks of the general corpus (``task.forgetting_corpus``) before / after training; `forgetting`
+            is their difference. None elsewhere.
+        generation: the generation's details (n, correct, extractor, max_new_tokens, seconds, new_tokens,
+            file: ``generations.jsonl`` beside result.json); None elsewhere.
         extra: keys no field names, kept and written back as they are.
         layout: keys `to_dict` writes (those of the file read); None: the layout of
             `idlab.methods.execute_run` for ``status``. Not compared.
@@ -138,6 +147,11 @@ class RunResult:
     cuda_visible_devices: str | None = None
     artifacts: tuple[ArtifactEntry, ...] | None = None
     slurm: Mapping[str, Any] | None = None
+    exact_match: float | None = None
+    exact_match_before: float | None = None
+    general_loss_before: float | None = None
+    general_loss_after: float | None = None
+    generation: Mapping[str, Any] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     layout: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
 
@@ -174,6 +188,10 @@ class RunResult:
             git_commit=_str(raw, "git_commit"), hostname=_str(raw, "hostname"), python=_str(raw, "python"),
             cuda_visible_devices=_str(raw, "cuda_visible_devices"), artifacts=_artifacts(raw.get("artifacts")),
             slurm=None if raw.get("slurm") is None else _mapping(raw, "slurm"),
+            exact_match=_float(raw, "exact_match"), exact_match_before=_float(raw, "exact_match_before"),
+            general_loss_before=_float(raw, "general_loss_before"),
+            general_loss_after=_float(raw, "general_loss_after"),
+            generation=None if raw.get("generation") is None else _mapping(raw, "generation"),
             extra={k: v for k, v in raw.items() if k not in _FIELD_KEYS},
             layout=tuple(k for k in raw if k in _FIELD_KEYS),
         )
@@ -219,6 +237,13 @@ class RunResult:
         """The head mode of a subspace run (method_info, else the config's ``head``)."""
         h = self.method_info.get("head", self.config.get("head"))
         return None if h is None else str(h)
+
+    @property
+    def forgetting(self) -> float | None:
+        """``general_loss_after - general_loss_before`` (nats; > 0: the general corpus got harder)."""
+        if self.general_loss_before is None or self.general_loss_after is None:
+            return None
+        return self.general_loss_after - self.general_loss_before
 
     @property
     def majority_accuracy(self) -> float | None:

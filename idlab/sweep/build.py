@@ -14,7 +14,14 @@ import torch
 from torch import Tensor, nn
 
 from idlab.config.run import RunConfig
-from idlab.config.schema import ModelConfig, TaskConfig
+from idlab.config.schema import (
+    ModelConfig,
+    TaskConfig,
+    instruct_options,
+    is_causal_lm_task,
+    is_instruct,
+    is_text_task,
+)
 from idlab.data.base import ClassificationTask, Task, index_inputs
 
 #: Number of labels of the GLUE classification tasks (default 2).
@@ -45,12 +52,12 @@ def build_task_and_model(run: RunConfig) -> tuple[Task, nn.Module]:
     seed = run.seed
     tokenizer = None
     model: nn.Module | None = None
-    if tname.startswith(("glue/", "text/")) and ":" not in mname:
+    if is_text_task(tname) and ":" not in mname:
         from idlab.models import load_model
 
         head: Literal["classification", "causal-lm"] = (
-            "classification" if tname.startswith("glue/") else "causal-lm")
-        num_labels = GLUE_LABELS.get(tname.split("/", 1)[1].lower(), 2)
+            "causal-lm" if is_causal_lm_task(tname) else "classification")
+        num_labels = GLUE_LABELS.get(tname.split("/", 1)[-1].lower(), 2)
         torch.manual_seed(seed)
         model, tokenizer = load_model(mname, task=head, num_labels=num_labels, dtype=_dtype(mcfg.dtype))
     task = _build_task(tcfg, tokenizer)
@@ -74,6 +81,10 @@ def _build_task(tcfg: TaskConfig, tokenizer: Any) -> Task:
         # None falls back to $IDLAB_GLUE_DIR, then `datasets` (idlab.data.glue.glue_data_dir)
         return glue_task(name.split("/", 1)[1], tokenizer, data_dir=tcfg.data_dir or None,
                          max_length=tcfg.max_length, seed=0, **limits)
+    if is_instruct(name):
+        from idlab.data.instruct import instruct_task
+
+        return instruct_task(name, tokenizer, max_length=tcfg.max_length, **limits, options=instruct_options(tcfg))
     if name.startswith("text/"):
         from idlab.data.corpus import text_corpus_task
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from idlab import methods
 from idlab.config import StudyConfig
+from idlab.config.schema import is_causal_lm_task, is_text_task
 from idlab.errors import ConfigError
 
 #: seconds the one hub request of `check_hub` may take
@@ -36,7 +37,7 @@ def _where(study: StudyConfig) -> str:
 
 def _pretrained(study: StudyConfig) -> bool:
     """The runs load a pretrained model by name (alias, folder or hub id), as `idlab.sweep.build` decides."""
-    return study.task.name.startswith(("glue/", "text/")) and ":" not in study.model.name
+    return is_text_task(study.task.name) and ":" not in study.model.name
 
 
 def hub_name(study: StudyConfig) -> str | None:
@@ -85,7 +86,7 @@ def check_hub(study: StudyConfig, timeout: float = HUB_TIMEOUT_S) -> None:
 
 def check_model_task(study: StudyConfig) -> None:
     """A causal-LM (``text/``) task needs a decoder: refuse an encoder (`ENCODER_TYPES`) by its config.json."""
-    if not (_pretrained(study) and study.task.name.startswith("text/")):
+    if not (_pretrained(study) and is_causal_lm_task(study.task.name)):
         return
     from idlab.sweep.plan import model_config
 

@@ -56,6 +56,7 @@ def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
         and a function writing the artifacts (delta.safetensors, adapter/ or
         subspace.safetensors) into a folder, or None when there are none.
     """
+    from idlab.data.instruct import GENERATIONS_FILE, write_generations
     from idlab.deltas import save_deltas
     from idlab.training.checkpoint import CheckpointSpec
     from idlab.training.distributed import env_rank
@@ -93,6 +94,9 @@ def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
             "metric": task.metric, "higher_is_better": task.higher_is_better, "method_info": prep.info,
             "converged": res.converged, "convergence": res.convergence,
         })
+        record = dict(res.task_record)  # the task's own fields (instruction tasks: exact match, forgetting)
+        rows = record.pop("generations", None)
+        result.update(record)
         if res.resumed_from is not None:
             result["resumed_from"] = res.resumed_from
         if res.distributed:
@@ -104,6 +108,8 @@ def execute_run(run: RunConfig, rid: str, study: str, device: str = "auto",
             def writer(d: Path) -> None:
                 prep.save(d)
                 save_deltas(d / "delta.safetensors", deltas, metadata={"run_id": rid, "method": run.method})
+                if rows is not None:
+                    write_generations(d / GENERATIONS_FILE, rows)
     except Exception as e:  # a failed run is a result, the sweep goes on
         result.update({"status": "failed", "error": f"{type(e).__name__}: {e}",
                        "traceback": traceback.format_exc(), "metrics": {}, "best": {}, "curve": []})

@@ -49,6 +49,7 @@ from torch.nn import functional as F
 
 from idlab import methods
 from idlab.config.run import RunConfig
+from idlab.config.schema import is_causal_lm_task, is_text_task
 from idlab.methods import Axes
 
 #: RSS of a fresh interpreter after ``import torch, transformers, peft, idlab.methods, idlab.training.loop,
@@ -361,11 +362,11 @@ def _meta_run(run: RunConfig) -> tuple[nn.Module, Tensor | dict[str, Tensor], Te
     bs = run.train.batch_size
     model_dtype = run.model.dtype
     loss: Literal["classification", "causal-lm"] = "classification"
-    if tname.startswith(("glue/", "text/")) and ":" not in mname:
+    if is_text_task(tname) and ":" not in mname:
         model = _meta_pretrained(mname, tname, getattr(torch, model_dtype))
         seq = run.task.max_length
         inputs: Tensor | dict[str, Tensor] = {"input_ids": torch.ones(bs, seq, dtype=torch.long, device="meta")}
-        if tname.startswith("text/"):
+        if is_causal_lm_task(tname):
             loss, targets = "causal-lm", torch.ones(bs, seq, dtype=torch.long, device="meta")
         else:
             targets = torch.zeros(bs, dtype=torch.long, device="meta")

@@ -186,6 +186,8 @@ class TrainResult:
             (`idlab.training.convergence`); ``convergence`` holds the verdict's details.
         resumed_from: the checkpoint step this run resumed from (None: it started at step 0).
         distributed: strategy, world size and backend (`idlab.training.distributed.DistContext.record`).
+        task_record: what the task records about the trained run (`idlab.data.Task.after_training`:
+            e.g. exact match, forgetting); not in ``wall_time_s``.
     """
 
     metrics: dict[str, float]
@@ -203,6 +205,7 @@ class TrainResult:
     convergence: dict[str, Any] = field(default_factory=dict)
     resumed_from: int | None = None
     distributed: dict[str, Any] = field(default_factory=dict)
+    task_record: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> JsonObject:
         return asdict(self)
@@ -281,6 +284,20 @@ def cast_for_precision(model: nn.Module, params: list[nn.Parameter], precision: 
     for p in targets:
         if p.dtype != dtype:
             p.data = p.data.to(dtype)
+
+
+def _task_hook(task: Task, name: str, net: nn.Module, model: nn.Module, precision: str,
+               device: torch.device, *args: JsonObject) -> JsonObject:
+    """A task's `Task.before_training` / `after_training` (``name``) on ``model`` in eval mode, no_grad, under
+    autocast; ``{}`` for a task object that does not define it (a duck-typed task, not a `Task`)."""
+    hook: Callable[..., JsonObject] | None = getattr(task, name, None)
+    if hook is None:
+        return {}
+    net.eval()
+    with torch.no_grad(), autocast(precision, device):
+        out = hook(model, *args)
+    net.train()
+    return out
 
 
 def train(
@@ -388,9 +405,11 @@ def train(
         ckpt.save(checkpoint, {"step": step, "count": count, "model": msd, "optimizer": osd,
                                "scheduler": sched.state_dict(), "batches": batches.state_dict(),
                                "curve": curve, "best": best, "metrics": metrics, "running": all_sum(running, ctx).cpu(),
-                               "rng": ckpt.rng_state()}, write=ctx.rank == 0)
+                               "rng": ckpt.rng_state(), "task_before": before}, write=ctx.rank == 0)
 
     trackers = open_trackers(tracking, ctx.rank)
+    before: JsonObject = (dict(state.get("task_before") or {}) if state is not None  # the pretrained model's
+                          else _task_hook(task, "before_training", net, evaluated, precision, device))
     t0 = time.perf_counter()
     with float32_matmul(precision, device), contextlib.closing(trackers):
         diverged, error, step = False, None, start
@@ -450,6 +469,8 @@ def train(
         if not stopped and (not diverged or not curve):
             mean = float(all_sum(running, ctx)) / count if count and not diverged else float("nan")
             evaluate(step, mean)
+        wall = time.perf_counter() - t0
+        record = {} if diverged else _task_hook(task, "after_training", net, evaluated, precision, device, before)
     verdict = check_convergence(curve, task.metric, task.higher_is_better, rule, early_stopped=stopped)
     gather_full(model, ctx)
     return TrainResult(
@@ -459,7 +480,7 @@ def train(
         steps=step,
         diverged=diverged,
         error=error,
-        wall_time_s=time.perf_counter() - t0,
+        wall_time_s=wall,
         peak_memory_bytes=_peak_memory(device),
         trainable_parameters=n_trainable,
         device=str(device),
@@ -468,4 +489,5 @@ def train(
         convergence=verdict.to_dict(),
         resumed_from=start if state is not None else None,
         distributed=ctx.record() if ctx.strategy != "none" else {},
+        task_record=record,
     )
