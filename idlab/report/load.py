@@ -15,6 +15,7 @@ import pandas as pd
 
 from idlab import methods
 from idlab.jsontypes import JsonObject
+from idlab.report.instruct import instruct_columns, tidy_instruct_columns
 from idlab.report.settings import setting_values, tidy_setting_columns
 from idlab.runs import RunResult, iter_results, read_json
 
@@ -85,6 +86,7 @@ def _row(path: Path, res: RunResult) -> JsonObject:
         "git_commit": res.git_commit,
         **{f"version_{k}": v for k, v in sorted(res.versions.items())},
         "run_dir": str(path.parent),
+        **instruct_columns(res, path.parent),
         **setting_values(cfg),
     }
     for k, v in sorted(res.metrics.items()):
@@ -116,14 +118,17 @@ def load_results(results_dir: str | Path) -> pd.DataFrame:
     e.g. ``setting_model.name``, ``setting_model.hidden`` (a list as JSON text, ``"[16]"``),
     ``setting_model.dtype``, ``setting_task.name``, ``setting_task.max_train``, ``setting_train.steps``,
     ``setting_train.optimizer``, ... (model, model options, task, task options and the train block
-    but its per-run lr, seed, device and progress; defaults filled in). Rows are sorted (study,
+    but its per-run lr, seed, device and progress; defaults filled in), the instruction-task columns
+    exact_match, exact_match_before, generate_n, general_loss_before, general_loss_after, forgetting
+    (NaN where absent) and one ``eval_<task>_<metric>`` column per lm-eval score of the runs' eval.json
+    (`idlab.report.instruct.instruct_columns`). Rows are sorted (study,
     method, variant, r, d, lr, seed, run_id).
     """
     rows = [_row(p, res) for p, res in iter_results(results_dir)]
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    df = tidy_setting_columns(df)
+    df = tidy_instruct_columns(tidy_setting_columns(df))
     for c in _INT_COLS:
         if c in df:
             df[c] = pd.array([None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)

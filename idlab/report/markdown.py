@@ -45,6 +45,7 @@ from idlab.report.figures import (
     spectrum_label,
 )
 from idlab.report.headline import Headline, compute_headline, headline_lines
+from idlab.report.instruct import instruct_figures, instruct_lines
 from idlab.report.load import load_curves, load_results, score_col, study_meta, variant
 from idlab.report.settings import GROUP_COL, header_lines, setting_columns, setting_groups
 from idlab.report.tables import amplification_table, cell_table, pareto_front
@@ -147,6 +148,7 @@ def _group_section(study: str, where: str, label: str, runs: pd.DataFrame, cells
     figs.append(("Subspace similarity: seed vs seed",
                  fig_phi(tables.get("similarity", pd.DataFrame()), "seed", runs, fig_dir, meta)))
     figs.append(("Learning curves", fig_curves(curves, sel_runs, fig_dir, meta)))
+    figs += instruct_figures(sel_runs, tables, score, fig_dir, meta)  # instruction tasks: forgetting
 
     lines = [f"### Headline: how many trainable parameters reach 90% of full fine-tuning{of}", ""]
     lines += headline_lines(head)
@@ -182,6 +184,7 @@ def _group_section(study: str, where: str, label: str, runs: pd.DataFrame, cells
                       "seed mean (selected learning rate; every method).", "",
                       md_table(front, [c for c in ("trainable_parameters", "method", "variant", "size", "lr",
                                                    "n_seeds", "mean", "std") if c in front]), ""]
+    lines += instruct_lines(sel_runs, score, of)
     lines += _delta_lines(tables, of, runs)
     for n in notes:
         lines += [f"- note: {n}"]
