@@ -308,6 +308,9 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T": {
         "model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
         "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048},
+    "TinyLlama/TinyLlama-1.1B-Chat-v1.0": {  # the same architecture as the intermediate checkpoint
+        "model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048},
     "FacebookAI/roberta-large": {"model_type": "roberta", "hidden_size": 1024, "intermediate_size": 4096,
                                  "num_hidden_layers": 24, "num_attention_heads": 16, "vocab_size": 50265,
                                  "max_position_embeddings": 514, "type_vocab_size": 1, "pad_token_id": 1},
