@@ -34,7 +34,17 @@ def test_every_config_parses_into_a_study(path: Path) -> None:
 
 
 def test_the_recipes_are_all_there() -> None:
-    assert sorted(p.name for p in RECIPES.glob("*.yaml")) == sorted(PUBLISHED)
+    assert sorted(p.name for p in RECIPES.glob("*.yaml")) == sorted([*PUBLISHED, "tinyllama_gsm8k.yaml"])
+
+
+def test_the_gsm8k_recipe() -> None:
+    """Issue 30's GPU recipe: TinyLlama-1.1B-Chat on GSM8K, the whole test split, the improvement rule."""
+    study = load_study(RECIPES / "tinyllama_gsm8k.yaml")
+    assert study.model.name == "TinyLlama/TinyLlama-1.1B-Chat-v1.0" and study.seeds == (0, 1, 2)
+    assert study.task.name == "gsm8k" and study.task.max_val is None and study.task.generate_subset == 1319
+    assert study.target.rule == "improvement" and study.train.eval_at_start
+    assert study.methods == ("full", "lora", "subspace") and len(expand(study)) == 54
+    assert "ESTIMATE, NOT MEASURED" in (RECIPES / "tinyllama_gsm8k.yaml").read_text().split("\nname:", 1)[0]
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
