@@ -209,6 +209,23 @@ def test_two_processes_give_the_one_process_numbers_full_fsdp2_tiny_llama(tmp_pa
                     train={"steps": 6, "batch_size": 8, "eval_every": 3}) == {"full": "fsdp2"}
 
 
+@pytest.mark.skipif(_gloo() is not None, reason=str(_gloo()))
+def test_fsdp2_on_one_process_through_torchrun(tmp_path: Path) -> None:
+    """executor=torchrun nproc_per_node=1 train.distributed=fsdp2 (the issue's world-size-1 FSDP2 measurement):
+    torchrun starts the one process, so FSDP2 has its process group; the numbers are the plain run's."""
+    over = {"model": {"name": "idlab_fixture_tasks:tiny_llama_model"}, "task": "idlab_fixture_tasks:random_lm",
+            "full": {"lr": [0.001]}, "train": {"steps": 4, "batch_size": 8, "eval_every": 2}}
+    run_sweep(study_from_dict(study(tmp_path / "plain", ["full"], **over)))
+    run_sweep(study_from_dict(study(tmp_path / "fsdp", ["full"], executor="torchrun", nproc_per_node=1,
+                                    **{**over, "train": {**over["train"], "distributed": "fsdp2"}})))
+    (rid, a), = results(tmp_path / "plain").items()
+    b = results(tmp_path / "fsdp")[rid]
+    assert b["status"] == "ok", b.get("error")
+    assert b["distributed"] == {"strategy": "fsdp2", "world_size": 1, "backend": "gloo"}
+    la, lb = [c["train_loss"] for c in a["curve"]], [c["train_loss"] for c in b["curve"]]
+    assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) < LOSS_TOL
+
+
 def test_distributed_refusals(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="nothing for FSDP2 to shard"):
         run_sweep(study_from_dict(study(tmp_path, ["full", "lora"], executor="torchrun", nproc_per_node=2,

@@ -166,7 +166,7 @@ def _finished(store: RunStore, rid: str, retry_failed: bool) -> tuple[str | None
 
 
 def run_one(study_dir: str, study_name: str, rid: str, run: RunConfig, device: str = "auto",
-            retry_failed: bool = True, progress: bool = False, nproc_per_node: int = 1) -> str:
+            retry_failed: bool = True, progress: bool = False, nproc_per_node: int = 1, torchrun: bool = False) -> str:
     """Execute run ``rid`` and write it atomically, unless it is already complete or claimed.
 
     This is what every executor calls (in-process, per-GPU worker, Slurm array task). The run is
@@ -177,7 +177,8 @@ def run_one(study_dir: str, study_name: str, rid: str, run: RunConfig, device: s
     A checkpoint of the run (``train.checkpoint_every``) is resumed; one of another run id raises
     `idlab.training.checkpoint.CheckpointMismatch` (a ConfigError) before anything is written; the
     checkpoint is removed once the run is written ok (unless ``train.keep_checkpoints``).
-    ``nproc_per_node`` > 1 (executor torchrun) trains it on that many processes (`launch_torchrun`).
+    ``nproc_per_node`` > 1, or ``torchrun`` (executor torchrun, any N: a one-process FSDP2 run too), trains it on
+    that many processes started by torchrun (`launch_torchrun`).
 
     Returns:
         the run's status: ok | diverged | failed, or `CLAIMED`.
@@ -187,7 +188,7 @@ def run_one(study_dir: str, study_name: str, rid: str, run: RunConfig, device: s
     if not isinstance(claim, Claim):
         return claim
     try:
-        if nproc_per_node > 1:
+        if nproc_per_node > 1 or torchrun:
             status = launch_torchrun(store, study_name, rid, run, nproc_per_node, device, progress)
         else:
             status = write_run(store, rid, *execute_run(run, rid, study_name, device=device, progress=progress,

@@ -122,7 +122,7 @@ def _run_torchrun(study: StudyConfig, pending: Sequence[Run]) -> None:
     for rid, cfg in pending:
         bar.set_postfix_str(_short(cfg))
         status = run_one(str(study.study_dir()), study.name, rid, cfg, study.device, study.retry_failed,
-                         study.progress, nproc_per_node=study.nproc_per_node)
+                         study.progress, nproc_per_node=study.nproc_per_node, torchrun=True)
         bar.update(1)
         if status not in ("ok", CLAIMED):
             bar.write(f"run {rid} ({_short(cfg)}): {status}")
