@@ -253,7 +253,8 @@ def test_a_rank_that_dies_ends_the_run_failed(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(_gloo() is not None, reason=str(_gloo()))
 def test_a_two_process_run_resumes_from_its_checkpoint_bit_identical(tmp_path: Path) -> None:
-    """FSDP2: the checkpoint gathers full tensors on rank 0; every rank loads them back, sharded."""
+    """FSDP2: each rank writes its own shards (torch.distributed.checkpoint) and loads them back; the resumed
+    run ends bit-identical."""
     import shutil
 
     raw = study(tmp_path, ["full"], executor="torchrun", nproc_per_node=2,
@@ -262,6 +263,11 @@ def test_a_two_process_run_resumes_from_its_checkpoint_bit_identical(tmp_path: P
     runs = tmp_path / "long" / "runs"
     (rid,) = results(tmp_path)
     first = json.loads((runs / rid / "result.json").read_text())
+    ck = runs / f".ckpt-{rid}"
+    assert [p.name for p in ck.glob("shards-*")] == ["shards-10"]  # the step-5 shards were removed
+    assert len(list((ck / "shards-10").glob("*.distcp"))) == 2  # one file per rank: nothing gathered
+    saved = torch.load(ck / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert saved["shards"] == "shards-10" and saved["model"] == {} and saved["optimizer"] == {}
     shutil.move(str(runs / rid), str(tmp_path / rid))  # as if it had been killed after its checkpoint at step 10
     run_sweep(study_from_dict(raw))
     again = json.loads((runs / rid / "result.json").read_text())

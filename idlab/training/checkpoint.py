@@ -1,12 +1,16 @@
 """Mid-run checkpoints of the training loop (``train.checkpoint_every``) and the data order they resume.
 
 A checkpoint holds everything the loop needs to go on as if it had never stopped: the trainable
-state of the prepared model (trainable parameters and buffers, gathered to full tensors under
-FSDP2 / DDP through `torch.distributed.checkpoint.state_dict`), the optimizer and scheduler,
+state of the prepared model (trainable parameters and buffers) and the optimizer, the scheduler,
 the data order (`BatchOrder`: its generator and position), the RNG states (torch CPU, CUDA,
-python, numpy) and the loop's bookkeeping (curve, best, running loss). It is one file,
-``<folder>/checkpoint.pt``, written to a temp name and renamed (`idlab.atomic.atomic_file`), with
-``meta.json`` (run id and step) beside it. A checkpoint of another run id is refused
+python, numpy) and the loop's bookkeeping (curve, best, running loss). ``<folder>/checkpoint.pt``
+holds it, written to a temp name and renamed (`idlab.atomic.atomic_file`), with ``meta.json`` (run
+id and step) beside it. One process, DDP: the model and optimizer state are full tensors inside
+checkpoint.pt (`torch.distributed.checkpoint.state_dict`; rank 0 writes). FSDP2: they are saved
+*sharded* by `torch.distributed.checkpoint` (each rank writes its own shards, nothing is gathered)
+into ``<folder>/shards-<step>/`` (written under a temp name, renamed once every rank is done, the
+previous step's folder removed after checkpoint.pt names the new one), and each rank loads back its own
+shards. A checkpoint of another run id is refused
 (`check_checkpoint`, `CheckpointMismatch`: a ConfigError). On the CPU a resumed run ends
 bit-identical to an uninterrupted one.
 
@@ -166,6 +170,60 @@ def load_model_state(model: nn.Module, opt: torch.optim.Optimizer, msd: dict[str
     set_optimizer_state_dict(model, opt, osd, options=opts)
 
 
+def save_shards(spec: CheckpointSpec, model: nn.Module, opt: torch.optim.Optimizer, step: int, rank: int) -> str:
+    """FSDP2: every rank writes its shards of the model and optimizer state (`torch.distributed.checkpoint`,
+    no gathering) into ``shards-<step>`` of the checkpoint folder; returns that folder's name. A collective:
+    every rank calls it; the folder appears (renamed from a temp name) only once all ranks wrote."""
+    import shutil
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    name = f"shards-{step}"
+    tmp = spec.folder / f".tmp-{name}"
+    if rank == 0:
+        spec.folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    opts = _options(full=False, frozen=False)
+    dcp.save({"model": get_model_state_dict(model, options=opts),
+              "optimizer": get_optimizer_state_dict(model, opt, options=opts)}, checkpoint_id=str(tmp))
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(spec.folder / name, ignore_errors=True)
+        tmp.rename(spec.folder / name)
+    return name
+
+
+def load_shards(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """FSDP2: every rank reads its own shards of ``folder`` (`save_shards`) into ``model`` and ``opt``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    opts = _options(full=False, frozen=False)
+    msd, osd = get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, opt, options=opts)
+    dcp.load({"model": msd, "optimizer": osd}, checkpoint_id=str(folder))  # in place, each rank its shards
+    set_model_state_dict(model, msd, options=_options(full=False, strict=False))
+    set_optimizer_state_dict(model, opt, osd, options=_options(full=False, strict=False))
+
+
+def restore(spec: CheckpointSpec, state: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Load a checkpoint's model and optimizer state: its shards folder (FSDP2) or the full tensors."""
+    if state.get("shards"):
+        load_shards(spec.folder / str(state["shards"]), model, opt)
+    else:
+        load_model_state(model, opt, state["model"], state["optimizer"])
+
+
 def read_meta(folder: Path) -> dict[str, Any] | None:
     """The checkpoint's ``meta.json`` (run id, step), or None when the folder holds none."""
     try:
@@ -191,12 +249,19 @@ def check_checkpoint(folder: Path, run_id: str) -> int | None:
 
 
 def save(spec: CheckpointSpec, state: dict[str, Any], write: bool) -> None:
-    """Write ``state`` (with run id and step) atomically; ``write`` False on ranks other than 0."""
+    """Write ``state`` (with run id and step) atomically; ``write`` False on ranks other than 0. A state
+    naming a shards folder (FSDP2, `save_shards`) makes the other shards folders stale: removed after."""
     if not write:
         return
+    import shutil
+
     spec.folder.mkdir(parents=True, exist_ok=True)
     atomic_file(spec.folder / CHECKPOINT_FILE, lambda tmp: torch.save({**state, "run_id": spec.run_id}, tmp))
     atomic_write_text(spec.folder / META_FILE, json.dumps({"run_id": spec.run_id, "step": state["step"]}))
+    keep = state.get("shards")
+    for old in spec.folder.glob("shards-*"):
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def load(spec: CheckpointSpec) -> dict[str, Any] | None:
@@ -211,4 +276,5 @@ def load(spec: CheckpointSpec) -> dict[str, Any] | None:
 
 
 __all__ = ["CHECKPOINT_FILE", "BatchOrder", "CheckpointMismatch", "CheckpointSpec", "check_checkpoint", "load",
-           "load_model_state", "model_state", "read_meta", "rng_state", "save", "set_rng_state"]
+           "load_model_state", "load_shards", "model_state", "read_meta", "restore", "rng_state", "save", "save_shards",
+           "set_rng_state"]

@@ -389,7 +389,8 @@ def train(
     start, count = 0, 0
     state = ckpt.load(checkpoint) if checkpoint is not None else None
     if state is not None:
-        ckpt.load_model_state(net, opt, state["model"], state["optimizer"])
+        assert checkpoint is not None
+        ckpt.restore(checkpoint, state, net, opt)
         sched.load_state_dict(state["scheduler"])
         batches.load_state_dict(state["batches"])
         curve, best, metrics = state["curve"], state["best"], state["metrics"]
@@ -401,8 +402,14 @@ def train(
 
     def save_checkpoint(step: int) -> None:
         assert checkpoint is not None
-        msd, osd = ckpt.model_state(net, opt)
-        ckpt.save(checkpoint, {"step": step, "count": count, "model": msd, "optimizer": osd,
+        msd: dict[str, Any] = {}
+        osd: dict[str, Any] = {}
+        shards: str | None = None
+        if ctx.strategy == "fsdp2":  # sharded: each rank writes its own shards, nothing gathered
+            shards = ckpt.save_shards(checkpoint, net, opt, step, ctx.rank)
+        else:
+            msd, osd = ckpt.model_state(net, opt)
+        ckpt.save(checkpoint, {"step": step, "count": count, "model": msd, "optimizer": osd, "shards": shards,
                                "scheduler": sched.state_dict(), "batches": batches.state_dict(),
                                "curve": curve, "best": best, "metrics": metrics, "running": all_sum(running, ctx).cpu(),
                                "rng": ckpt.rng_state(), "task_before": before}, write=ctx.rank == 0)
