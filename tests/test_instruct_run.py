@@ -98,3 +98,33 @@ def test_bad_input_refused_before_anything_is_written(tmp_path: Path) -> None:
     glue = _study(tmp_path, model, data)
     glue["task"] = {"name": "text/pydoc", "generate_subset": 2}
     _refused(glue, res, "task.generate_subset", "instruction tasks only")
+
+
+def test_two_processes_give_the_one_process_numbers_on_a_per_token_loss(tmp_path: Path) -> None:
+    """The response loss is a mean per token and the responses differ in length, so each rank's mean is
+    weighted by its share of the batch's response tokens (`Task.loss_units`), not of its examples: a
+    2-process run (torchrun, gloo, DDP) gives the 1-process loss curve."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("torch.distributed.run") is None or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this torch build")
+    model, data = llama_dir(tmp_path / "llama"), tmp_path / "data"
+    data.mkdir()
+    for split, n in (("train", 16), ("test", 4)):  # responses of 2 to 9 words
+        rows = [{"prompt": f"what is {i} plus {i % 5} ?", "response": " ".join(["be"] * (1 + i % 7) + [str(i)])}
+                for i in range(n)]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = {"generate_subset": 0, "forgetting_corpus": None, "extractor": "text"}
+    curves = {}
+    for name, over in (("one", {}), ("two", {"executor": "torchrun", "nproc_per_node": 2})):
+        raw = {**_study(tmp_path / name, model, data, **task), "methods": ["lora"],
+               "lora": {"r": [2], "target_modules": ["qv"], "lr": [1e-2]}, **over}
+        raw["train"] = {**raw["train"], "steps": 4, "distributed": "ddp" if over else "none"}
+        summary = run_sweep(study_from_dict(raw))
+        assert len(summary.ok) == 1, summary.failed
+        ((_, res),) = list(iter_results(tmp_path / name / "results" / "instruct"))
+        curves[name] = [c["train_loss"] for c in res.curve]
+    assert len(curves["one"]) == len(curves["two"]) >= 2
+    assert max(abs(a - b) for a, b in zip(curves["one"], curves["two"])) < 1e-5, curves

@@ -102,6 +102,12 @@ class Task(ABC):
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         """Scalar training loss of ``model`` on ``batch`` (already on the model's device)."""
 
+    def loss_units(self, batch: Batch) -> int:
+        """How many terms `loss` averages over on ``batch`` (default: its examples). A run on several
+        processes weights each rank's mean by its share of the units, so that the averaged gradient is
+        the global batch's mean (a per-token loss: the tokens)."""
+        return len(batch[1])
+
     @abstractmethod
     def evaluate(self, model: nn.Module, batch_size: int = 256) -> dict[str, float]:
         """Metrics on the held-out split; must contain ``self.metric``. Runs under no_grad."""

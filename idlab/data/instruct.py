@@ -200,6 +200,10 @@ class InstructTask(Task):
         nll, count = _nll_sum(call_model(model, x), labels)
         return nll / max(count, 1)
 
+    def loss_units(self, batch: Batch) -> int:
+        """The response tokens `loss` averages over (labels[:, 1:] that are not -100)."""
+        return int((batch[1][:, 1:] != chat.IGNORE).sum())
+
     @torch.no_grad()
     def response_loss(self, model: nn.Module, batch_size: int = 256) -> float:
         """Mean NLL per response token of the eval split (nats); examples batched longest first, each

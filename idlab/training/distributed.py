@@ -126,6 +126,15 @@ def loss_weight(local: int, total: int, ctx: DistContext) -> float:
     return local * ctx.world / total if ctx.world > 1 else 1.0
 
 
+def unit_weight(units: int, ctx: DistContext, device: torch.device) -> float:
+    """`loss_weight` for a rank whose mean loss averages ``units`` terms (examples, or response tokens), the
+    global count summed over the ranks (a collective; 1.0 on one process)."""
+    if ctx.world == 1:
+        return 1.0
+    total = float(all_sum(torch.tensor(float(units), device=device), ctx))
+    return loss_weight(units, int(total), ctx) if total > 0 else 0.0
+
+
 def all_sum(t: Tensor, ctx: DistContext) -> Tensor:
     """Sum of ``t`` over the ranks (``t`` itself on one process)."""
     if ctx.world > 1:
@@ -166,6 +175,21 @@ def gather_full(model: nn.Module, ctx: DistContext) -> None:
                 mod._parameters[pname] = nn.Parameter(value.to(p.dtype), requires_grad=p.requires_grad)
 
 
-__all__ = ["STRATEGIES", "DistContext", "Strategy", "all_max", "all_sum", "env_rank", "env_world_size",
-           "gather_full", "inner", "local_device", "local_slice", "loss_weight", "resolve_strategy", "setup",
-           "wrap"]
+__all__ = [
+    "STRATEGIES",
+    "DistContext",
+    "Strategy",
+    "all_max",
+    "all_sum",
+    "env_rank",
+    "env_world_size",
+    "gather_full",
+    "inner",
+    "local_device",
+    "local_slice",
+    "loss_weight",
+    "resolve_strategy",
+    "setup",
+    "unit_weight",
+    "wrap",
+]

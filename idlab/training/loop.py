@@ -60,7 +60,7 @@ from idlab.training.distributed import (
     inner,
     local_device,
     local_slice,
-    loss_weight,
+    unit_weight,
     wrap,
 )
 from idlab.training.distributed import setup as dist_setup
@@ -437,7 +437,7 @@ def train(
                     loss = task.loss(net, batch)
                     if extra_loss is not None:
                         loss = loss + extra_loss()
-                weight = loss_weight(len(mine), len(idx), ctx)
+                weight = unit_weight(task.loss_units(batch), ctx, device)
                 opt.zero_grad(set_to_none=True)
                 (loss * weight if weight != 1.0 else loss).backward()
                 if cfg.grad_clip is not None:
@@ -449,7 +449,7 @@ def train(
                 newly_bad = (first_bad == 0) & ~torch.isfinite(lval)
                 first_bad = torch.where(newly_bad, step_dev, first_bad)
                 bad_loss = torch.where(newly_bad, lval, bad_loss)
-                running += lval * (len(mine) / len(idx)) if ctx.world > 1 else lval
+                running += lval * (weight / ctx.world) if ctx.world > 1 else lval  # the global mean
                 count += 1
                 evaluating = every > 0 and step % every == 0 and step != total
                 saving = checkpoint is not None and step != total and checkpoint.due(step, ctx, device)
