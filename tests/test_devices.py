@@ -226,6 +226,14 @@ def test_slurm_request_of_a_run_on_n_processes(tmp_path: Path, monkeypatch: pyte
         check_distributed(study_from_dict({**raw, "train": {**raw.get("train", {}), "distributed": "ddp"}}))
     with pytest.raises(ConfigError, match=r"nproc_per_node.*executor=local"):
         check_distributed(study_from_dict({**raw, "executor": "local", "nproc_per_node": 2}))
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match="got 4, but this host sees 2 CUDA device"):  # torchrun on CUDA: counted
+        check_distributed(study_from_dict({**raw, "executor": "torchrun", "nproc_per_node": 4}))
+    assert "2 GPU process(es)" in str(check_distributed(study_from_dict({**raw, "executor": "torchrun",
+                                                                         "nproc_per_node": 2})))
 
 
 def test_slurm_jobs_record_and_status_without_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
