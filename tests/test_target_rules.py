@@ -138,3 +138,33 @@ def test_report_baseline_refuses_a_lower_is_better_metric_and_applies_the_rule()
     fixed = baseline(runs(True, None), {"study": {"target": {"rule": "improvement", "pretrained": -3.0}}}, "score_final")
     assert fixed["target"] == pytest.approx(-3.0 + 0.9 * 1.9) and fixed["pretrained_kind"] == "fixed (target.pretrained)"
     assert "improvement" in baseline(runs(True, None), {"study": {}}, "score_final")["kind"]  # fraction on a loss
+
+
+def test_score_exact_match_crosses_on_the_end_of_run_exact_match(tmp_path: Path) -> None:
+    """``score: exact_match`` (instruction tasks): the crossing reads each run's exact_match, the improvement
+    rule's pretrained score is full FT's exact_match_before; RunResult.score reads it; a study whose task
+    cannot give one is refused."""
+    from idlab.config import ConfigError, study_from_dict
+    from idlab.report.load import score_col
+    from idlab.report.tables import baseline, threshold_crossing
+    from idlab.runs import RunResult
+
+    meta = {"study": {"score": "exact_match", "target": {"rule": "improvement"}}}
+    assert score_col(meta) == "exact_match" and score_col({"study": {}}) == "score_final"
+    full = pd.DataFrame([{"method": "full", "status": "ok", "lr": 1e-5, "seed": s, "exact_match": v,
+                          "exact_match_before": 0.1, "score_start": -2.0, "metric": "neg_loss",
+                          "higher_is_better": True} for s, v in ((0, 0.5), (1, 0.7))])
+    got = baseline(full, meta, "exact_match")
+    assert got["value"] == pytest.approx(0.6) and got["pretrained"] == pytest.approx(0.1)
+    assert got["target"] == pytest.approx(0.1 + 0.9 * 0.5)
+    lora = pd.DataFrame([{"r": r, "seed": s, "exact_match": v} for (r, s, v) in
+                         ((1, 0, 0.3), (1, 1, 0.4), (4, 0, 0.6), (4, 1, 0.6))])
+    assert threshold_crossing(lora, "r", got["target"], "exact_match").value == 4
+    res = RunResult.from_dict({"run_id": "x", "study": "s", "config": {}, "status": "ok", "metric": "neg_loss",
+                               "metrics": {"neg_loss": -1.0}, "exact_match": 0.25})
+    assert res.score("exact_match") == 0.25 and res.score("final") == -1.0
+    from idlab.config.checks import check_instruct
+
+    with pytest.raises(ConfigError, match=r"score.*not an instruction task"):  # checked before any run
+        check_instruct(study_from_dict({"name": "x", "methods": ["full"], "score": "exact_match", "task": "digits",
+                                        "model": {"name": "mlp"}, "results_dir": str(tmp_path)}))

@@ -155,6 +155,12 @@ def check_instruct(study: StudyConfig) -> None:
     ``chat_template: model``, the model's tokenizer; trains nothing and writes nothing.
     """
     task = study.task
+    if study.score == "exact_match" and (not is_instruct(task.name) or instruct_options(task).generate_subset < 1):
+        raise _where(study, "score", f"got 'exact_match', but task {task.name!r} "
+                     + ("generates nothing (task.generate_subset: 0); set task.generate_subset to the number of "
+                        "problems to score" if is_instruct(task.name) else
+                        "is not an instruction task (gsm8k, instruct/<dataset>): it has no exact match; use "
+                        "score: final or best"))
     if not is_instruct(task.name):
         default = TaskConfig()
         for key in (f.name for f in dataclasses.fields(InstructOptions)):

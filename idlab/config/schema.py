@@ -253,8 +253,10 @@ class StudyConfig:
                        "<method>.lr and seed from seeds, per run"),
     )
     seeds: tuple[int, ...] = field(default=(0,), metadata=doc("seeds (each cell runs once per seed)"))
-    score: Literal["final", "best"] = field(
-        default="final", metadata=doc("performance of a run: final evaluation or best over evaluations")
+    score: Literal["final", "best", "exact_match"] = field(
+        default="final", metadata=doc("performance of a run: final evaluation or best over evaluations of the "
+                                      "tracked metric, or exact_match (instruction tasks: the end-of-run greedy "
+                                      "exact match on task.generate_subset problems; d90 / r90 on it)")
     )
     results_dir: str = field(default="results", metadata=doc("results root folder"))
     executor: Literal["local", "multigpu", "slurm", "torchrun"] = field(

@@ -180,7 +180,8 @@ def study_meta(results_dir: Path, study: str) -> StudyMeta:
 
 
 def score_col(meta: StudyMeta) -> str:
-    return "score_best" if (meta.get("study") or {}).get("score") == "best" else "score_final"
+    kind = (meta.get("study") or {}).get("score")
+    return {"best": "score_best", "exact_match": "exact_match"}.get(str(kind), "score_final")
 
 
 

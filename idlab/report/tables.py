@@ -233,7 +233,8 @@ def baseline(runs: pd.DataFrame, meta: Mapping[str, Any], score: str) -> dict[st
     lr of `idlab.d90.rate_baseline`; its target by the study's ``target.rule`` (`idlab.d90.make_target`)."""
     target = target_of(meta.get("study") or {})
     threshold, rule = target.threshold, target.rule
-    pre, pre_kind = pretrained_score(runs, target) if rule == "improvement" else (None, "")
+    start = "exact_match_before" if score == "exact_match" else "score_start"  # the pretrained model's score
+    pre, pre_kind = pretrained_score(runs, target, start) if rule == "improvement" else (None, "")
     info = {"rule": rule, "pretrained": pre, "pretrained_kind": pre_kind, "threshold": threshold}
     if "higher_is_better" in runs and (runs["higher_is_better"] == False).any():  # noqa: E712 (a nullable column)
         metric = runs["metric"].dropna().iloc[0] if "metric" in runs and runs["metric"].notna().any() else "?"

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from idlab.config.run import RunConfig
 
 Status = Literal["ok", "diverged", "failed"]
-ScoreKind = Literal["final", "best"]
+ScoreKind = Literal["final", "best", "exact_match"]
 #: a JSON scalar as result.json stores metric values (NaN is written as null)
 Number = float | int | None
 
@@ -222,9 +222,11 @@ class RunResult:
         return RunConfig.from_dict(self.config)
 
     def score(self, kind: ScoreKind | str = "final") -> float | None:
-        """The run's final (``kind="final"``: ``metrics``) or best (``"best"``) value of ``metric``;
-        None when absent or not finite (the score the sweep and the report read)."""
-        v = (self.best if kind == "best" else self.metrics).get(self.metric)
+        """The run's final (``kind="final"``: ``metrics``) or best (``"best"``) value of ``metric``, or its
+        end-of-run ``exact_match`` (instruction tasks); None when absent or not finite (the score the sweep and
+        the report read)."""
+        v = self.exact_match if kind == "exact_match" else (self.best if kind == "best" else self.metrics).get(
+            self.metric)
         return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
     @property
