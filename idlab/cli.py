@@ -130,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="tokenizer for runs whose model has none of its own (a factory model): a Hugging Face "
                          "name or folder, an offline alias, or package.module:function")
     ev.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    ev.add_argument("--pretrained", action="store_true",
+                    help="also score the pretrained model each run started from (once per base model), into "
+                         "eval.json's pretrained section: forgetting on a task = after - before")
     ev.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1, ...")
     return p
 
@@ -388,7 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             evaluate_runs(args.run_dirs, [t.strip() for t in args.tasks.split(",") if t.strip()], limit=args.limit,
                           include_path=args.include_path, builtin_tasks=not args.no_builtin_tasks,
-                          tokenizer=args.tokenizer, batch_size=args.batch_size, device=args.device)
+                          tokenizer=args.tokenizer, batch_size=args.batch_size, device=args.device,
+                          pretrained=args.pretrained)
         except ValueError as e:
             print(f"idlab eval: {e}", file=sys.stderr)
             return 2

@@ -152,6 +152,11 @@ def test_idlab_eval_scores_a_run_on_local_tasks_and_resumes(runs: dict[str, Any]
             "--include-path", str(tasks), "--no-builtin-tasks", "--tokenizer", "minilm-l6"]
     assert main(args) == 0
     got = read_evals(folder)
+    assert read_evals(folder, pretrained=True) == {}  # only with --pretrained
+    assert main([*args, "--pretrained"]) == 0  # the run's tasks are done: only the pretrained model is scored
+    pre = read_evals(folder, pretrained=True)
+    assert set(pre) == set(got) and pre["gsm8k_local_ll"].n_samples == 2
+    assert read_evals(folder) == got  # the run's own scores untouched
     assert set(got) == {"gsm8k_local_ll", "gsm8k_local_gen"}
     assert got["gsm8k_local_ll"].limit == 2 and got["gsm8k_local_ll"].n_samples == 2
     assert got["gsm8k_local_ll"].metrics["acc,none"] in (0.0, 0.5, 1.0)

@@ -232,6 +232,8 @@ class EvalConfig:
                                                            "include_path's)"))
     tokenizer: str | None = field(default=None, metadata=doc("tokenizer for a model without its own (a factory model)"))
     batch_size: int = field(default=8, metadata=doc("lm-eval batch size"))
+    pretrained: bool = field(default=False, metadata=doc("also score the pretrained model each run started from "
+                                                         "(forgetting on these tasks = after - before)"))
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,13 @@ def instruct_columns(res: RunResult, run_dir: Path) -> JsonObject:
     for task, score in sorted(scores.items()):
         for metric, v in sorted(score.metrics.items()):
             row[f"{EVAL_PREFIX}{task}_{metric}"] = v
+    try:
+        pre = read_evals(run_dir, pretrained=True)
+    except ValueError:
+        pre = {}
+    for task, score in sorted(pre.items()):  # the pretrained model's (idlab eval --pretrained)
+        for metric, v in sorted(score.metrics.items()):
+            row[f"{EVAL_PREFIX}pretrained_{task}_{metric}"] = v
     return row
 
 

@@ -8,6 +8,9 @@ One file per run folder, written atomically (temp file, fsync, rename) after eve
                           "limit": 2, "n_samples": 2, "lm_eval_version": "0.4.13",
                           "seconds": 1.9, "evaluated_at": "2026-12-07T19:30:00+00:00"}}}
 
+With ``idlab eval --pretrained`` a second mapping, ``"pretrained": {"<task>": {...}}``, holds the same task's
+scores of the pretrained model the run started from (scored once per base model and call, copied into each
+run), so that forgetting on a task is its score after minus before.
 ``metrics`` are lm-eval's own keys (``<metric>,<filter>``; NaN stored as null). result.json is not
 touched: its artefact list does not cover eval.json, and retraining a run (a new folder) drops it.
 """
@@ -79,8 +82,9 @@ def clean_metric(v: object) -> float | None:
     return None
 
 
-def read_evals(run_dir: str | Path) -> dict[str, TaskScore]:
-    """``{task: TaskScore}`` of a run folder's eval.json; empty when there is none.
+def read_evals(run_dir: str | Path, pretrained: bool = False) -> dict[str, TaskScore]:
+    """``{task: TaskScore}`` of a run folder's eval.json (``pretrained``: the pretrained model's scores);
+    empty when there is none.
 
     Raises:
         ValueError: an eval.json that is not JSON or not of this layout (names the file).
@@ -95,14 +99,21 @@ def read_evals(run_dir: str | Path) -> dict[str, TaskScore]:
     tasks = raw.get("tasks") if isinstance(raw, Mapping) else None
     if not isinstance(tasks, Mapping):
         raise ValueError(f"{path}: no 'tasks' mapping; remove it to evaluate again")
+    if pretrained:
+        tasks = raw.get("pretrained")
+        if not isinstance(tasks, Mapping):
+            return {}
     return {str(t): TaskScore.from_dict(str(t), v) for t, v in tasks.items() if isinstance(v, Mapping)}
 
 
-def write_eval(run_dir: str | Path, score: TaskScore) -> Path:
-    """Add (or replace) one task's scores in a run folder's eval.json, atomically."""
-    scores = read_evals(run_dir)
-    scores[score.task] = score
-    doc = {"format": EVAL_FORMAT, "tasks": {t: s.to_dict() for t, s in sorted(scores.items())}}
+def write_eval(run_dir: str | Path, score: TaskScore, pretrained: bool = False) -> Path:
+    """Add (or replace) one task's scores in a run folder's eval.json (``pretrained``: the pretrained model's),
+    atomically."""
+    scores, pre = read_evals(run_dir), read_evals(run_dir, pretrained=True)
+    (pre if pretrained else scores)[score.task] = score
+    doc: JsonObject = {"format": EVAL_FORMAT, "tasks": {t: s.to_dict() for t, s in sorted(scores.items())}}
+    if pre:
+        doc["pretrained"] = {t: s.to_dict() for t, s in sorted(pre.items())}
     return atomic_write_text(Path(run_dir) / EVAL_FILE, json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from idlab.config import ConfigError, StudyConfig
 from idlab.runs.evals import TaskScore, clean_metric, read_evals, write_eval
+from idlab.sweep.build import build_task_and_model
 from idlab.sweep.restore import check_run_dir, restore_run, run_tokenizer
 
 
@@ -62,9 +63,10 @@ def check_tasks(tasks: Sequence[str], manager: object) -> None:
                          "--include-path adds a folder of task YAML files")
 
 
-def missing_tasks(run_dir: str | Path, tasks: Sequence[str], limit: int | None) -> list[str]:
-    """The tasks of ``tasks`` with no score in the run's eval.json at this ``limit``."""
-    have = read_evals(run_dir)
+def missing_tasks(run_dir: str | Path, tasks: Sequence[str], limit: int | None, pretrained: bool = False) -> list[str]:
+    """The tasks of ``tasks`` with no score in the run's eval.json at this ``limit`` (``pretrained``: no score
+    of the pretrained model)."""
+    have = read_evals(run_dir, pretrained=pretrained)
     return [t for t in tasks if t not in have or have[t].limit != limit]
 
 
@@ -94,14 +96,16 @@ def score_model(model: nn.Module, tokenizer: object, task: str, manager: object,
 
 def evaluate_runs(run_dirs: Sequence[str | Path], tasks: Sequence[str], *, limit: int | None = None,
                   include_path: str | Path | None = None, builtin_tasks: bool = True, tokenizer: str | None = None,
-                  batch_size: int = 8, device: str = "auto",
+                  batch_size: int = 8, device: str = "auto", pretrained: bool = False,
                   log: Callable[[str], None] = print) -> dict[Path, dict[str, TaskScore]]:
     """Score every run of ``run_dirs`` on ``tasks`` and store the scores in each run's eval.json.
 
     Checks first (nothing runs otherwise): every folder is a finished run, every task exists, each
     run's tokenizer is found. Then, per run with missing tasks: restore, merge, move to ``device`` (auto:
-    CUDA when there is one), score each missing task and write it. Returns each run's scores (eval.json
-    after the call).
+    CUDA when there is one), score each missing task and write it. With ``pretrained`` also the pretrained
+    model each run started from (its base model, built as the run built it; scored once per base model
+    and task in this call) into eval.json's ``pretrained`` section: forgetting on a task = after - before.
+    Returns each run's scores (eval.json after the call).
 
     Raises:
         ValueError: the checks above, or a model that is not a causal language model.
@@ -114,6 +118,8 @@ def evaluate_runs(run_dirs: Sequence[str | Path], tasks: Sequence[str], *, limit
     check_tasks(tasks, manager)
     toks = {d: run_tokenizer(run, tokenizer) for d, run in runs}
     out: dict[Path, dict[str, TaskScore]] = {}
+    base_scores: dict[tuple[str, str], list[TaskScore]] = {}  # (base model, task) -> its scores
+    base_model: tuple[str, nn.Module] | None = None  # the last pretrained model built (one at a time)
     for d, run in runs:
         todo = missing_tasks(d, tasks, limit)
         if not todo:
@@ -131,6 +137,18 @@ def evaluate_runs(run_dirs: Sequence[str | Path], tasks: Sequence[str], *, limit
                     main = {k: v for k, v in score.metrics.items() if "stderr" not in k}
                     log(f"  {score.task}: " + ", ".join(f"{k} {v:.4g}" if v is not None else f"{k} -"
                                                         for k, v in main.items()))
+        if pretrained:
+            for t in missing_tasks(d, tasks, limit, pretrained=True):
+                # the base model as the run built it: model config, task (a new head's shape) and seed (its init)
+                key = (f"{run.model!r}|{run.task.name}|{run.seed}", t)
+                if key not in base_scores:
+                    log(f"idlab eval: the pretrained {run.model.name}: {t}")
+                    if base_model is None or base_model[0] != key[0]:
+                        base_model = (key[0], build_task_and_model(run)[1].eval().to(dev))
+                    base_scores[key] = score_model(base_model[1], toks[d], t, manager, limit=limit,
+                                                   batch_size=batch_size)
+                for score in base_scores[key]:
+                    write_eval(d, score, pretrained=True)
         out[d] = read_evals(d)
     return out
 
@@ -158,7 +176,8 @@ def evaluate_study(study: StudyConfig, run_dirs: Sequence[Path], log: Callable[[
     log(f"eval: {len(run_dirs)} finished run(s) on lm-eval task(s) {', '.join(ev.tasks)}"
         + (f" (limit {ev.limit})" if ev.limit else ""))
     evaluate_runs(run_dirs, ev.tasks, limit=ev.limit, include_path=ev.include_path, builtin_tasks=ev.builtin_tasks,
-                  tokenizer=ev.tokenizer, batch_size=ev.batch_size, device=study.device, log=log)
+                  tokenizer=ev.tokenizer, batch_size=ev.batch_size, device=study.device, pretrained=ev.pretrained,
+                  log=log)
 
 
 __all__ = ["check_study_eval", "check_tasks", "evaluate_runs", "evaluate_study", "missing_tasks", "score_model",
