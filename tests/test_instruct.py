@@ -196,3 +196,38 @@ def test_generation_through_a_subspace_wrapper(projection: str) -> None:
     plain = greedy_generate(tiny_llama(seed=0), prompts, pad_id=0, eos_ids={2}, max_new_tokens=4)
     sub = SubspaceModel(tiny_llama(seed=0), dim=8, projection=projection, seed=0)  # theta_d = 0: the same model
     assert greedy_generate(sub, prompts, pad_id=0, eos_ids={2}, max_new_tokens=4) == plain
+
+
+def test_named_formats_alpaca_and_messages(tmp_path: Path) -> None:
+    """task.format: alpaca (instruction, input, output) and messages (a chat ending with the assistant's
+    response) become prompt / response / system; the loss covers exactly the response's tokens."""
+    from idlab.data.instruct_source import InstructDataError, from_format
+
+    assert from_format({"instruction": "what is 2 plus 3 ?", "input": "be brief", "output": "5"}, "alpaca", "r") == \
+        {"prompt": "what is 2 plus 3 ?\n\nbe brief", "response": "5", "system": ""}
+    chat_row = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is 1 ?"},
+                             {"role": "assistant", "content": "1"}, {"role": "user", "content": "what is 2 plus 3 ?"},
+                             {"role": "assistant", "content": "the answer is 5"}]}
+    assert from_format(chat_row, "messages", "r") == {
+        "prompt": "user: what is 1 ?\n\nassistant: 1\n\nwhat is 2 plus 3 ?", "response": "the answer is 5",
+        "system": "be brief"}
+    with pytest.raises(InstructDataError, match="no text field 'output'"):
+        from_format({"instruction": "x"}, "alpaca", "record 0")
+    with pytest.raises(InstructDataError, match="ending with a user turn and the assistant's response"):
+        from_format({"messages": [{"role": "user", "content": "x"}]}, "messages", "record 0")
+    tok = tokenizer()
+    for fmt, rows in (("alpaca", [{"instruction": f"what is {i} plus 1 ?", "input": "", "output": f"the answer is {i + 1}"}
+                                  for i in range(6)]),
+                      ("messages", [{"messages": [{"role": "user", "content": f"what is {i} plus 1 ?"},
+                                                  {"role": "assistant", "content": f"the answer is {i + 1}"}]}
+                                    for i in range(6)])):
+        d = tmp_path / fmt
+        d.mkdir()
+        for split in ("train", "test"):
+            (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        task = instruct_task(f"instruct/{d}", tok, max_length=32, options=InstructOptions(format=fmt))
+        x, y = task.train_batch(torch.arange(2))
+        kept = (y[0] != -100).nonzero().flatten()
+        assert tok.decode(x["input_ids"][0, kept]).startswith("the answer is"), fmt
+        with pytest.raises(InstructDataError, match=r"task\.format"):
+            instruct_task(f"instruct/{d}", tok, max_length=32, options=InstructOptions(format=fmt, prompt_field="q"))

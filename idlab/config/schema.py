@@ -113,6 +113,10 @@ class TaskConfig:
     response_field: str | None = field(
         default=None, metadata=doc("field holding the response (None: the preset's, gsm8k answer; else 'response')"))
     system_field: str | None = field(default=None, metadata=doc("field holding a system message (None: none)"))
+    format: Literal["fields", "alpaca", "messages"] = field(
+        default="fields", metadata=doc("instruction records: fields (prompt_field / response_field / system_field), "
+                                       "alpaca (instruction, input, output) or messages (role / content turns, the "
+                                       "last the assistant's response)"))
     chat_template: TemplateMode = field(
         default="auto", metadata=doc("auto: the tokenizer's chat template, a plain one where it has none; model: "
                                      "the tokenizer's (refused when it has none); plain: ### Instruction / Response"))

@@ -58,6 +58,7 @@ class InstructOptions:
     prompt_field: str | None = None
     response_field: str | None = None
     system_field: str | None = None
+    format: str = "fields"
     chat_template: chat.TemplateMode = "auto"
     packing: bool = False
     extractor: Extractor | None = None
@@ -102,14 +103,19 @@ def load_instruct_data(name: str, opts: InstructOptions, max_train: int | None =
     preset = PRESETS.get(name)
     source, hub_config, how = task_source(name, opts.data_dir)
     config = opts.dataset_config or hub_config
-    prompt = opts.prompt_field or (preset.prompt_field if preset else "prompt")
-    response = opts.response_field or (preset.response_field if preset else "response")
+    if opts.format != "fields" and (opts.prompt_field or opts.response_field or opts.system_field):
+        raise InstructDataError("task.format", f"got {opts.format!r}, whose records name their own parts; drop "
+                                "task.prompt_field / response_field / system_field (or use task.format=fields)")
+    named = opts.format != "fields"
+    prompt = "prompt" if named else opts.prompt_field or (preset.prompt_field if preset else "prompt")
+    response = "response" if named else opts.response_field or (preset.response_field if preset else "response")
+    system = "system" if named else opts.system_field
     extractor: Extractor = opts.extractor or (preset.extractor if preset else "text")  # type: ignore[assignment]
     fields = [("task.prompt_field", prompt), ("task.response_field", response)]
-    if opts.system_field:
-        fields.append(("task.system_field", opts.system_field))
-    train = load_split(source, opts.train_split, config, fields, "task.train_split")
-    ev = load_split(source, opts.eval_split, config, fields, "task.eval_split")
+    if system:
+        fields.append(("task.system_field", system))
+    train = load_split(source, opts.train_split, config, fields, "task.train_split", opts.format)
+    ev = load_split(source, opts.eval_split, config, fields, "task.eval_split", opts.format)
     train = [train[i] for i in _subset(len(train), max_train, 0)]
     ev = [ev[i] for i in _subset(len(ev), max_val, 1)]
     if opts.generate_subset > len(ev):
@@ -121,7 +127,7 @@ def load_instruct_data(name: str, opts: InstructOptions, max_train: int | None =
                                 f"{response!r} of the eval split {opts.eval_split!r} (first: "
                                 f"{ev[0][response][:80]!r}); use task.extractor=text (the whole response) or "
                                 "last_number, or map task.response_field to the field holding the answer")
-    return InstructData(train, ev, prompt, response, opts.system_field, extractor, source, how)
+    return InstructData(train, ev, prompt, response, system, extractor, source, how)
 
 
 def _encode_split(tokenizer: chat.Tokenizer, rows: list[dict[str, str]], d: InstructData, template: chat.Template,

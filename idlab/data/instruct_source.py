@@ -27,6 +27,10 @@ import torch
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 #: prefix of the generic instruction task: ``instruct/<HF name | file | folder>``
 INSTRUCT_PREFIX = "instruct/"
+#: record layouts (`task.format`): "fields" (prompt / response / system named by the task keys), "alpaca"
+#: (instruction, optional input, output) and "messages" (a chat: role / content turns, the last one the
+#: assistant's response)
+FORMATS = ("fields", "alpaca", "messages")
 
 
 class InstructDataError(ValueError):
@@ -157,8 +161,40 @@ def _records(source: str, split: str, config: str | None, key: str) -> list[dict
     return list(ds.to_list())
 
 
+def from_format(row: dict[str, object], fmt: str, where: str) -> dict[str, object]:
+    """One record of a named layout as ``{prompt, response, system}`` (``where`` names it in errors).
+
+    alpaca: prompt = instruction (+ a blank line and the input when there is one), response = output.
+    messages: the last turn is the assistant's response; a leading system turn is the system message;
+    the user turn before the response is the prompt, earlier turns (a multi-turn chat) come before it
+    as ``role: content`` lines.
+    """
+    if fmt == "alpaca":
+        missing = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]
+        if missing:
+            raise InstructDataError("task.format", f"got 'alpaca', but {where} has no text field "
+                                    f"{', '.join(repr(m) for m in missing)}; its fields: {', '.join(map(str, row))}; "
+                                    "use task.format=fields with task.prompt_field / task.response_field")
+        extra = row.get("input")
+        prompt = str(row["instruction"]) + (f"\n\n{extra}" if isinstance(extra, str) and extra.strip() else "")
+        return {"prompt": prompt, "response": row["output"], "system": ""}
+    raw = row.get("messages")
+    turns: list[dict[str, str]] = []
+    if isinstance(raw, list) and all(isinstance(t, dict) and isinstance(t.get("role"), str)
+                                     and isinstance(t.get("content"), str) for t in raw):
+        turns = [{"role": str(t["role"]), "content": str(t["content"])} for t in raw]
+    if len(turns) < 2 or turns[-1]["role"] != "assistant" or turns[-2]["role"] != "user":
+        raise InstructDataError("task.format", f"got 'messages', but {where} has no 'messages' list of role / "
+                                "content turns ending with a user turn and the assistant's response; its fields: "
+                                f"{', '.join(map(str, row))}")
+    system = turns[0]["content"] if turns[0]["role"] == "system" else ""
+    earlier = turns[1 if system else 0 : -2]
+    context = "".join(f"{t['role']}: {t['content']}\n\n" for t in earlier)
+    return {"prompt": context + turns[-2]["content"], "response": turns[-1]["content"], "system": system}
+
+
 def load_split(source: str, split: str, config: str | None, fields: Sequence[tuple[str, str]],
-               key: str = "task.train_split") -> list[dict[str, str]]:
+               key: str = "task.train_split", fmt: str = "fields") -> list[dict[str, str]]:
     """The records of one split, each restricted to the mapped fields as strings.
 
     Args:
@@ -167,6 +203,8 @@ def load_split(source: str, split: str, config: str | None, fields: Sequence[tup
         config: the Hugging Face config (``main`` for gsm8k), None for local data.
         fields: ``(task key, field name)`` pairs, e.g. ``("task.prompt_field", "question")``.
         key: the task key naming this split (``task.train_split`` / ``task.eval_split``) for errors.
+        fmt: the records' layout (`FORMATS`); alpaca and messages become ``prompt`` / ``response`` /
+            ``system`` first (`from_format`).
 
     Raises:
         InstructDataError: no such split or file, an empty split, or a record without a mapped field
@@ -175,6 +213,8 @@ def load_split(source: str, split: str, config: str | None, fields: Sequence[tup
     rows = _records(source, split, config, key)
     if not rows:
         raise InstructDataError(key, f"split {split!r} of {source!r} is empty; set {key} to a split with records")
+    if fmt != "fields":
+        rows = [from_format(r, fmt, f"record {i} of split {split!r} of {source!r}") for i, r in enumerate(rows)]
     out = []
     for i, r in enumerate(rows):
         for fkey, fname in fields:
@@ -186,5 +226,18 @@ def load_split(source: str, split: str, config: str | None, fields: Sequence[tup
     return out
 
 
-__all__ = ["DATA_SUFFIXES", "INSTRUCT_PREFIX", "PRESETS", "InstructDataError", "Preset", "is_instruct_task",
-           "is_local", "load_split", "preset_source", "shared_data_dir", "task_source"]
+__all__ = [
+    "DATA_SUFFIXES",
+    "FORMATS",
+    "INSTRUCT_PREFIX",
+    "PRESETS",
+    "InstructDataError",
+    "Preset",
+    "from_format",
+    "is_instruct_task",
+    "is_local",
+    "load_split",
+    "preset_source",
+    "shared_data_dir",
+    "task_source",
+]
