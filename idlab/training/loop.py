@@ -437,7 +437,7 @@ def train(
                     loss = task.loss(net, batch)
                     if extra_loss is not None:
                         loss = loss + extra_loss()
-                weight = unit_weight(task.loss_units(batch), ctx, device)
+                weight = 1.0 if ctx.world == 1 else unit_weight(task.loss_units(batch), ctx, device)
                 opt.zero_grad(set_to_none=True)
                 (loss * weight if weight != 1.0 else loss).backward()
                 if cfg.grad_clip is not None:
